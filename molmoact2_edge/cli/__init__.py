@@ -1,0 +1,1 @@
+"""The ``molmo-edge`` command line. ``print`` lives here; library code logs."""
