@@ -1,0 +1,214 @@
+"""onnxruntime backend: CPU, CUDA and TensorRT execution providers, with fixed-shape I/O binding.
+
+Every graph gets one ``InferenceSession`` and one ``IOBinding`` whose input and
+output ``OrtValue``s are allocated once, on the device the first provider runs
+on, from the graph's static shapes. ``run`` copies each feed into its bound
+buffer (``OrtValue.update_inplace``) and runs with the binding, so addresses
+never change: that is what ORT's CUDA graphs require (``enable_cuda_graph`` on
+the CUDA EP, ``trt_cuda_graph_enable`` on the TensorRT EP), and it also saves an
+allocation per call on CPU. Graphs with a symbolic dimension are refused: a
+bundle's graphs are fixed-shape by contract.
+
+Provider choice (``providers=None``): TensorRT EP when it is present and a GPU
+answers, else CUDA EP, else CPU. ORT itself drops an EP it cannot load with
+only a warning; here a requested EP that did not make it into the session is a
+``BackendUnavailableError`` (explicit ``providers``) or a logged reason (auto).
+
+Facts (option names, CUDA-graph constraints): ``reference/toolchain.md`` §3.1.
+Only the CPU EP was run here (no GPU on the dev machine).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import onnxruntime as ort
+
+from molmoact2_edge.errors import BackendError, BackendUnavailableError
+from molmoact2_edge.runtimes.backends.base import BackendSession, GraphFiles, TensorSpec, check_graphs
+
+log = logging.getLogger(__name__)
+
+CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+
+# ONNX tensor type strings -> numpy dtypes (the ones a bundle uses).
+_ONNX_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+@dataclass(frozen=True)
+class OnnxRuntimeOptions:
+    """How to build the ORT sessions. Every field has a default that suits the machine it runs on."""
+
+    providers: tuple[str, ...] | None = None  # None: best of TensorRT > CUDA > CPU that this machine has
+    intra_op_threads: int = 0  # 0: ORT's default (one per physical core)
+    inter_op_threads: int = 1  # graphs are sequential chains; parallel branches gain nothing at batch 1
+    optimization: str = "all"  # disable | basic | extended | all
+    device_id: int = 0
+    cuda_graph: bool = True  # capture a CUDA graph per session on GPU EPs (needs I/O binding: we always bind)
+    fp16: bool = False  # TensorRT EP: allow fp16 kernels (QDQ int8 graphs need no calibration table)
+    cache_dir: str | None = None  # TensorRT EP engine + timing caches; None: <bundle dir>/.ort_trt_cache
+    graphs: tuple[str, ...] | None = None  # load only these graphs (None: all the bundle has)
+
+
+def gpu_providers_present() -> list[str]:
+    """The GPU execution providers this onnxruntime build ships (not proof that a GPU answers)."""
+    return [p for p in (TENSORRT, CUDA) if p in ort.get_available_providers()]
+
+
+def _provider_options(provider: str, options: OnnxRuntimeOptions, cache_dir: Path) -> dict[str, str]:
+    if provider == CUDA:
+        return {
+            "device_id": str(options.device_id),
+            "enable_cuda_graph": "1" if options.cuda_graph else "0",
+            "do_copy_in_default_stream": "1",
+            # the mempool arena cannot be captured in a CUDA graph (toolchain.md §3.1)
+            "arena_extend_strategy": "kSameAsRequested",
+        }
+    if provider == TENSORRT:
+        return {
+            "device_id": str(options.device_id),
+            "trt_fp16_enable": "True" if options.fp16 else "False",
+            "trt_engine_cache_enable": "True",
+            "trt_engine_cache_path": str(cache_dir),
+            "trt_timing_cache_enable": "True",
+            "trt_timing_cache_path": str(cache_dir),
+            "trt_cuda_graph_enable": "True" if options.cuda_graph else "False",
+        }
+    return {}
+
+
+class OnnxRuntimeSession(BackendSession):
+    """The bundle's graphs as ORT sessions with preallocated, bound, fixed-shape buffers."""
+
+    name = "onnxruntime"
+    Options: ClassVar[type] = OnnxRuntimeOptions
+
+    def __init__(self, bundle: GraphFiles, options: OnnxRuntimeOptions | None = None) -> None:
+        super().__init__()
+        self.options = options or OnnxRuntimeOptions()
+        requested = list(self.options.providers) if self.options.providers else [*gpu_providers_present(), CPU]
+        self._sessions: dict[str, ort.InferenceSession] = {}
+        self._bindings: dict[str, ort.IOBinding] = {}
+        self._inputs: dict[str, dict[str, ort.OrtValue]] = {}
+        self._specs: dict[str, tuple[list[TensorSpec], list[TensorSpec]]] = {}
+        self.providers: list[str] = []
+        for graph in check_graphs(bundle, self.options.graphs):
+            path = bundle.graph_path(graph)
+            if not path.is_file():
+                raise BackendError(f"graph '{graph}': {path} is missing")
+            cache_dir = Path(self.options.cache_dir or path.parent / ".ort_trt_cache")
+            session = self._make_session(graph, path, requested, cache_dir)
+            self._sessions[graph] = session
+            self._bind(graph, session)
+        self.reason = f"onnxruntime {ort.__version__} on {self.providers}"
+
+    def _make_session(self, graph: str, path: Path, requested: list[str], cache_dir: Path) -> ort.InferenceSession:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.options.intra_op_threads
+        so.inter_op_num_threads = self.options.inter_op_threads
+        if self.options.optimization not in _OPT_LEVELS:
+            raise BackendError(f"optimization '{self.options.optimization}': choose one of {sorted(_OPT_LEVELS)}")
+        so.graph_optimization_level = _OPT_LEVELS[self.options.optimization]
+        if TENSORRT in requested:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        providers = [(p, _provider_options(p, self.options, cache_dir)) for p in requested]
+        try:
+            session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        except Exception as err:  # ORT raises its own Fail/InvalidGraph/... types with no common base
+            raise BackendError(f"graph '{graph}': onnxruntime could not load {path}: {err}") from err
+        got = session.get_providers()
+        dropped = [p for p in requested if p not in got]
+        if dropped and self.options.providers:
+            raise BackendUnavailableError(
+                f"graph '{graph}': execution provider(s) {dropped} failed to load (no GPU, or CUDA/TensorRT "
+                f"libraries missing); session got {got}. Check `molmo-edge doctor`."
+            )
+        if dropped:
+            log.warning("graph %s: %s did not load (no GPU or libraries missing); running on %s", graph, dropped, got)
+        if not self.providers:
+            self.providers = got
+        return session
+
+    def _device(self, graph: str) -> tuple[str, int]:
+        """Where the bound buffers live: on the GPU when the first provider is a GPU EP."""
+        first = self._sessions[graph].get_providers()[0]
+        return ("cuda", self.options.device_id) if first in (CUDA, TENSORRT) else ("cpu", 0)
+
+    def _bind(self, graph: str, session: ort.InferenceSession) -> None:
+        inputs = [self._spec(graph, node) for node in session.get_inputs()]
+        outputs = [self._spec(graph, node) for node in session.get_outputs()]
+        device, device_id = self._device(graph)
+        binding = session.io_binding()
+        values: dict[str, ort.OrtValue] = {}
+        for spec in inputs:
+            value = ort.OrtValue.ortvalue_from_shape_and_type(spec.shape, spec.dtype, device, device_id)
+            binding.bind_ortvalue_input(spec.name, value)
+            values[spec.name] = value
+        for spec in outputs:
+            value = ort.OrtValue.ortvalue_from_shape_and_type(spec.shape, spec.dtype, device, device_id)
+            binding.bind_ortvalue_output(spec.name, value)
+        self._bindings[graph], self._inputs[graph], self._specs[graph] = binding, values, (inputs, outputs)
+
+    @staticmethod
+    def _spec(graph: str, node: Any) -> TensorSpec:
+        if node.type not in _ONNX_DTYPES:
+            raise BackendError(f"graph '{graph}' tensor '{node.name}': unsupported type {node.type}")
+        if not all(isinstance(d, int) and d > 0 for d in node.shape):
+            raise BackendError(
+                f"graph '{graph}' tensor '{node.name}' has a dynamic shape {node.shape}; bundle graphs must be "
+                "fixed-shape (re-export the bundle)"
+            )
+        return TensorSpec(node.name, tuple(node.shape), np.dtype(_ONNX_DTYPES[node.type]))
+
+    def specs(self, graph: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        if graph not in self._specs:
+            raise BackendError(f"graph '{graph}' is not loaded; loaded: {sorted(self._specs)}")
+        return self._specs[graph]
+
+    def _run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name, value in self._inputs[graph].items():
+            value.update_inplace(np.ascontiguousarray(feeds[name]))
+        binding = self._bindings[graph]
+        try:
+            self._sessions[graph].run_with_iobinding(binding)
+        except Exception as err:  # ORT's runtime failures have no common base class
+            raise BackendError(f"graph '{graph}': onnxruntime run failed: {err}") from err
+        # copy_outputs_to_cpu returns fresh arrays, so callers may keep them across runs
+        names = [spec.name for spec in self._specs[graph][1]]
+        return dict(zip(names, binding.copy_outputs_to_cpu()))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "onnxruntime": ort.__version__,
+            "providers": self.providers,
+            "cuda_graph": self.options.cuda_graph and self.providers[:1] != [CPU],
+            "threads": self.options.intra_op_threads or os.cpu_count(),
+        }
+
+    def close(self) -> None:
+        self._bindings.clear()
+        self._inputs.clear()
+        self._sessions.clear()
+        super().close()
