@@ -63,7 +63,13 @@ def test_io_binding_matches_plain_inference_session_over_a_decode_loop(kv_graph:
             x = rng.standard_normal((1, 4)).astype(np.float32)
             pos = np.array([0, step], np.int64)
             ours = session.run("decode_step", {"x": x, "pos": pos, "cache": cache_a})
-            ref = dict(zip(["logits", "cache_out"], plain.run(None, {"x": x, "pos": pos, "cache": cache_b})))
+            ref = dict(
+                zip(
+                    ["logits", "cache_out"],
+                    plain.run(None, {"x": x, "pos": pos, "cache": cache_b}),
+                    strict=True,
+                )
+            )
             np.testing.assert_array_equal(ours["logits"], ref["logits"])
             np.testing.assert_array_equal(ours["cache_out"], ref["cache_out"])
             cache_a, cache_b = ours["cache_out"], ref["cache_out"]
@@ -75,8 +81,14 @@ def test_io_binding_matches_plain_inference_session_over_a_decode_loop(kv_graph:
 
 def test_run_rejects_wrong_shape_dtype_and_names(kv_graph: Path) -> None:
     session = load_backend("onnxruntime", OnnxGraphs({"decode_step": kv_graph}))
-    good = {"x": np.zeros((1, 4), np.float32), "pos": np.zeros(2, np.int64), "cache": np.zeros((1, 8, 4), np.float32)}
-    with pytest.raises(BackendError, match="input 'x': expected shape \\(1, 4\\) dtype float32, got shape \\(2, 4\\)"):
+    good = {
+        "x": np.zeros((1, 4), np.float32),
+        "pos": np.zeros(2, np.int64),
+        "cache": np.zeros((1, 8, 4), np.float32),
+    }
+    with pytest.raises(
+        BackendError, match="input 'x': expected shape \\(1, 4\\) dtype float32, got shape \\(2, 4\\)"
+    ):
         session.run("decode_step", {**good, "x": np.zeros((2, 4), np.float32)})
     with pytest.raises(BackendError, match="dtype int64, got shape \\(2,\\) dtype int32"):
         session.run("decode_step", {**good, "pos": np.zeros(2, np.int32)})
@@ -104,7 +116,9 @@ def test_dynamic_shape_graph_is_refused(tmp_path: Path) -> None:
 
 def test_missing_library_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(
-        base.BACKENDS, "tensorrt", base.BackendEntry("x.y", "Z", ("not_a_real_module_xyz",), "pip install thing")
+        base.BACKENDS,
+        "tensorrt",
+        base.BackendEntry("x.y", "Z", ("not_a_real_module_xyz",), "pip install thing"),
     )
     with pytest.raises(BackendUnavailableError, match="not_a_real_module_xyz.*pip install thing") as info:
         load_backend("tensorrt", OnnxGraphs({}))
@@ -122,8 +136,12 @@ def test_requested_gpu_provider_missing_is_an_error_not_a_fallback(kv_graph: Pat
 
 
 def test_auto_says_what_it_picked_and_why(kv_graph: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(base.BACKENDS, "tensorrt", base.BackendEntry("x.y", "Z", ("no_trt_here",), "pip install trt"))
-    session = load_backend("auto", OnnxGraphs({"decode_step": kv_graph}), intra_op_threads=1, engine_dir="ignored")
+    monkeypatch.setitem(
+        base.BACKENDS, "tensorrt", base.BackendEntry("x.y", "Z", ("no_trt_here",), "pip install trt")
+    )
+    session = load_backend(
+        "auto", OnnxGraphs({"decode_step": kv_graph}), intra_op_threads=1, engine_dir="ignored"
+    )
     assert session.name == "onnxruntime"
     assert "auto picked onnxruntime" in session.reason and "no_trt_here" in session.reason
 

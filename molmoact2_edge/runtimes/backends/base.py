@@ -217,7 +217,9 @@ def backend_class(name: str) -> type[BackendSession]:
     entry = _entry(name)
     missing = _missing_modules(entry)
     if missing:
-        raise BackendUnavailableError(f"backend '{name}' needs {missing}, which is not installed: {entry.install}")
+        raise BackendUnavailableError(
+            f"backend '{name}' needs {missing}, which is not installed: {entry.install}"
+        )
     try:
         module = importlib.import_module(entry.module)
     except ImportError as err:
@@ -277,7 +279,9 @@ def load_backend(name: str, bundle: GraphFiles, **options: Any) -> BackendSessio
             continue
         cls = backend_class(candidate)
         known = {f.name for f in dataclasses.fields(cls.Options)}
-        session = cls(bundle, _build_options(cls, candidate, {k: v for k, v in options.items() if k in known}))
+        session = cls(
+            bundle, _build_options(cls, candidate, {k: v for k, v in options.items() if k in known})
+        )
         skipped_text = f" (skipped {'; '.join(skipped)})" if skipped else ""
         session.reason = f"auto picked {candidate} ({session.reason}), the fastest available{skipped_text}"
         log.info("backend %s", session.reason)

@@ -107,7 +107,9 @@ class OnnxRuntimeSession(BackendSession):
     def __init__(self, bundle: GraphFiles, options: OnnxRuntimeOptions | None = None) -> None:
         super().__init__()
         self.options = options or OnnxRuntimeOptions()
-        requested = list(self.options.providers) if self.options.providers else [*gpu_providers_present(), CPU]
+        requested = (
+            list(self.options.providers) if self.options.providers else [*gpu_providers_present(), CPU]
+        )
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._bindings: dict[str, ort.IOBinding] = {}
         self._inputs: dict[str, dict[str, ort.OrtValue]] = {}
@@ -123,12 +125,16 @@ class OnnxRuntimeSession(BackendSession):
             self._bind(graph, session)
         self.reason = f"onnxruntime {ort.__version__} on {self.providers}"
 
-    def _make_session(self, graph: str, path: Path, requested: list[str], cache_dir: Path) -> ort.InferenceSession:
+    def _make_session(
+        self, graph: str, path: Path, requested: list[str], cache_dir: Path
+    ) -> ort.InferenceSession:
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.options.intra_op_threads
         so.inter_op_num_threads = self.options.inter_op_threads
         if self.options.optimization not in _OPT_LEVELS:
-            raise BackendError(f"optimization '{self.options.optimization}': choose one of {sorted(_OPT_LEVELS)}")
+            raise BackendError(
+                f"optimization '{self.options.optimization}': choose one of {sorted(_OPT_LEVELS)}"
+            )
         so.graph_optimization_level = _OPT_LEVELS[self.options.optimization]
         if TENSORRT in requested:
             cache_dir.mkdir(parents=True, exist_ok=True)
@@ -145,7 +151,9 @@ class OnnxRuntimeSession(BackendSession):
                 f"libraries missing); session got {got}. Check `molmo-edge doctor`."
             )
         if dropped:
-            log.warning("graph %s: %s did not load (no GPU or libraries missing); running on %s", graph, dropped, got)
+            log.warning(
+                "graph %s: %s did not load (no GPU or libraries missing); running on %s", graph, dropped, got
+            )
         if not self.providers:
             self.providers = got
         return session
@@ -196,7 +204,7 @@ class OnnxRuntimeSession(BackendSession):
             raise BackendError(f"graph '{graph}': onnxruntime run failed: {err}") from err
         # copy_outputs_to_cpu returns fresh arrays, so callers may keep them across runs
         names = [spec.name for spec in self._specs[graph][1]]
-        return dict(zip(names, binding.copy_outputs_to_cpu()))
+        return dict(zip(names, binding.copy_outputs_to_cpu(), strict=True))
 
     def describe(self) -> dict[str, Any]:
         return {
