@@ -148,8 +148,10 @@ class OpenFASTTokenizer:
             raise TokenizerError("OpenFAST train: no chunks given")
         shapes = {q.shape for q in quantized}
         if len(shapes) != 1:
-            raise TokenizerError(f"OpenFAST train: chunks must share one (ah, ad) shape, got {sorted(shapes)}")
-        (ah, ad), = shapes
+            raise TokenizerError(
+                f"OpenFAST train: chunks must share one (ah, ad) shape, got {sorted(shapes)}"
+            )
+        ((ah, ad),) = shapes
         min_token = int(min(int(q.min()) for q in quantized))
         bpe = _byte_level_bpe()
         trainer = trainers.BpeTrainer(

@@ -27,9 +27,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from molmoact2_edge.errors import TokenizerError
 
 # Qwen2/Qwen3 pre-tokenization regex (the one in Qwen's tokenizer.json and in the qwen.tiktoken loaders).
-QWEN_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+QWEN_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 # Qwen3's special tokens after its 151,643 BPE ranks, in id order.
 QWEN3_SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -47,7 +45,9 @@ IMAGE_SPECIAL_TOKENS = (
 )  # fmt: skip
 
 
-def molmoact2_added_tokens(num_state_tokens: int = 256, num_action_tokens: int = 2048, num_depth_tokens: int = 128) -> list[str]:
+def molmoact2_added_tokens(
+    num_state_tokens: int = 256, num_action_tokens: int = 2048, num_depth_tokens: int = 128
+) -> list[str]:
     """The added-token families in id order (2,444 tokens with the release counts)."""
     return [
         "<setup_start>", "<setup_end>", "<control_start>", "<control_end>",
@@ -97,7 +97,9 @@ class TextTokenizer:
     def token_to_id(self, token: str) -> int:
         idx = self.tok.token_to_id(token)
         if idx is None:
-            raise TokenizerError(f"text tokenizer has no token {token!r}; was it built with the MolmoAct2 added tokens?")
+            raise TokenizerError(
+                f"text tokenizer has no token {token!r}; was it built with the MolmoAct2 added tokens?"
+            )
         return int(idx)
 
     def molmoact2_ids(self) -> dict[str, int]:
@@ -128,16 +130,24 @@ class TextTokenizer:
             "pad_token_id": t("<|endoftext|>"),
             "vocab_size": t("<im_start>"),  # image tokens start exactly at the LLM's base vocab_size
         }
-        for family, key in (("state", "num_state_tokens"), ("action", "num_action_tokens"), ("depth", "num_depth_tokens")):
+        for family, key in (
+            ("state", "num_state_tokens"),
+            ("action", "num_action_tokens"),
+            ("depth", "num_depth_tokens"),
+        ):
             ids[key] = _family_size(self.tok, family)
         return ids
 
     def check_ids(self, expected: dict[str, int], source: str) -> None:
         """Raise TokenizerError when any id in ``expected`` (e.g. from config.json) differs from this vocabulary."""
         ours = self.molmoact2_ids()
-        wrong = {k: (v, ours[k]) for k, v in expected.items() if k in ours and v is not None and int(v) != ours[k]}
+        wrong = {
+            k: (v, ours[k]) for k, v in expected.items() if k in ours and v is not None and int(v) != ours[k]
+        }
         if wrong:
-            listing = ", ".join(f"{k}: {a} in {source} vs {b} in tokenizer" for k, (a, b) in sorted(wrong.items()))
+            listing = ", ".join(
+                f"{k}: {a} in {source} vs {b} in tokenizer" for k, (a, b) in sorted(wrong.items())
+            )
             raise TokenizerError(f"tokenizer does not match {source}: {listing}")
 
 
@@ -167,7 +177,9 @@ def add_molmoact2_tokens(
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in IMAGE_SPECIAL_TOKENS])
     out = TextTokenizer(tok)
     if out.token_to_id("<im_start>") != vocab_size:
-        raise TokenizerError(f"added-token rule broken: <im_start> at {out.token_to_id('<im_start>')}, expected {vocab_size}")
+        raise TokenizerError(
+            f"added-token rule broken: <im_start> at {out.token_to_id('<im_start>')}, expected {vocab_size}"
+        )
     return out
 
 
@@ -213,7 +225,11 @@ def qwen3_from_tiktoken(ranks_file: str | Path) -> Tokenizer:
 
 def _byte_table() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map used by byte-level BPE."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = keep[:]
     n = 0
     for b in range(256):
@@ -221,7 +237,7 @@ def _byte_table() -> dict[int, str]:
             keep.append(b)
             chars.append(256 + n)
             n += 1
-    return dict(zip(keep, map(chr, chars)))
+    return dict(zip(keep, map(chr, chars), strict=True))
 
 
 _BYTE_TABLE = _byte_table()
