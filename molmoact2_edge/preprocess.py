@@ -1,0 +1,109 @@
+"""Camera image preprocessing in numpy (crop_mode "resize"), shared by the reference policy and the device runtime.
+
+Reference: ``reference/molmoact2-checkpoint.md`` §4.1 and §11 (A1-A4), §4.13 for the
+depth-cache patches. Steps per camera:
+
+  1. (h, w, 3) uint8 RGB -> bilinear resize to (size, size), antialias off, torch
+     ``F.interpolate(align_corners=False)`` taps: src = max((dst + .5) * in/out - .5, 0),
+     i1 = min(i0 + 1, in - 1), taps and lambdas in float32, blend in float64,
+     round half-to-even -> uint8 (A1; torch itself blends in fp32, ~4e-5 of pixels differ by 1);
+  2. u / 255 * 2 - 1 (mean = std = 0.5) in float32, which equals the model-side uint8 re-quantization;
+  3. patchify: (g*g, patch*patch*3), patch index py*g + px, inside a patch (y, x, c).
+Pooling indices: the g x g patch grid padded with -1 to even size (floor(pad/2) before,
+the rest after), regrouped into 2 x 2 windows (A4).
+
+Torch-free on purpose: the runtime runs the vision graph on these arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from molmoact2_edge.errors import ObservationError
+
+
+def _taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per output index: (i0, i1, lambda0, lambda1), float32 lambdas as torch computes them."""
+    scale = np.float32(in_size / out_size)
+    src = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    src = np.maximum(src, np.float32(0.0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    lam1 = (src - i0.astype(np.float32)).astype(np.float32)
+    lam0 = (np.float32(1.0) - lam1).astype(np.float32)
+    return i0, i1, lam0, lam1
+
+
+def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(h, w, c) uint8 -> (H, W, c) uint8, torch bilinear semantics (align_corners=False, no antialias)."""
+    out_h, out_w = size
+    y0, y1, ly0, ly1 = _taps(image.shape[0], out_h)
+    x0, x1, lx0, lx1 = _taps(image.shape[1], out_w)
+    img = image.astype(np.float64)
+    # Separable blend: rows first (H, w, c), then columns; both in float64.
+    rows = img[y0] * ly0[:, None, None].astype(np.float64) + img[y1] * ly1[:, None, None].astype(np.float64)
+    out = rows[:, x0] * lx0[None, :, None].astype(np.float64) + rows[:, x1] * lx1[None, :, None].astype(
+        np.float64
+    )
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def to_model_pixels(image: np.ndarray) -> np.ndarray:
+    """(h, w, 3) uint8 -> (h, w, 3) float32 in [-1, 1] (u / 255 * 2 - 1)."""
+    return (image.astype(np.float32) / np.float32(255.0)) * np.float32(2.0) - np.float32(1.0)
+
+
+def patchify(pixels: np.ndarray, patch: int) -> np.ndarray:
+    """(h, w, c) -> (p, patch*patch*c) with p = (h/patch)*(w/patch), row-major patches, (y, x, c) inside."""
+    h, w, c = pixels.shape
+    gh, gw = h // patch, w // patch
+    x = pixels.reshape(gh, patch, gw, patch, c)  # (gh, py, gw, px, c)
+    x = x.transpose(0, 2, 1, 3, 4)  # (gh, gw, py, px, c)
+    return x.reshape(gh * gw, patch * patch * c)
+
+
+def pooling_index(grid: int, window: int = 2) -> np.ndarray:
+    """(ceil(g/2)^2, 4) int64 patch indices per pooled token, -1 where the window hangs over the edge."""
+    pad = (-grid) % window
+    before = pad // 2
+    idx = np.full((grid + pad, grid + pad), -1, dtype=np.int64)
+    idx[before : before + grid, before : before + grid] = np.arange(grid * grid).reshape(grid, grid)
+    g2 = (grid + pad) // window
+    idx = idx.reshape(g2, window, g2, window).transpose(0, 2, 1, 3)  # (g2, g2, dy, dx)
+    return idx.reshape(g2 * g2, window * window)
+
+
+def preprocess_camera(image: np.ndarray, size: int, patch: int, name: str = "camera") -> np.ndarray:
+    """(h, w, 3) uint8 RGB -> (p, patch*patch*3) float32 pixel patches for the vision tower."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ObservationError(
+            f"{name}: expected (h, w, 3) uint8 RGB, got shape {image.shape} dtype {image.dtype}"
+        )
+    return patchify(to_model_pixels(resize_bilinear(image, (size, size))), patch)
+
+
+def preprocess_cameras(
+    images: list[np.ndarray], size: int, patch: int, names: list[str] | None = None
+) -> np.ndarray:
+    """n camera images (in camera order) -> (n, p, patch*patch*3) float32."""
+    names = names or [f"camera {k}" for k in range(len(images))]
+    return np.stack([preprocess_camera(im, size, patch, nm) for im, nm in zip(images, names, strict=True)])
+
+
+# --- depth-cache patches (MolmoAct2-Think, §4.13) ------------------------------------------
+
+
+def depth_cell_vectors(image: np.ndarray, size: int = 320, cells: int = 10) -> np.ndarray:
+    """(h, w, 3) uint8 -> (cells*cells, (size/cells)^2 * 3) float64 per-cell pixel vectors (row-major cells)."""
+    resized = resize_bilinear(image, (size, size)).astype(np.float64) / 255.0
+    return patchify(resized, size // cells)
+
+
+def cells_changed(previous: np.ndarray, current: np.ndarray, threshold: float = 0.996) -> np.ndarray:
+    """(cells,) bool: cosine similarity of each cell vector below ``threshold`` (an all-black cell is
+    unchanged only when both are black)."""
+    dot = (previous * current).sum(axis=1)
+    norms = np.linalg.norm(previous, axis=1) * np.linalg.norm(current, axis=1)
+    both_zero = (np.linalg.norm(previous, axis=1) == 0) & (np.linalg.norm(current, axis=1) == 0)
+    cosine = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), np.where(both_zero, 1.0, 0.0))
+    return cosine < threshold
