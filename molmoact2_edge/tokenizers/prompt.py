@@ -17,12 +17,14 @@ bucket and refuses (``PromptTooLongError``) rather than truncates.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from molmoact2_edge.config import MolmoAct2Config
 from molmoact2_edge.errors import PromptTooLongError, TokenizerError
 from molmoact2_edge.tokenizers.text import TextTokenizer
 
@@ -156,6 +158,19 @@ class Prompt:
         return np.arange(len(self.input_ids), dtype=np.int64)
 
 
+def config_token_ids(config: MolmoAct2Config) -> dict[str, int]:
+    """config.json's token-id fields that are set, plus the setup/control markers and the text vocab size."""
+    ids = {
+        f.name: int(getattr(config, f.name))
+        for f in dataclasses.fields(config)
+        if (f.name.endswith("_id") or f.name.startswith("num_") and f.name.endswith("_tokens"))
+        and getattr(config, f.name) is not None
+    }
+    ids.update(config.marker_ids())
+    ids["vocab_size"] = config.text_config.vocab_size
+    return ids
+
+
 class PromptBuilder:
     """Builds the prompt ids; every id comes from the tokenizer, checked against config.json's ids."""
 
@@ -175,6 +190,14 @@ class PromptBuilder:
         self.pad_id = int(token_ids["pad_token_id"])
         self.patch_id = int(token_ids["image_patch_id"])
         self.image_type_ids = np.array([tokenizer.token_to_id(t) for t in IMAGE_TYPE_TOKENS], dtype=np.int64)
+
+    @classmethod
+    def from_config(
+        cls, tokenizer: TextTokenizer, config: MolmoAct2Config, bucket: int | None = None
+    ) -> PromptBuilder:
+        """The release layout: one pooled grid per camera, no column tokens (use_single_crop_col_tokens=false)."""
+        rows, cols = config.pooled_grid
+        return cls(tokenizer, config_token_ids(config), ImageLayout(rows, cols), bucket)
 
     def build(self, task: str, bins: Sequence[int] | None, num_cameras: int, spec: PromptSpec) -> Prompt:
         text = render_prompt(task, bins, num_cameras, spec, self.layout)

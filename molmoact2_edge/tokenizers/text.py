@@ -125,6 +125,10 @@ class TextTokenizer:
             "depth_start_token_id": t("<depth_start>"),
             "depth_end_token_id": t("<depth_end>"),
             "depth_token_start_id": t("<depth_0>"),
+            "setup_start_token_id": t("<setup_start>"),
+            "setup_end_token_id": t("<setup_end>"),
+            "control_start_token_id": t("<control_start>"),
+            "control_end_token_id": t("<control_end>"),
             "bos_token_id": t("<|im_end|>"),  # Qwen has no BOS; MolmoAct2 uses <|im_end|>
             "eos_token_id": t("<|im_end|>"),
             "pad_token_id": t("<|endoftext|>"),
@@ -249,7 +253,7 @@ def _bytes_to_unicode_str(data: bytes) -> str:
 
 def train_small_tokenizer(
     corpus: Iterable[str],
-    bpe_vocab_size: int = 512,
+    base_vocab_size: int = 2048,
     num_state_tokens: int = 256,
     num_action_tokens: int = 2048,
     num_depth_tokens: int = 128,
@@ -257,12 +261,15 @@ def train_small_tokenizer(
 ) -> TextTokenizer:
     """A small Qwen-style byte-level BPE for our own checkpoints, with the same added-token rule.
 
-    ``bpe_vocab_size`` counts the 256 byte symbols plus merges; the three chat markers follow them.
-    Deterministic for the same corpus.
+    The base vocabulary has exactly ``base_vocab_size`` ids laid out like Qwen's: byte symbols and
+    merges, ``<|reserved_i|>`` fillers when the corpus yields fewer merges, then the three chat
+    markers last (``<|endoftext|>`` = base - 3, ``<|im_end|>`` = base - 1), so the ids match
+    ``config.token_layout(base_vocab_size)``. Deterministic for the same corpus.
     """
+    bpe_size = base_vocab_size - len(CHAT_SPECIAL_TOKENS)
     tok = _qwen_style_tokenizer({}, [])
     trainer = trainers.BpeTrainer(
-        vocab_size=bpe_vocab_size,
+        vocab_size=bpe_size,
         min_frequency=2,
         show_progress=False,
         special_tokens=[],
@@ -270,5 +277,12 @@ def train_small_tokenizer(
     )
     texts = [unicodedata.normalize("NFC", t) for t in corpus]
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in CHAT_SPECIAL_TOKENS])
+    fillers = [f"<|reserved_{i}|>" for i in range(bpe_size - tok.get_vocab_size(with_added_tokens=True))]
+    tok.add_special_tokens(
+        [AddedToken(t, normalized=False, special=True) for t in fillers + list(CHAT_SPECIAL_TOKENS)]
+    )
+    if tok.get_vocab_size(with_added_tokens=True) != base_vocab_size:
+        raise TokenizerError(
+            f"small tokenizer: built {tok.get_vocab_size()} base ids, expected {base_vocab_size}"
+        )
     return add_molmoact2_tokens(tok, num_state_tokens, num_action_tokens, num_depth_tokens, pad_multiple)
