@@ -134,3 +134,7 @@ class CameraError(HardwareError):
 
 class SafetyError(HardwareError):
     """The safety layer stopped the robot (dead bus, servo fault, watchdog)."""
+
+
+class RegisterError(HardwareError, ValueError):
+    """A register name is unknown for the servo model, is read-only, or a value does not fit it."""
