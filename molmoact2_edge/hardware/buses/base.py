@@ -248,7 +248,9 @@ class Bus(ABC):
                         self._describe(op, reg, ids, attempt, err), motor_id=err.motor_id, flags=err.flags
                     ) from err
                 except PortError as err:
-                    self._connected = False  # the port is gone; reconnecting is the caller's decision
+                    # the port is gone: release it; reconnecting is the caller's decision
+                    self._connected = False
+                    self._disconnect_internal()
                     raise PortError(self._describe(op, reg, ids, attempt, err)) from err
         raise AssertionError("unreachable: the retry loop returns or raises")
 

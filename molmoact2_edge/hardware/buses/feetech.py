@@ -128,6 +128,19 @@ def transaction_timeout_s(
     return wire_time_s(tx_bytes + rx_bytes, baudrate) + replies * return_delay_s + margin_s
 
 
+def _io_errors() -> tuple[type[BaseException], ...]:
+    """What a vanished serial device raises: pyserial's error, OSError (EIO) from os.read, and
+    termios.error (not an OSError) from the tcflush behind reset_input_buffer."""
+    import serial
+
+    errors: tuple[type[BaseException], ...] = (serial.SerialException, OSError)
+    if os.name != "nt":
+        import termios
+
+        errors += (termios.error,)
+    return errors
+
+
 # --- the bus ---------------------------------------------------------------------------------------
 
 
@@ -242,12 +255,10 @@ class FeetechBus(Bus):
             self._send(packet)
 
     def _send(self, packet: bytes) -> None:
-        import serial
-
         try:
             self._serial.reset_input_buffer()  # stale replies from an earlier timeout must not match
             self._serial.write(packet)
-        except (serial.SerialException, OSError) as err:
+        except _io_errors() as err:
             raise PortError(f"write failed ({err}); was the adapter unplugged?") from err
 
     def _transact(self, packet: bytes, motor_ids: list[int], data_len: int) -> dict[int, bytes]:
@@ -301,8 +312,6 @@ class FeetechBus(Bus):
 
     def _read_bytes(self, wanted: int, timeout: float) -> bytes:
         """Whatever arrives within ``timeout`` (up to ``wanted`` bytes); b"" on timeout."""
-        import serial
-
         try:
             if os.name == "nt":
                 self._serial.timeout = timeout
@@ -313,7 +322,7 @@ class FeetechBus(Bus):
             if not select.select([fd], [], [], timeout)[0]:
                 return b""
             data = os.read(fd, max(wanted, 1))
-        except (serial.SerialException, OSError) as err:
+        except _io_errors() as err:
             raise PortError(f"read failed ({err}); was the adapter unplugged?") from err
         if not data:
             raise PortError("the port reported end of file; was the adapter unplugged?")

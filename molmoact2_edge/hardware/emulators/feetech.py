@@ -1,0 +1,135 @@
+"""Emulated chain of Feetech STS3215 servos on a pty, speaking the FT-SCS protocol.
+
+Usage::
+
+    with FeetechEmulator([1, 2, 3, 4, 5, 6]) as emu:
+        with FeetechBus(emu.port) as bus:
+            bus.sync_write("Goal_Position", {1: 2100})
+        emu.goal_positions()  # {1: 2100, 2: 0, ...}
+
+What a servo does and this emulator does too: answers PING/READ/WRITE/REG_WRITE/ACTION/RESET and
+SYNC_READ (one status packet per listed servo, in list order) / SYNC_WRITE (no reply); stays silent
+on a bad checksum or an id it does not have; puts its Status register in the error byte of every
+status packet (``set_register(id, "Status", 0x20)`` = overload); waits Return_Delay_Time * 2 us
+before answering; does not answer WRITEs when Response_Status_Level = 0; ignores writes to
+read-only registers; Present = Actual - Homing_Offset. Not emulated: Lock/EEPROM persistence
+across power cycles, Torque_Enable = 128 recentring, baud-rate changes, broadcast PING, current and
+load physics.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from molmoact2_edge.errors import ChecksumError
+from molmoact2_edge.hardware.buses.feetech import (
+    BROADCAST_ID,
+    HEADER,
+    Instruction,
+    decode_frame,
+    find_frame,
+    status_packet,
+)
+from molmoact2_edge.hardware.buses.feetech_tables import (
+    RETURN_DELAY_UNIT_S,
+    STS3215_CONTROL_TABLE,
+    STS3215_MODEL_NUMBER,
+)
+from molmoact2_edge.hardware.emulators.serial_chain import SerialServoChain, Servo
+
+logger = logging.getLogger(__name__)
+
+
+class FeetechEmulator(SerialServoChain):
+    """STS3215 chain; see ``SerialServoChain`` for the constructor and the test/simulator API."""
+
+    control_table = STS3215_CONTROL_TABLE
+    model_number = STS3215_MODEL_NUMBER
+    steps_per_turn = 4096
+    homing_sign = -1  # Present = Actual - Homing_Offset
+    velocity_unit_steps_s = 50.0  # 0.732 rpm
+    return_delay_unit_s = RETURN_DELAY_UNIT_S
+
+    def _split_packet(self, buffer: bytearray) -> bytes | None:
+        while True:
+            if buffer.find(HEADER) < 0:
+                del buffer[:-1]  # noise; keep a trailing 0xFF that may start a header
+                return None
+            span = find_frame(buffer)
+            if span is None:
+                return None
+            start, end = span
+            frame = bytes(buffer[start:end])
+            del buffer[:end]
+            try:
+                decode_frame(frame)
+            except ChecksumError as err:
+                logger.debug("emulator dropped a bad packet: %s", err)
+                continue
+            return frame
+
+    def _corrupt(self, reply: bytes) -> bytes:
+        return reply[:-1] + bytes([reply[-1] ^ 0xFF])
+
+    def _handle(self, packet: bytes) -> list[tuple[int, bytes]]:
+        request = decode_frame(packet)
+        params = request.params
+        if request.motor_id == BROADCAST_ID:
+            return self._broadcast(request.code, params)
+        servo = self._servos.get(request.motor_id)
+        if servo is None:
+            return []
+        instruction = request.code
+        if instruction == Instruction.PING:
+            return [self._status(servo)]
+        if instruction == Instruction.READ and len(params) == 2:
+            return [self._status(servo, self._read_memory(servo, params[0], params[1]))]
+        if instruction == Instruction.WRITE and len(params) >= 2:
+            self._write_memory(servo, params[0], params[1:])
+        elif instruction == Instruction.REG_WRITE and len(params) >= 2:
+            servo.pending.append((params[0], params[1:]))
+        elif instruction == Instruction.ACTION:
+            self._action(servo)
+        elif instruction == Instruction.RESET:
+            self._factory_reset(servo)
+        else:
+            logger.debug("emulated servo %d ignored instruction 0x%02x", servo.motor_id, instruction)
+            return []
+        # Response_Status_Level 0: only READ and PING are answered
+        return [self._status(servo)] if self._reg(servo, "Response_Status_Level") else []
+
+    def _broadcast(self, instruction: int, params: bytes) -> list[tuple[int, bytes]]:
+        if instruction == Instruction.SYNC_READ and len(params) >= 3:
+            address, length = params[0], params[1]
+            return [
+                self._status(self._servos[i], self._read_memory(self._servos[i], address, length))
+                for i in params[2:]
+                if i in self._servos
+            ]
+        if instruction == Instruction.SYNC_WRITE and len(params) >= 2:
+            address, length = params[0], params[1]
+            body = params[2:]
+            for offset in range(0, len(body) - length, length + 1):
+                servo = self._servos.get(body[offset])
+                if servo is not None:
+                    self._write_memory(servo, address, body[offset + 1 : offset + 1 + length])
+        elif instruction == Instruction.ACTION:
+            for servo in list(self._servos.values()):
+                self._action(servo)
+        elif instruction == Instruction.WRITE and len(params) >= 2:
+            for servo in list(self._servos.values()):
+                self._write_memory(servo, params[0], params[1:])
+        return []  # broadcasts other than SYNC_READ are never answered
+
+    def _status(self, servo: Servo, data: bytes = b"") -> tuple[int, bytes]:
+        return servo.motor_id, status_packet(servo.motor_id, self._reg(servo, "Status"), data)
+
+    def _action(self, servo: Servo) -> None:
+        for address, data in servo.pending:
+            self._write_memory(servo, address, data)
+        servo.pending.clear()
+
+    def _factory_reset(self, servo: Servo) -> None:
+        servo.memory[:] = self.control_table.default_memory()
+        self._poke(servo, "ID", servo.motor_id)
+        self._set_position(servo, servo.position)

@@ -1,0 +1,392 @@
+"""What every emulated serial servo chain shares: a pty, a background thread, register files,
+motion, fault injection and a write log. The vendor subclasses (``feetech.py``,
+``dynamixel.py``) only frame packets and execute instructions.
+
+The driver under test opens the pty's slave path exactly like ``/dev/ttyACM0``; the emulator
+answers on the master side. Bytes cross a pty instantly, so with ``wire_time=True`` the emulator
+sleeps the time each packet would occupy a UART at the configured baud rate (8N1), plus each
+servo's return delay, before answering: driver timing then matches a real bus.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import select
+import threading
+import time
+import tty
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+from molmoact2_edge.errors import PortError, RegisterError
+from molmoact2_edge.hardware.buses.base import wire_time_s
+from molmoact2_edge.hardware.buses.registers import ControlTable, Register
+
+logger = logging.getLogger(__name__)
+
+FaultKind = Literal["drop_reply", "corrupt_checksum", "delay", "truncate", "silence", "unplug"]
+FAULT_KINDS: tuple[str, ...] = FaultKind.__args__  # type: ignore[attr-defined]
+
+TICK_S = 0.002  # motion update period while the line is idle
+
+
+class WriteRecord(NamedTuple):
+    time: float  # time.monotonic() when the write was applied
+    motor_id: int
+    register: str
+    value: int  # decoded (signed) value
+
+
+@dataclass
+class Fault:
+    kind: str
+    motor_id: int | None  # None = every servo
+    count: int | None  # replies left to affect; None = until clear_faults()
+    probability: float | None  # chance per reply; None = always
+    delay_s: float
+
+    def matches(self, motor_id: int) -> bool:
+        return self.motor_id is None or self.motor_id == motor_id
+
+
+class Servo:
+    """One emulated servo: its register memory and the float position behind Present_Position."""
+
+    def __init__(self, motor_id: int, memory: bytearray, position: float):
+        self.motor_id = motor_id
+        self.memory = memory
+        self.position = position  # steps, in the Present_Position frame
+        self.pending: list[tuple[int, bytes]] = []  # REG_WRITE staged until ACTION
+
+
+class SerialServoChain(ABC):
+    """Base of the pty servo-chain emulators.
+
+    Args:
+        motor_ids: ids of the servos on the chain.
+        baudrate: line speed used for wire-time emulation.
+        wire_time: sleep the UART time of every packet and the return delay before replying.
+        follow_goal: with torque on, Present_Position moves toward Goal_Position at
+            ``max_speed_steps_s``; False leaves positions to ``set_present_positions`` (an outside
+            simulator).
+        seed: seeds the fault-probability RNG.
+    """
+
+    control_table: ControlTable
+    model_number: int
+    steps_per_turn: int | None  # wrap positions modulo this (Feetech 4096); None = no wrap
+    homing_sign: int  # Present = Actual + homing_sign * Homing_Offset
+    velocity_unit_steps_s: float  # one Present_Velocity unit in steps/s
+    return_delay_unit_s: float  # one Return_Delay_Time unit
+
+    def __init__(
+        self,
+        motor_ids: Iterable[int],
+        *,
+        baudrate: int = 1_000_000,
+        wire_time: bool = False,
+        follow_goal: bool = True,
+        max_speed_steps_s: float = 3000.0,
+        seed: int = 0,
+    ):
+        self.motor_ids = [int(i) for i in motor_ids]
+        self.baudrate = baudrate
+        self.wire_time = wire_time
+        self.follow_goal = follow_goal
+        self.max_speed_steps_s = max_speed_steps_s
+        self.write_log: list[WriteRecord] = []
+        self._by_address = {reg.address: reg for reg in self.control_table.values()}
+        self._servos = {i: self._new_servo(i) for i in self.motor_ids}
+        self._faults: list[Fault] = []
+        self._rng = random.Random(seed)
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._master = self._slave = -1
+        self.port = ""
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> str:
+        """Open the pty and start answering; returns the port path for the driver."""
+        if self._thread is not None:
+            raise PortError(f"emulator already running on {self.port}")
+        self._master, self._slave = os.openpty()
+        tty.setraw(self._slave)  # no echo, no line editing, no CR/LF translation
+        self.port = os.ttyname(self._slave)
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._serve, name=f"{type(self).__name__}:{self.port}", daemon=True
+        )
+        self._thread.start()
+        logger.info("%s serving motors %s on %s", type(self).__name__, self.motor_ids, self.port)
+        return self.port
+
+    def stop(self) -> None:
+        """Stop answering and close the pty; safe to call twice."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2.0)
+        self._thread = None
+        for fd in (self._master, self._slave):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    logger.debug("fd %d already closed", fd)
+        self._master = self._slave = -1
+
+    def __enter__(self) -> SerialServoChain:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- thread-safe accessors ------------------------------------------------------------------
+
+    def get_register(self, motor_id: int, name: str) -> int:
+        """Decoded value of register ``name`` of servo ``motor_id``."""
+        reg = self.control_table[name]
+        with self._lock:
+            return reg.from_bytes(self._servo(motor_id).memory[reg.address : reg.address + reg.size])
+
+    def set_register(self, motor_id: int, name: str, value: int) -> None:
+        """Set any register, read-only ones included (the servo's own side of the memory)."""
+        reg = self.control_table[name]
+        with self._lock:
+            servo = self._servo(motor_id)
+            servo.memory[reg.address : reg.address + reg.size] = reg.to_bytes(value)
+            if name == "Present_Position":
+                servo.position = float(value)
+
+    def goal_positions(self) -> dict[int, int]:
+        """Goal_Position of every servo, in raw steps."""
+        return {i: self.get_register(i, "Goal_Position") for i in self.motor_ids}
+
+    def present_positions(self) -> dict[int, int]:
+        return {i: self.get_register(i, "Present_Position") for i in self.motor_ids}
+
+    def set_present_positions(self, positions: Mapping[int, int]) -> None:
+        """Set Present_Position (raw steps) as an outside simulator would."""
+        with self._lock:
+            for motor_id, value in positions.items():
+                self._set_position(self._servo(motor_id), float(value))
+
+    def torque_enabled(self, motor_id: int) -> bool:
+        return self.get_register(motor_id, "Torque_Enable") != 0
+
+    def inject_fault(
+        self,
+        kind: str,
+        motor_id: int | None = None,
+        count: int | None = None,
+        probability: float | None = None,
+        delay_s: float | None = None,
+    ) -> None:
+        """Make replies misbehave until ``count`` replies were affected or ``clear_faults()``.
+
+        Kinds: ``drop_reply`` (no reply), ``corrupt_checksum`` (last byte flipped), ``delay``
+        (reply ``delay_s`` late), ``truncate`` (only the first half of the reply is sent),
+        ``silence`` (the servo is gone: same as drop_reply, meant for one ``motor_id``),
+        ``unplug`` (close the pty now: the driver's next I/O fails).
+        """
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {kind!r}; known: {', '.join(FAULT_KINDS)}")
+        if kind == "unplug":
+            self.stop()  # both pty ends closed: the driver's next I/O sees EIO, like a pulled cable
+            return
+        with self._lock:
+            self._faults.append(Fault(kind, motor_id, count, probability, delay_s or 0.0))
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    # --- vendor hooks -----------------------------------------------------------------------------
+
+    @abstractmethod
+    def _split_packet(self, buffer: bytearray) -> bytes | None:
+        """Remove and return the next complete instruction packet (drop noise and packets with
+        bad checksums, as a servo does); ``None`` if more bytes are needed."""
+
+    @abstractmethod
+    def _handle(self, packet: bytes) -> list[tuple[int, bytes]]:
+        """Execute one instruction packet; return ``(motor_id, status packet)`` replies in the
+        order the servos send them."""
+
+    @abstractmethod
+    def _corrupt(self, reply: bytes) -> bytes:
+        """The reply with a wrong checksum."""
+
+    # --- register semantics shared by both vendors -----------------------------------------------
+
+    def _servo(self, motor_id: int) -> Servo:
+        try:
+            return self._servos[motor_id]
+        except KeyError:
+            raise RegisterError(
+                f"no emulated servo with id {motor_id} (chain has {self.motor_ids})"
+            ) from None
+
+    def _new_servo(self, motor_id: int) -> Servo:
+        memory = self.control_table.default_memory()
+        ids = self.control_table["ID"]
+        memory[ids.address : ids.address + ids.size] = ids.to_bytes(motor_id)
+        position = self.control_table["Present_Position"].default
+        return Servo(motor_id, memory, float(position))
+
+    def _read_memory(self, servo: Servo, address: int, length: int) -> bytes:
+        end = address + length
+        if end > len(servo.memory):
+            return bytes(servo.memory[address:]) + bytes(end - len(servo.memory))
+        return bytes(servo.memory[address:end])
+
+    def _write_memory(self, servo: Servo, address: int, data: bytes) -> None:
+        """Apply a host write byte range: read-only registers keep their value (as on the servo),
+        every register fully covered by the range is logged."""
+        now = time.monotonic()
+        end = address + len(data)
+        for reg in self.control_table.values():
+            if not (address <= reg.address and reg.address + reg.size <= end):
+                continue
+            chunk = data[reg.address - address : reg.address - address + reg.size]
+            if not reg.writable:
+                continue
+            old = reg.from_bytes(servo.memory[reg.address : reg.address + reg.size])
+            servo.memory[reg.address : reg.address + reg.size] = chunk
+            value = reg.from_bytes(chunk)
+            self.write_log.append(WriteRecord(now, servo.motor_id, reg.name, value))
+            self._on_write(servo, reg, old, value)
+
+    def _on_write(self, servo: Servo, reg: Register, old: int, value: int) -> None:
+        if reg.name == "Homing_Offset":
+            # the actual angle did not move, so the reported one shifts by the offset change
+            self._set_position(servo, servo.position + self.homing_sign * (value - old))
+        elif reg.name == "Torque_Enable" and value and not old:
+            # torque on holds the current pose: the goal becomes the present position, no jump
+            self._poke(servo, "Goal_Position", round(servo.position))
+        elif reg.name == "ID" and value != servo.motor_id:
+            self._renumber(servo, value)
+
+    def _renumber(self, servo: Servo, new_id: int) -> None:
+        del self._servos[servo.motor_id]
+        self.motor_ids[self.motor_ids.index(servo.motor_id)] = new_id
+        servo.motor_id = new_id
+        self._servos[new_id] = servo
+
+    def _set_position(self, servo: Servo, position: float) -> None:
+        if self.steps_per_turn:
+            position %= self.steps_per_turn
+        servo.position = position
+        reg = self.control_table["Present_Position"]
+        servo.memory[reg.address : reg.address + reg.size] = reg.to_bytes(round(position))
+
+    def _reg(self, servo: Servo, name: str) -> int:
+        reg = self.control_table[name]
+        return reg.from_bytes(servo.memory[reg.address : reg.address + reg.size])
+
+    def _poke(self, servo: Servo, name: str, value: int) -> None:
+        reg = self.control_table[name]
+        servo.memory[reg.address : reg.address + reg.size] = reg.to_bytes(value)
+
+    def _goal_target(self, servo: Servo) -> float:
+        goal = self._reg(servo, "Goal_Position")
+        low, high = self._reg(servo, "Min_Position_Limit"), self._reg(servo, "Max_Position_Limit")
+        return float(min(max(goal, low), high)) if low < high else float(goal)
+
+    def _move(self, dt: float) -> None:
+        """Advance every torque-on servo toward its (limit-clamped) goal at bounded speed."""
+        step = self.max_speed_steps_s * dt
+        for servo in self._servos.values():
+            if not self._reg(servo, "Torque_Enable"):
+                self._poke(servo, "Present_Velocity", 0)
+                self._poke(servo, "Moving", 0)
+                continue
+            error = self._goal_target(servo) - servo.position
+            delta = max(-step, min(step, error))
+            self._set_position(servo, servo.position + delta)
+            speed = delta / dt if dt > 0 else 0.0
+            self._poke(servo, "Present_Velocity", round(speed / self.velocity_unit_steps_s))
+            self._poke(servo, "Moving", int(abs(error) > 1.0))
+
+    # --- the serving thread -------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        buffer = bytearray()
+        last = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                ready = select.select([self._master], [], [], TICK_S)[0]
+                if ready:
+                    buffer += os.read(self._master, 4096)
+            except (OSError, ValueError):
+                break  # pty closed (unplug or stop)
+            now = time.monotonic()
+            if self.follow_goal:
+                with self._lock:
+                    self._move(now - last)
+            last = now
+            while (packet := self._next(buffer)) is not None:
+                self._answer(packet)
+
+    def _next(self, buffer: bytearray) -> bytes | None:
+        with self._lock:
+            return self._split_packet(buffer)
+
+    def _answer(self, packet: bytes) -> None:
+        received = time.perf_counter()
+        with self._lock:
+            replies = self._handle(packet)
+        # the request itself occupied the line before any servo could start answering
+        t = received + (wire_time_s(len(packet), self.baudrate) if self.wire_time else 0.0)
+        for motor_id, reply in replies:
+            with self._lock:
+                servo = self._servos.get(motor_id)
+                delay = self._reg(servo, "Return_Delay_Time") * self.return_delay_unit_s if servo else 0.0
+                reply = self._apply_faults(motor_id, reply)
+            if reply is None:
+                continue
+            extra, data = reply
+            t += delay + extra
+            _sleep_until(t)
+            if self.wire_time:
+                t += wire_time_s(len(data), self.baudrate)
+                _sleep_until(t)
+            try:
+                os.write(self._master, data)
+            except OSError:
+                return
+
+    def _apply_faults(self, motor_id: int, reply: bytes) -> tuple[float, bytes] | None:
+        """``(extra delay, bytes to send)`` after active faults, or ``None`` to stay silent."""
+        extra = 0.0
+        for fault in list(self._faults):
+            if not fault.matches(motor_id):
+                continue
+            if fault.probability is not None and self._rng.random() >= fault.probability:
+                continue
+            if fault.count is not None:
+                fault.count -= 1
+                if fault.count <= 0:
+                    self._faults.remove(fault)
+            if fault.kind in ("drop_reply", "silence"):
+                return None
+            if fault.kind == "corrupt_checksum":
+                reply = self._corrupt(reply)
+            elif fault.kind == "truncate":
+                reply = reply[: len(reply) // 2]
+            elif fault.kind == "delay":
+                extra += fault.delay_s
+        return extra, reply
+
+
+def _sleep_until(deadline: float) -> None:
+    """Sleep to a ``perf_counter`` deadline; the last 0.3 ms spin, since sleep overshoots."""
+    while (remaining := deadline - time.perf_counter()) > 0:
+        if remaining > 3e-4:
+            time.sleep(remaining - 2.5e-4)
