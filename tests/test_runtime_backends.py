@@ -151,3 +151,15 @@ def test_unknown_backend_and_option_suggest_the_closest(kv_graph: Path) -> None:
         load_backend("onnxrutime", OnnxGraphs({}))
     with pytest.raises(BackendError, match="Did you mean 'intra_op_threads'"):
         load_backend("onnxruntime", OnnxGraphs({"decode_step": kv_graph}), intra_op_thread=2)
+
+
+def test_tensorrt_here_is_unavailable_with_the_reason() -> None:
+    """No GPU and no TensorRT on the dev machine: the real registry says so and how to get it."""
+    from molmoact2_edge.runtimes.backends.tensorrt import gpu_count
+
+    count, why = gpu_count()
+    assert count == 0 and why
+    reason = available_backends()["tensorrt"]
+    assert reason is not None and "tensorrt" in reason and "pip install" in reason
+    with pytest.raises(BackendUnavailableError, match="molmoact2-edge\\[tensorrt\\]"):
+        load_backend("tensorrt", OnnxGraphs({}))
