@@ -1,18 +1,15 @@
 """Camera image preprocessing in numpy (crop_mode "resize"), shared by the reference policy and the device runtime.
 
-Reference: ``reference/molmoact2-checkpoint.md`` §4.1 and §11 (A1-A4), §4.13 for the
-depth-cache patches. Steps per camera:
+Reference: ``reference/molmoact2-checkpoint.md`` §4.1 and §11 A1, §4.13 for the
+depth-cache patches. Per camera: (h, w, 3) uint8 RGB -> bilinear resize to the
+ViT input size, antialias off, torch ``F.interpolate(align_corners=False)`` taps:
+src = max((dst + .5) * in/out - .5, 0), i1 = min(i0 + 1, in - 1), taps and lambdas
+in float32, blend in float64, round half-to-even -> uint8 (A1; torch itself blends
+in fp32, so ~4e-5 of pixels differ by 1). The uint8 crops are the vision graph's
+input: scaling to [-1, 1], patchify and 2x2 pooling happen inside it
+(``model/vision.py``, ``model/connector.py``).
 
-  1. (h, w, 3) uint8 RGB -> bilinear resize to (size, size), antialias off, torch
-     ``F.interpolate(align_corners=False)`` taps: src = max((dst + .5) * in/out - .5, 0),
-     i1 = min(i0 + 1, in - 1), taps and lambdas in float32, blend in float64,
-     round half-to-even -> uint8 (A1; torch itself blends in fp32, ~4e-5 of pixels differ by 1);
-  2. u / 255 * 2 - 1 (mean = std = 0.5) in float32, which equals the model-side uint8 re-quantization;
-  3. patchify: (g*g, patch*patch*3), patch index py*g + px, inside a patch (y, x, c).
-Pooling indices: the g x g patch grid padded with -1 to even size (floor(pad/2) before,
-the rest after), regrouped into 2 x 2 windows (A4).
-
-Torch-free on purpose: the runtime runs the vision graph on these arrays.
+Torch-free on purpose: the device runtime resizes here and runs the vision graph.
 """
 
 from __future__ import annotations
@@ -48,11 +45,6 @@ def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
-def to_model_pixels(image: np.ndarray) -> np.ndarray:
-    """(h, w, 3) uint8 -> (h, w, 3) float32 in [-1, 1] (u / 255 * 2 - 1)."""
-    return (image.astype(np.float32) / np.float32(255.0)) * np.float32(2.0) - np.float32(1.0)
-
-
 def patchify(pixels: np.ndarray, patch: int) -> np.ndarray:
     """(h, w, c) -> (p, patch*patch*c) with p = (h/patch)*(w/patch), row-major patches, (y, x, c) inside."""
     h, w, c = pixels.shape
@@ -62,32 +54,19 @@ def patchify(pixels: np.ndarray, patch: int) -> np.ndarray:
     return x.reshape(gh * gw, patch * patch * c)
 
 
-def pooling_index(grid: int, window: int = 2) -> np.ndarray:
-    """(ceil(g/2)^2, 4) int64 patch indices per pooled token, -1 where the window hangs over the edge."""
-    pad = (-grid) % window
-    before = pad // 2
-    idx = np.full((grid + pad, grid + pad), -1, dtype=np.int64)
-    idx[before : before + grid, before : before + grid] = np.arange(grid * grid).reshape(grid, grid)
-    g2 = (grid + pad) // window
-    idx = idx.reshape(g2, window, g2, window).transpose(0, 2, 1, 3)  # (g2, g2, dy, dx)
-    return idx.reshape(g2 * g2, window * window)
-
-
-def preprocess_camera(image: np.ndarray, size: int, patch: int, name: str = "camera") -> np.ndarray:
-    """(h, w, 3) uint8 RGB -> (p, patch*patch*3) float32 pixel patches for the vision tower."""
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ObservationError(
-            f"{name}: expected (h, w, 3) uint8 RGB, got shape {image.shape} dtype {image.dtype}"
-        )
-    return patchify(to_model_pixels(resize_bilinear(image, (size, size))), patch)
-
-
-def preprocess_cameras(
-    images: list[np.ndarray], size: int, patch: int, names: list[str] | None = None
+def resize_cameras(
+    images: list[np.ndarray], size: tuple[int, int], names: list[str] | None = None
 ) -> np.ndarray:
-    """n camera images (in camera order) -> (n, p, patch*patch*3) float32."""
+    """n camera images (h, w, 3) uint8 RGB, in camera order -> (n, H, W, 3) uint8: the vision graph's input."""
     names = names or [f"camera {k}" for k in range(len(images))]
-    return np.stack([preprocess_camera(im, size, patch, nm) for im, nm in zip(images, names, strict=True)])
+    out = []
+    for image, name in zip(images, names, strict=True):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ObservationError(
+                f"{name}: expected (h, w, 3) uint8 RGB, got shape {image.shape} dtype {image.dtype}"
+            )
+        out.append(resize_bilinear(image, size))
+    return np.stack(out)
 
 
 # --- depth-cache patches (MolmoAct2-Think, §4.13) ------------------------------------------

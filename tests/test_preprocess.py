@@ -10,10 +10,8 @@ from molmoact2_edge.preprocess import (
     cells_changed,
     depth_cell_vectors,
     patchify,
-    pooling_index,
-    preprocess_camera,
-    preprocess_cameras,
     resize_bilinear,
+    resize_cameras,
 )
 
 
@@ -38,29 +36,17 @@ def test_resize_identity_and_constant() -> None:
     assert (resize_bilinear(flat, (20, 30)) == 77).all()
 
 
-def test_patch_order_and_pixel_scale() -> None:
-    """Reference §4.1 step 4: patch index py*g + px, inside a patch (y, x, c): index (y*patch + x)*3 + c."""
+def test_patch_order_and_camera_stack() -> None:
+    """Depth cells use the vision tower's patch order: index py*g + px, inside (y, x, c) = (y*patch + x)*3 + c."""
     img = np.arange(28 * 28 * 3).reshape(28, 28, 3)
     patches = patchify(img, 14)
     assert patches.shape == (4, 588)
     assert patches[1, (2 * 14 + 5) * 3 + 1] == img[2, 14 + 5, 1]
     assert patches[2, 0] == img[14, 0, 0]
-    out = preprocess_camera(np.full((10, 10, 3), 255, dtype=np.uint8), 28, 14)
-    assert out.dtype == np.float32 and (out == 1.0).all()
-    assert preprocess_cameras([np.zeros((5, 5, 3), np.uint8)] * 2, 28, 14).shape == (2, 4, 588)
+    crops = resize_cameras([np.zeros((5, 7, 3), np.uint8), np.full((9, 4, 3), 9, np.uint8)], (28, 28))
+    assert crops.shape == (2, 28, 28, 3) and crops.dtype == np.uint8 and (crops[1] == 9).all()
     with pytest.raises(ObservationError, match="wrist"):
-        preprocess_camera(np.zeros((5, 5), np.uint8), 28, 14, "wrist")
-
-
-def test_pooling_index_release_layout() -> None:
-    """Reference §4.1 step 6: 27x27 -> (196, 4), -1 padding after, windows (0,0),(0,1),(1,0),(1,1)."""
-    idx = pooling_index(27)
-    assert idx.shape == (196, 4)
-    assert idx[0].tolist() == [0, 1, 27, 28]
-    assert idx[13].tolist() == [26, -1, 53, -1]
-    assert idx[-1].tolist() == [728, -1, -1, -1]
-    assert (idx == -1).sum() == 196 * 4 - 729  # every patch used once; the rest is padding
-    assert pooling_index(8).shape == (16, 4) and (pooling_index(8) >= 0).all()
+        resize_cameras([np.zeros((5, 5), np.uint8)], (28, 28), ["wrist"])
 
 
 def test_depth_cells_changed_only_where_patch_changed() -> None:

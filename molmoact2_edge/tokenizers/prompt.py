@@ -1,8 +1,8 @@
-"""The released robot prompt: template, task normalization, state bins, image-token layout, prefill masks.
+"""The released robot prompt: template, task normalization, state bins, image-token layout, buckets.
 
 Torch-free (numpy + the text tokenizer), shared by the PyTorch reference policy
 and the device runtime. Reference: ``reference/molmoact2-checkpoint.md`` §4.2,
-§4.3, §4.8, §4.9 and §11 (A8, A16, A18). The prompt, exactly::
+§4.3 and §11 A18. The prompt, exactly::
 
     {image prefix}<|im_start|>user
     The task is to {task}. The setup is {SETUP}.{STATE} The expected control mode is {CONTROL}. {QUESTION}<|im_end|>
@@ -12,20 +12,22 @@ and the device runtime. Reference: ``reference/molmoact2-checkpoint.md`` §4.2,
 tokenized without special tokens, then BOS (``<|im_end|>``) prepended. The
 depth variant (MolmoAct2-Think) changes the question and the trigger.
 Export uses fixed shapes, so ``PromptBuilder(bucket=...)`` right-pads to the
-bucket and refuses (``PromptTooLongError``) rather than truncates.
+bucket and refuses (``PromptTooLongError``) rather than truncates. The attention
+biases built from a ``Prompt`` live in ``model/masks.py`` (numpy, torch-free).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from molmoact2_edge.config import MolmoAct2Config
 from molmoact2_edge.errors import PromptTooLongError, TokenizerError
+from molmoact2_edge.model import masks
 from molmoact2_edge.tokenizers.text import TextTokenizer
 
 QUESTION = "Given these, what action should the robot take to complete the task?"
@@ -35,10 +37,6 @@ DEPTH_QUESTION = (
 )
 TRIGGER = "<action_output>"
 DEPTH_TRIGGER = "<depth_output><action_output>"
-# Tokens that get token_type 1 (attend bidirectionally to each other at prefill, §4.2/§4.8).
-IMAGE_TYPE_TOKENS = (
-    "<im_patch>", "<im_col>", "<im_start>", "<low_res_im_start>", "<frame_start>", "<im_end>", "<frame_end>", "<im_low>",
-)  # fmt: skip
 NUM_STATE_BINS = 256
 
 _OPENERS = "\"'`“‘«([{<"
@@ -142,7 +140,7 @@ class Prompt:
     """A tokenized prompt, right-padded to ``len(input_ids)`` (the bucket, or the prompt itself).
 
     input_ids (t,) int64; attention_mask (t,) bool, False on pads; token_type_ids (t,) int64, 1 on
-    image-type tokens; image_positions (n*pp,) int64, where the pooled image features are added,
+    image-type tokens; image_positions (n*m,) int64, where the pooled image features are added,
     in camera order then row-major; num_valid: tokens before the padding.
     """
 
@@ -154,7 +152,7 @@ class Prompt:
 
     @property
     def position_ids(self) -> np.ndarray:
-        """(t,) int64 0..t-1 over the whole sequence including BOS (pads only ever see themselves)."""
+        """(t,) int64 0..t-1 over the whole sequence including BOS (pads only ever see valid keys)."""
         return np.arange(len(self.input_ids), dtype=np.int64)
 
 
@@ -172,47 +170,35 @@ def config_token_ids(config: MolmoAct2Config) -> dict[str, int]:
 
 
 class PromptBuilder:
-    """Builds the prompt ids; every id comes from the tokenizer, checked against config.json's ids."""
+    """Builds prompt ids from text; every id comes from the tokenizer, checked against config.json first."""
 
     def __init__(
         self,
         tokenizer: TextTokenizer,
-        token_ids: Mapping[str, int],
-        layout: ImageLayout,
+        config: MolmoAct2Config,
         bucket: int | None = None,
+        layout: ImageLayout | None = None,
     ):
-        """token_ids: config.json's id fields (released names, e.g. ``bos_token_id``, ``image_patch_id``)."""
-        tokenizer.check_ids(dict(token_ids), "config.json")
+        """layout defaults to the release's: the config's pooled grid, no column tokens."""
+        tokenizer.check_ids(config_token_ids(config), "config.json")
         self.tokenizer = tokenizer
-        self.layout = layout
+        self.config = config
         self.bucket = bucket
-        self.bos_id = int(token_ids["bos_token_id"])
-        self.pad_id = int(token_ids["pad_token_id"])
-        self.patch_id = int(token_ids["image_patch_id"])
-        self.image_type_ids = np.array([tokenizer.token_to_id(t) for t in IMAGE_TYPE_TOKENS], dtype=np.int64)
-
-    @classmethod
-    def from_config(
-        cls, tokenizer: TextTokenizer, config: MolmoAct2Config, bucket: int | None = None
-    ) -> PromptBuilder:
-        """The release layout: one pooled grid per camera, no column tokens (use_single_crop_col_tokens=false)."""
-        rows, cols = config.pooled_grid
-        return cls(tokenizer, config_token_ids(config), ImageLayout(rows, cols), bucket)
+        self.layout = layout or ImageLayout(*config.pooled_grid)
+        self.bos_id, self.pad_id = config.require_token_ids("bos_token_id", "pad_token_id")
+        self.first_state_id = tokenizer.token_to_id("<state_0>")
 
     def build(self, task: str, bins: Sequence[int] | None, num_cameras: int, spec: PromptSpec) -> Prompt:
         text = render_prompt(task, bins, num_cameras, spec, self.layout)
         ids = self.tokenizer.encode(text)
         if not ids or ids[0] != self.bos_id:
             ids = [self.bos_id, *ids]
-        if bins is not None and self._count_state_tokens(ids) != len(bins):
+        n_state = sum(1 for i in ids if self.first_state_id <= i < self.first_state_id + NUM_STATE_BINS)
+        if bins is not None and n_state != len(bins):
             raise TokenizerError(
                 f"state tokens did not survive tokenization: expected {len(bins)} in {text!r}"
             )
         return self.pad(np.asarray(ids, dtype=np.int64), task)
-
-    def _count_state_tokens(self, ids: list[int]) -> int:
-        first = self.tokenizer.token_to_id("<state_0>")
-        return sum(1 for i in ids if first <= i < first + NUM_STATE_BINS)
 
     def pad(self, ids: np.ndarray, what: str = "prompt") -> Prompt:
         """Right-pad ``ids`` to the bucket (pad_token_id, mask 0, type 0); longer than the bucket -> PromptTooLongError."""
@@ -227,47 +213,6 @@ class PromptBuilder:
         input_ids[:n] = ids
         mask = np.zeros(length, dtype=bool)
         mask[:n] = True
-        types = (np.isin(input_ids, self.image_type_ids) & mask).astype(np.int64)
-        positions = np.flatnonzero((input_ids == self.patch_id) & mask).astype(np.int64)
-        return Prompt(input_ids, mask, types, positions, n)
-
-
-def prefill_allowed(attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
-    """(t, t) bool: query q may see key k iff k is valid and (k <= q, or both are image-type tokens) (§4.8)."""
-    t = len(attention_mask)
-    causal = np.tril(np.ones((t, t), dtype=bool))
-    image = token_type_ids.astype(bool)
-    return (causal | (image[:, None] & image[None, :])) & attention_mask.astype(bool)[None, :]
-
-
-def additive_bias(allowed: np.ndarray) -> np.ndarray:
-    """Bool mask -> float32 additive bias, finfo(float32).min where disallowed (A8)."""
-    return np.where(allowed, np.float32(0.0), np.finfo(np.float32).min).astype(np.float32)
-
-
-def cross_attention_valid(
-    input_ids: np.ndarray,
-    attention_mask: np.ndarray,
-    token_ids: Mapping[str, int],
-    action_mode: str,
-) -> np.ndarray:
-    """(t,) bool: prompt positions the action expert may attend to (§4.9, A16).
-
-    In action_mode 'both' also drop every eos_token_id position (BOS and the user turn's
-    <|im_end|>) and each inclusive <action_start>..<action_end> span (an unmatched start masks to the end).
-    """
-    valid = attention_mask.astype(bool).copy()
-    if action_mode != "both":
-        return valid
-    ids = np.asarray(input_ids)
-    valid &= ids != int(token_ids["eos_token_id"])
-    start, end = int(token_ids["action_start_token_id"]), int(token_ids["action_end_token_id"])
-    inside = False
-    for i, tok in enumerate(ids.tolist()):
-        if tok == start:
-            inside = True
-        if inside:
-            valid[i] = False
-        if tok == end:
-            inside = False
-    return valid
+        types = masks.token_type_ids(input_ids[None], self.config)[0] * mask
+        positions = masks.image_token_positions(input_ids[None, :n], self.config)[0]
+        return Prompt(input_ids, mask, types.astype(np.int64), positions, n)
