@@ -31,6 +31,7 @@ Errors from ``molmoact2_edge.errors``:
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import warnings
 from abc import ABC, abstractmethod
@@ -60,6 +61,19 @@ RETRYABLE = (BusTimeoutError, ChecksumError)
 def wire_time_s(n_bytes: int, baudrate: int) -> float:
     """Seconds ``n_bytes`` occupy a UART line at ``baudrate`` (8N1)."""
     return n_bytes * BITS_PER_BYTE / baudrate
+
+
+def serial_io_errors() -> tuple[type[BaseException], ...]:
+    """What a vanished serial device raises: pyserial's error, OSError (EIO) from os.read, and
+    termios.error (not an OSError) from the tcflush behind reset_input_buffer."""
+    import serial
+
+    errors: tuple[type[BaseException], ...] = (serial.SerialException, OSError)
+    if os.name != "nt":
+        import termios
+
+        errors += (termios.error,)
+    return errors
 
 
 class Bus(ABC):

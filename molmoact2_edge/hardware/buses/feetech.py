@@ -29,7 +29,7 @@ from enum import IntEnum
 from typing import Any
 
 from molmoact2_edge.errors import BusTimeoutError, ChecksumError, PortError, ServoError
-from molmoact2_edge.hardware.buses.base import Bus, wire_time_s
+from molmoact2_edge.hardware.buses.base import Bus, serial_io_errors, wire_time_s
 from molmoact2_edge.hardware.buses.feetech_tables import (
     ERROR_FLAGS,
     MODEL_NUMBERS,
@@ -126,19 +126,6 @@ def transaction_timeout_s(
     delay per reply, plus a margin for USB scheduling and the host (a CH343/FTDI adapter adds
     >= 1 ms per direction, reference §4)."""
     return wire_time_s(tx_bytes + rx_bytes, baudrate) + replies * return_delay_s + margin_s
-
-
-def _io_errors() -> tuple[type[BaseException], ...]:
-    """What a vanished serial device raises: pyserial's error, OSError (EIO) from os.read, and
-    termios.error (not an OSError) from the tcflush behind reset_input_buffer."""
-    import serial
-
-    errors: tuple[type[BaseException], ...] = (serial.SerialException, OSError)
-    if os.name != "nt":
-        import termios
-
-        errors += (termios.error,)
-    return errors
 
 
 # --- the bus ---------------------------------------------------------------------------------------
@@ -258,7 +245,7 @@ class FeetechBus(Bus):
         try:
             self._serial.reset_input_buffer()  # stale replies from an earlier timeout must not match
             self._serial.write(packet)
-        except _io_errors() as err:
+        except serial_io_errors() as err:
             raise PortError(f"write failed ({err}); was the adapter unplugged?") from err
 
     def _transact(self, packet: bytes, motor_ids: list[int], data_len: int) -> dict[int, bytes]:
@@ -322,7 +309,7 @@ class FeetechBus(Bus):
             if not select.select([fd], [], [], timeout)[0]:
                 return b""
             data = os.read(fd, max(wanted, 1))
-        except _io_errors() as err:
+        except serial_io_errors() as err:
             raise PortError(f"read failed ({err}); was the adapter unplugged?") from err
         if not data:
             raise PortError("the port reported end of file; was the adapter unplugged?")

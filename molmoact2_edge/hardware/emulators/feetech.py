@@ -68,9 +68,6 @@ class FeetechEmulator(SerialServoChain):
                 continue
             return frame
 
-    def _corrupt(self, reply: bytes) -> bytes:
-        return reply[:-1] + bytes([reply[-1] ^ 0xFF])
-
     def _handle(self, packet: bytes) -> list[tuple[int, bytes]]:
         request = decode_frame(packet)
         params = request.params
@@ -123,13 +120,3 @@ class FeetechEmulator(SerialServoChain):
 
     def _status(self, servo: Servo, data: bytes = b"") -> tuple[int, bytes]:
         return servo.motor_id, status_packet(servo.motor_id, self._reg(servo, "Status"), data)
-
-    def _action(self, servo: Servo) -> None:
-        for address, data in servo.pending:
-            self._write_memory(servo, address, data)
-        servo.pending.clear()
-
-    def _factory_reset(self, servo: Servo) -> None:
-        servo.memory[:] = self.control_table.default_memory()
-        self._poke(servo, "ID", servo.motor_id)
-        self._set_position(servo, servo.position)

@@ -219,10 +219,6 @@ class SerialServoChain(ABC):
         """Execute one instruction packet; return ``(motor_id, status packet)`` replies in the
         order the servos send them."""
 
-    @abstractmethod
-    def _corrupt(self, reply: bytes) -> bytes:
-        """The reply with a wrong checksum."""
-
     # --- register semantics shared by both vendors -----------------------------------------------
 
     def _servo(self, motor_id: int) -> Servo:
@@ -272,6 +268,18 @@ class SerialServoChain(ABC):
             self._poke(servo, "Goal_Position", round(servo.position))
         elif reg.name == "ID" and value != servo.motor_id:
             self._renumber(servo, value)
+
+    def _action(self, servo: Servo) -> None:
+        """ACTION: apply the writes staged by REG_WRITE."""
+        for address, data in servo.pending:
+            self._write_memory(servo, address, data)
+        servo.pending.clear()
+
+    def _factory_reset(self, servo: Servo) -> None:
+        """Every register back to its default; the id and the physical angle stay."""
+        servo.memory[:] = self.control_table.default_memory()
+        self._poke(servo, "ID", servo.motor_id)
+        self._set_position(servo, servo.position)
 
     def _renumber(self, servo: Servo, new_id: int) -> None:
         del self._servos[servo.motor_id]
@@ -377,7 +385,7 @@ class SerialServoChain(ABC):
             if fault.kind in ("drop_reply", "silence"):
                 return None
             if fault.kind == "corrupt_checksum":
-                reply = self._corrupt(reply)
+                reply = reply[:-1] + bytes([reply[-1] ^ 0xFF])  # both protocols end in the checksum
             elif fault.kind == "truncate":
                 reply = reply[: len(reply) // 2]
             elif fault.kind == "delay":
