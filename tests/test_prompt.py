@@ -15,7 +15,9 @@ from molmoact2_edge.tokenizers.prompt import (
     PromptBuilder,
     PromptSpec,
     config_token_ids,
+    cross_attention_valid,
     normalize_task,
+    prefill_allowed,
     render_prompt,
     state_bins,
 )
@@ -93,7 +95,7 @@ def test_state_bins() -> None:
 
 
 def test_qwen_prompt_ids_and_bucket(qwen: TextTokenizer) -> None:
-    builder = PromptBuilder(qwen, get_preset("molmoact2-4b"), bucket=704)
+    builder = PromptBuilder(qwen, qwen.molmoact2_ids(), ImageLayout(), bucket=704)
     prompt = builder.build("pick up the red cube", [0, 128, 255, 3, 4, 5], 3, SO101)
     assert prompt.input_ids.shape == (704,) and prompt.num_valid == 690  # fits the 704 bracket (ref §8.2)
     assert prompt.input_ids[0] == 151645  # BOS = <|im_end|>
@@ -109,7 +111,9 @@ def test_qwen_prompt_ids_and_bucket(qwen: TextTokenizer) -> None:
     assert seq[at : at + 8] == [151673, *state, 151674]
     with pytest.raises(PromptTooLongError, match="704"):
         builder.build("pick up the red cube " * 10, list(range(6)), 3, SO101)
-    unbucketed = PromptBuilder(qwen, get_preset("molmoact2-4b")).build("pick up the red cube", [0], 1, SO101)
+    unbucketed = PromptBuilder.from_config(qwen, get_preset("molmoact2-4b")).build(
+        "pick up the red cube", [0], 1, SO101
+    )
     assert len(unbucketed.input_ids) == unbucketed.num_valid
 
 
@@ -118,7 +122,62 @@ def test_from_config_tiny_preset() -> None:
 
     config = get_preset("tiny")
     tok = train_small_tokenizer(["the task is to pick up the cube"] * 10)
-    prompt = PromptBuilder(tok, config, bucket=320).build("pick", [1, 2], 2, SO101)
+    prompt = PromptBuilder.from_config(tok, config, bucket=320).build("pick", [1, 2], 2, SO101)
     assert len(prompt.image_positions) == 2 * config.tokens_per_image
     assert (prompt.input_ids[prompt.image_positions] == config.image_patch_id).all()
     assert config_token_ids(config)["action_token_start_id"] == config.action_token_start_id
+
+
+def test_prefill_mask_causal_except_images() -> None:
+    mask = np.array([1, 1, 1, 1, 1, 0], dtype=bool)
+    types = np.array([0, 1, 1, 1, 0, 0])
+    allowed = prefill_allowed(mask, types)
+    assert allowed[1, 3] and allowed[3, 1]  # image tokens see each other both ways
+    assert not allowed[0, 1] and not allowed[4, 5] and allowed[4, 0] and allowed[4, 3]
+    assert not allowed[:, 5].any()  # pads are never keys
+
+
+def test_cross_attention_valid_both_mode() -> None:
+    ids = {"eos_token_id": 9, "action_start_token_id": 5, "action_end_token_id": 6}
+    seq = np.array([9, 1, 2, 5, 7, 6, 3, 9, 5, 4, 0])
+    mask = np.ones(11, dtype=bool)
+    mask[-1] = False
+    assert cross_attention_valid(seq, mask, ids, "both").astype(int).tolist() == [
+        0,
+        1,
+        1,
+        0,
+        0,
+        0,
+        1,
+        0,
+        0,
+        0,
+        0,
+    ]
+    assert cross_attention_valid(seq, mask, ids, "continuous").tolist() == mask.tolist()
+
+
+def test_masks_agree_with_model_masks() -> None:
+    """The unbatched mapping-based masks here and model/masks.py (batched, config-based) must not drift apart."""
+    from molmoact2_edge.model import masks
+    from molmoact2_edge.tokenizers.text import train_small_tokenizer
+
+    config = get_preset("tiny")
+    tok = train_small_tokenizer(["the task is to pick up the cube"] * 10)
+    prompt = PromptBuilder.from_config(tok, config, bucket=320).build("pick", [1, 2], 2, SO101)
+    ids = prompt.input_ids.copy()
+    ids[5:9] = [config.action_start_token_id, 7, config.action_end_token_id, 8]
+    np.testing.assert_array_equal(
+        prompt.token_type_ids, masks.token_type_ids(prompt.input_ids[None], config)[0]
+    )
+    np.testing.assert_array_equal(
+        prompt.image_positions,
+        masks.image_token_positions(prompt.input_ids[None, : prompt.num_valid], config)[0],
+    )
+    bias = masks.prefill_attention_bias(prompt.attention_mask[None], prompt.token_type_ids[None])[0, 0]
+    np.testing.assert_array_equal(prefill_allowed(prompt.attention_mask, prompt.token_type_ids), bias == 0)
+    np.testing.assert_array_equal(
+        cross_attention_valid(ids, prompt.attention_mask, config_token_ids(config), "both"),
+        masks.cross_attention_valid(ids[None], prompt.attention_mask[None], config)[0],
+    )

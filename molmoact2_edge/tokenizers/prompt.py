@@ -12,22 +12,21 @@ and the device runtime. Reference: ``reference/molmoact2-checkpoint.md`` §4.2,
 tokenized without special tokens, then BOS (``<|im_end|>``) prepended. The
 depth variant (MolmoAct2-Think) changes the question and the trigger.
 Export uses fixed shapes, so ``PromptBuilder(bucket=...)`` right-pads to the
-bucket and refuses (``PromptTooLongError``) rather than truncates. The attention
-biases built from a ``Prompt`` live in ``model/masks.py`` (numpy, torch-free).
+bucket and refuses (``PromptTooLongError``) rather than truncates. The prefill and
+cross-attention masks of one prompt (§4.8, §4.9, A16) are at the end.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from molmoact2_edge.config import MolmoAct2Config
 from molmoact2_edge.errors import PromptTooLongError, TokenizerError
-from molmoact2_edge.model import masks
 from molmoact2_edge.tokenizers.text import TextTokenizer
 
 QUESTION = "Given these, what action should the robot take to complete the task?"
@@ -37,6 +36,10 @@ DEPTH_QUESTION = (
 )
 TRIGGER = "<action_output>"
 DEPTH_TRIGGER = "<depth_output><action_output>"
+# Tokens that get token_type 1 (attend bidirectionally to each other at prefill, §4.2/§4.8).
+IMAGE_TYPE_TOKENS = (
+    "<im_patch>", "<im_col>", "<im_start>", "<low_res_im_start>", "<frame_start>", "<im_end>", "<frame_end>", "<im_low>",
+)  # fmt: skip
 NUM_STATE_BINS = 256
 
 _OPENERS = "\"'`“‘«([{<"
@@ -170,23 +173,36 @@ def config_token_ids(config: MolmoAct2Config) -> dict[str, int]:
 
 
 class PromptBuilder:
-    """Builds prompt ids from text; every id comes from the tokenizer, checked against config.json first."""
+    """Builds prompt ids from text; every id comes from the tokenizer, checked against config.json's ids first.
+
+    Takes the token ids as a mapping (released field names) rather than a config, so the device
+    runtime builds prompts from a bundle manifest without the model config.
+    """
 
     def __init__(
         self,
         tokenizer: TextTokenizer,
-        config: MolmoAct2Config,
+        token_ids: Mapping[str, int],
+        layout: ImageLayout,
         bucket: int | None = None,
-        layout: ImageLayout | None = None,
     ):
-        """layout defaults to the release's: the config's pooled grid, no column tokens."""
-        tokenizer.check_ids(config_token_ids(config), "config.json")
+        """token_ids: config.json's id fields (``config_token_ids``), e.g. ``bos_token_id``, ``image_patch_id``."""
+        tokenizer.check_ids(dict(token_ids), "config.json")
         self.tokenizer = tokenizer
-        self.config = config
+        self.layout = layout
         self.bucket = bucket
-        self.layout = layout or ImageLayout(*config.pooled_grid)
-        self.bos_id, self.pad_id = config.require_token_ids("bos_token_id", "pad_token_id")
+        self.bos_id = int(token_ids["bos_token_id"])
+        self.pad_id = int(token_ids["pad_token_id"])
+        self.patch_id = int(token_ids["image_patch_id"])
         self.first_state_id = tokenizer.token_to_id("<state_0>")
+        self.image_type_ids = np.array([tokenizer.token_to_id(t) for t in IMAGE_TYPE_TOKENS], dtype=np.int64)
+
+    @classmethod
+    def from_config(
+        cls, tokenizer: TextTokenizer, config: MolmoAct2Config, bucket: int | None = None
+    ) -> PromptBuilder:
+        """The release layout: the config's pooled grid per camera, no column tokens (use_single_crop_col_tokens=false)."""
+        return cls(tokenizer, config_token_ids(config), ImageLayout(*config.pooled_grid), bucket)
 
     def build(self, task: str, bins: Sequence[int] | None, num_cameras: int, spec: PromptSpec) -> Prompt:
         text = render_prompt(task, bins, num_cameras, spec, self.layout)
@@ -213,6 +229,37 @@ class PromptBuilder:
         input_ids[:n] = ids
         mask = np.zeros(length, dtype=bool)
         mask[:n] = True
-        types = masks.token_type_ids(input_ids[None], self.config)[0] * mask
-        positions = masks.image_token_positions(input_ids[None, :n], self.config)[0]
-        return Prompt(input_ids, mask, types.astype(np.int64), positions, n)
+        types = (np.isin(input_ids, self.image_type_ids) & mask).astype(np.int64)
+        positions = np.flatnonzero((input_ids == self.patch_id) & mask).astype(np.int64)
+        return Prompt(input_ids, mask, types, positions, n)
+
+
+# --- masks over one unbatched prompt, from a token-id mapping (the device side has no config) ---------
+# model/masks.py holds the batched, config-based twins the PyTorch side feeds its graphs with; both
+# follow reference §4.8 / §4.9 / A16 and tests/test_prompt.py checks they agree.
+
+
+def prefill_allowed(attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
+    """(t, t) bool: query q may see key k iff k is valid and (k <= q, or both are image-type tokens) (§4.8)."""
+    t = len(attention_mask)
+    causal = np.tril(np.ones((t, t), dtype=bool))
+    image = token_type_ids.astype(bool)
+    return (causal | (image[:, None] & image[None, :])) & attention_mask.astype(bool)[None, :]
+
+
+def cross_attention_valid(
+    input_ids: np.ndarray, attention_mask: np.ndarray, token_ids: Mapping[str, int], action_mode: str
+) -> np.ndarray:
+    """(t,) bool: positions the action expert may attend to (§4.9, A16).
+
+    In action_mode 'both' also drop every eos_token_id position (BOS and the user turn's
+    <|im_end|>) and each inclusive <action_start>..<action_end> span (an unmatched start masks to the end).
+    """
+    valid = attention_mask.astype(bool) & (np.asarray(input_ids) >= 0)
+    if action_mode != "both":
+        return valid
+    ids = np.asarray(input_ids)
+    is_start = (ids == int(token_ids["action_start_token_id"])).astype(np.int64)
+    is_end = (ids == int(token_ids["action_end_token_id"])).astype(np.int64)
+    opened = np.cumsum(is_start) - np.cumsum(is_end) + is_end  # > 0 inside a span, its end included
+    return valid & (ids != int(token_ids["eos_token_id"])) & ~(opened > 0)
