@@ -42,7 +42,7 @@ class LogGate:
         self.sent.append((time.monotonic(), self.last, True))
         return self.last
 
-    def stop(self) -> None:
+    def close(self) -> None:
         self.stopped += 1
 
 

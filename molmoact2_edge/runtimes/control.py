@@ -21,7 +21,7 @@ When the current chunk runs out before the next arrives (inference stalled), the
 safety layer holds the last commanded target; after ``stall_timeout_s`` without
 a usable chunk the episode ends with a ``SafetyError``. An episode ends at
 ``duration_s``, when ``success()`` turns true, on Ctrl-C or on an error; every
-exit goes through ``safety.stop()`` (the torque policy) before returning or raising.
+exit goes through ``gate.close()`` (the torque policy) before returning or raising.
 Deadlines use ``time.monotonic()`` (a Jetson's wall clock jumps at NTP sync).
 """
 
@@ -46,7 +46,7 @@ Policy = Callable[[Observation], ActionChunk]
 
 
 class ActionGate(Protocol):
-    """What the loop needs between it and the robot (``hardware.safety.SafetyLayer`` via ``SafetyGate``)."""
+    """What the loop needs between it and the robot: ``hardware.safety.SafetyLayer`` (started) is one."""
 
     def observe(self, task: str) -> Observation:
         """A fresh observation from the robot."""
@@ -60,9 +60,36 @@ class ActionGate(Protocol):
         """Hold the last commanded target (the watchdog's action); return it."""
         ...
 
-    def stop(self) -> None:
-        """End of episode: apply the torque policy. Must not raise on a dead bus."""
+    def close(self) -> None:
+        """End of episode: apply the torque policy. Safe to call twice; must not raise on a dead bus."""
         ...
+
+
+class DryRunGate:
+    """A gate with no robot: observations come from ``observe_fn``, targets go nowhere but ``sent``.
+
+    For benchmarking the loop's timing with inference running (``molmo-edge bench``) and for
+    rehearsing a bundle before a robot is attached.
+    """
+
+    def __init__(self, observe_fn: Callable[[str], Observation], state_dim: int) -> None:
+        self.observe_fn = observe_fn
+        self.last = np.zeros(state_dim, np.float32)
+        self.sent = 0
+
+    def observe(self, task: str) -> Observation:
+        return self.observe_fn(task)
+
+    def send(self, target: np.ndarray) -> np.ndarray:
+        self.last = np.asarray(target, np.float32)
+        self.sent += 1
+        return self.last
+
+    def hold(self) -> np.ndarray:
+        return self.last
+
+    def close(self) -> None:
+        """Nothing to release."""
 
 
 class Recorder(Protocol):
@@ -182,7 +209,7 @@ def run_episode(
     success: Callable[[], bool] | None = None,
     recorder: Recorder | None = None,
 ) -> EpisodeResult:
-    """Drive one episode; always ends with ``gate.stop()``. Re-raises policy and safety errors after stopping."""
+    """Drive one episode; always ends with ``gate.close()``. Re-raises policy and safety errors after stopping."""
     period = 1.0 / config.hz
     worker = _InferenceWorker(policy, telemetry)
     result = EpisodeResult(end="duration")
@@ -260,7 +287,7 @@ def _checked(chunk: ActionChunk, index: int) -> ActionChunk:
 
 def _stop(gate: ActionGate, worker: _InferenceWorker, recorder: Recorder | None) -> None:
     try:
-        gate.stop()
+        gate.close()
     finally:
         worker.stop()
         if recorder is not None:
