@@ -1,0 +1,102 @@
+"""``molmo-edge bench BUNDLE``: latency per stage and per chunk, loop jitter with inference running, power.
+
+\b
+Examples:
+  molmo-edge bench bundle/
+  molmo-edge bench bundle/ --backend onnxruntime --backend torch --iterations 50 --json
+  molmo-edge bench bundle/ --plots bench_plots/ --telemetry bench.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+STAGES = ("vision", "prefill", "depth", "decode", "flow", "total")
+
+
+def _ms(stats: dict[str, Any] | None, key: str) -> str:
+    return f"{stats[key]:.1f}" if stats and key in stats else "-"
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report as text tables (what the command prints without --json)."""
+    lines = [
+        f"latency per stage, ms (p50 / p99), {report['iterations']} interleaved iterations after warm-up:"
+    ]
+    header = f"  {'backend':12s}" + "".join(f"{s:>18s}" for s in STAGES) + f"{'vs torch':>10s}"
+    lines.append(header)
+    for name, result in report["backends"].items():
+        cells = "".join(
+            f"{_ms(result['stages_ms'].get(s), 'p50') + ' / ' + _ms(result['stages_ms'].get(s), 'p99'):>18s}"
+            for s in STAGES
+        )
+        speedup = f"{result['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in result else "-"
+        lines.append(f"  {name:12s}{cells}{speedup:>10s}")
+    loop = report["loop"]["loop"]
+    err = loop["period_error_ms"]
+    lines.append(
+        f"control loop {1e3 / loop['period_ms']:.0f} Hz with inference: period error p50 {_ms(err, 'p50')} ms, "
+        f"p99 {_ms(err, 'p99')} ms, max {_ms(err, 'max')} ms, overruns {loop['overruns']}/{loop['ticks']}, "
+        f"held {loop['held']}"
+    )
+    power = report["power"]
+    if power.get("available"):
+        energy = power["energy_per_chunk_j"]
+        lines.append(
+            f"power ({power['sampler']}): energy per chunk p50 {energy.get('p50', float('nan')):.3f} J"
+        )
+    else:
+        lines.append(f"power: unavailable ({power.get('reason', 'no sampler')})")
+    return "\n".join(lines)
+
+
+@click.command("bench")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--backend", "backends", multiple=True, help="Backend to measure; repeat to compare (default: auto)."
+)
+@click.option("--iterations", default=20, show_default=True, help="Timed act() calls per backend.")
+@click.option(
+    "--loop-seconds", default=5.0, show_default=True, help="How long to run the control loop for jitter."
+)
+@click.option("--hz", default=30.0, show_default=True, help="Control rate for the jitter measurement.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--plots", type=click.Path(file_okay=False, path_type=Path), help="Write PNG plots here.")
+@click.option("--telemetry", type=click.Path(dir_okay=False, path_type=Path), help="JSONL of the loop run.")
+def bench(
+    bundle: Path,
+    backends: tuple[str, ...],
+    iterations: int,
+    loop_seconds: float,
+    hz: float,
+    as_json: bool,
+    plots: Path | None,
+    telemetry: Path | None,
+) -> None:
+    """Measure BUNDLE: latency per stage (p50/p99), loop jitter with inference running, power and energy.
+
+    \b
+    Repeating --backend interleaves the backends' iterations and, when torch is
+    among them, reports each backend's speedup over it.
+    Examples:
+      molmo-edge bench bundle/
+      molmo-edge bench bundle/ --backend onnxruntime --backend torch --json
+    """
+    from molmoact2_edge.runtimes.benchmark import run_benchmark
+
+    report = run_benchmark(bundle, list(backends) or ["auto"], iterations, loop_seconds, hz, telemetry)
+    if plots is not None:
+        from molmoact2_edge.runtimes.plots import benchmark_plots
+
+        report["plots"] = [str(p) for p in benchmark_plots(report, plots, hz)]
+    for result in report["backends"].values():
+        result.pop("raw_s", None)
+    report["loop"].pop("period_errors_ms", None)
+    report.pop("power_trace", None)
+    click.echo(json.dumps(report, indent=2, default=str) if as_json else render(report))
+    if plots is not None and not as_json:
+        click.echo(f"plots: {', '.join(report['plots'])}")
