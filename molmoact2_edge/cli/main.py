@@ -21,6 +21,7 @@ from molmoact2_edge.errors import MolmoEdgeError
 
 # name -> "module:attribute" of a click command. Add a line here when a command works end to end.
 COMMANDS: dict[str, str] = {
+    "info": "molmoact2_edge.cli.info:info",
     "doctor": "molmoact2_edge.cli.doctor:doctor",
     "sim": "molmoact2_edge.cli.sim:sim",
 }
