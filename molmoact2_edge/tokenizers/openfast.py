@@ -37,6 +37,9 @@ from molmoact2_edge.errors import TokenizerError
 log = logging.getLogger(__name__)
 
 PROCESSOR_CONFIG = "processor_config.json"
+# Where a checkpoint keeps its OpenFAST files (the release ships them as a separate repo; a subfolder
+# keeps their tokenizer.json apart from the text tokenizer's).
+ACTION_TOKENIZER_DIR = "action_tokenizer"
 TOKENIZER_FILE = "tokenizer.json"
 # The released repo ships its processor as remote code; we keep the names so the files load there too.
 DEFAULT_AUTO_MAP = {"AutoProcessor": "processing_action_tokenizer.UniversalActionProcessor"}
