@@ -142,3 +142,28 @@ def test_success_callback_ends_the_episode() -> None:
         success=lambda: len(gate.sent) >= 20,
     )
     assert result.success and result.ticks == 20
+
+
+def test_loop_through_the_real_safety_layer_on_an_emulated_so101() -> None:
+    """A policy asking for a 40-degree jump reaches the servos as rate-limited steps inside the envelope."""
+    from molmoact2_edge.hardware.safety import SafetyConfig, SafetyLayer
+    from tests._hardware_helpers import emulated_so101, goal_writes
+
+    def far_policy(obs: Observation) -> ActionChunk:
+        target = obs.state + np.array([40, 0, 0, 0, 0, 0], np.float32)
+        return ActionChunk(actions=np.tile(target, (15, 1)), timestamp=obs.timestamp, timings={"total": 0.0})
+
+    with emulated_so101() as (robot, emu):
+        robot.connect()
+        emu.write_log.clear()
+        config = SafetyConfig(max_step=2.0, handle_signals=False)
+        with SafetyLayer(robot, config) as layer:
+            result = run_episode(far_policy, layer, LoopConfig(task="t", hz=30, duration_s=0.8))
+        robot.disconnect()
+        goals = goal_writes(emu, at_least=6 * result.ticks)
+    pan = goals[0::6]  # sync writes carry the six joints in id order; shoulder_pan is id 1
+    steps = np.abs(np.diff(pan))
+    assert result.end == "duration" and result.chunks >= 1
+    assert max(steps) <= 2.0 * 4096 / 360 + 1  # 2 degrees per tick, in servo steps (+1 for rounding)
+    assert min(goals) >= 1000 and max(goals) <= 3000  # the calibrated envelope
+    assert pan[-1] > pan[0] + 100  # it did move towards the target

@@ -1,0 +1,239 @@
+"""``molmo-edge run BUNDLE``: drive a robot with a bundle, through the safety layer, at a fixed rate.
+
+\b
+Examples:
+  molmo-edge run bundle/ --robot so101 --port /dev/ttyACM0 --camera front=/dev/video0 \\
+      --camera wrist=/dev/video2 --task "put the cube in the bowl" --duration 60
+  molmo-edge run bundle/ --robot yam --can can0 --camera front=/dev/video0 --task "wipe the table"
+  molmo-edge run bundle/ --robot sim-so101 --task "pick up the red cube" --telemetry run.jsonl
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from molmoact2_edge.errors import CameraError, MolmoEdgeError
+
+log = logging.getLogger(__name__)
+
+ROBOTS = ("so101", "yam", "bimanual-yam", "sim-so101")
+ROBOT_TYPES = {
+    "so101": "so101_follower",
+    "yam": "yam",
+    "bimanual-yam": "bimanual_yam",
+    "sim-so101": "so101_follower",
+}
+
+
+def parse_cameras(specs: tuple[str, ...]) -> dict[str, str]:
+    """``name=device`` pairs -> {name: device}; a device is /dev/videoN, an index, or a video file to replay."""
+    cameras: dict[str, str] = {}
+    for spec in specs:
+        name, sep, device = spec.partition("=")
+        if not sep or not name or not device:
+            raise CameraError(f"--camera {spec!r}: expected NAME=DEVICE, e.g. front=/dev/video0")
+        if name in cameras:
+            raise CameraError(f"--camera {name} given twice")
+        cameras[name] = device
+    return cameras
+
+
+def open_cameras(specs: dict[str, str], fps: float) -> dict[str, Any]:
+    """Camera objects: a video file replays in real time, anything else is opened with OpenCV."""
+    from molmoact2_edge.hardware.cameras import OpenCVCamera, ReplayCamera
+
+    cameras: dict[str, Any] = {}
+    for name, device in specs.items():
+        if Path(device).suffix.lower() in (".mp4", ".mkv", ".avi", ".webm"):
+            cameras[name] = ReplayCamera(name, Path(device), fps=fps)
+        else:
+            cameras[name] = OpenCVCamera(name, int(device) if device.isdigit() else device, fps=fps)
+    return cameras
+
+
+@dataclass
+class RunSettings:
+    """What one ``run`` invocation does, gathered from the options."""
+
+    bundle: Path
+    robot: str
+    task: str
+    backend: str = "auto"
+    duration_s: float | None = None
+    episodes: int = 1
+    hz: float = 30.0
+    swap_threshold: float = 0.5
+    record: Path | None = None
+    telemetry: Path | None = None
+    on_exit: str = "hold"
+
+
+def run_policy(
+    settings: RunSettings,
+    robot: Any,
+    success: Callable[[], bool] | None = None,
+    reset: Callable[[], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Load the bundle, connect ``robot``, run ``settings.episodes`` episodes; their summaries.
+
+    success: ends an episode early when it turns true (the simulator's task check).
+    reset: called between episodes (the simulator's scene reset); a real robot has none.
+    """
+    from molmoact2_edge.hardware.safety import SafetyConfig, SafetyLayer
+    from molmoact2_edge.runtimes.control import LoopConfig, run_episode, summarize
+    from molmoact2_edge.runtimes.power import PowerMonitor, detect_power_sampler
+    from molmoact2_edge.runtimes.recording import DatasetRecorder
+    from molmoact2_edge.runtimes.session import PolicySession
+    from molmoact2_edge.runtimes.telemetry import Telemetry
+
+    session = PolicySession(settings.bundle, settings.backend)
+    monitor = PowerMonitor(detect_power_sampler()).start()
+    recorder = (
+        DatasetRecorder(settings.record, int(settings.hz), robot.joint_names, ROBOT_TYPES[settings.robot])
+        if settings.record
+        else None
+    )
+    meta = {"backend": session.backend.describe(), "robot": settings.robot, "task": settings.task}
+    telemetry = Telemetry(settings.telemetry, control_hz=settings.hz, power=monitor, meta=meta)
+    config = LoopConfig(
+        task=settings.task,
+        hz=settings.hz,
+        swap_threshold=settings.swap_threshold,
+        duration_s=settings.duration_s,
+    )
+    results: list[dict[str, Any]] = []
+    try:
+        robot.connect()
+        for episode in range(settings.episodes):
+            session.reset()
+            # one safety layer per episode: it starts from the measured pose and ends with the torque policy
+            with SafetyLayer(robot, SafetyConfig(on_exit=settings.on_exit)) as layer:  # type: ignore[arg-type]
+                telemetry.write({"type": "safety", "episode": episode, **layer.telemetry()})
+                result = run_episode(session.act, layer, config, telemetry, success, recorder)
+                summary = {"episode": episode, **summarize(result), "safety": layer.telemetry()}
+            telemetry.write({"type": "episode", **summary})
+            results.append(summary)
+            if recorder is not None:
+                recorder.end_episode(keep=True)
+            if result.end in ("interrupted", "error"):
+                break
+            if reset is not None and episode + 1 < settings.episodes:
+                reset()
+    finally:
+        robot.disconnect()
+        results_summary = telemetry.close()
+        monitor.stop()
+        session.close()
+        if recorder is not None and results:
+            recorder.finalize()
+    if results:
+        results[-1]["telemetry"] = results_summary
+    return results
+
+
+def _make_robot(
+    kind: str, port: str | None, can: tuple[str, ...], cameras: dict[str, Any], robot_id: str
+) -> Any:
+    from molmoact2_edge.hardware.robots import make_robot
+
+    return make_robot(kind, port=port, can=list(can), cameras=cameras, robot_id=robot_id)
+
+
+def print_summary(results: list[dict[str, Any]]) -> None:
+    for r in results:
+        click.echo(
+            f"episode {r['episode']}: {r['end']} after {r['duration_s']:.1f} s, {r['ticks']} ticks, "
+            f"{r['chunks']} chunks, {r['held_ticks']} held; safety clipped {r['safety'].get('clipped_step', 0)} steps"
+        )
+    if results and "telemetry" in results[-1]:
+        t = results[-1]["telemetry"]
+        stages = ", ".join(
+            f"{k} {v['p50']:.1f}" for k, v in t["stages_ms"].items() if v.get("count") and v["p50"] > 0
+        )
+        err = t["loop"]["period_error_ms"]
+        click.echo(f"latency p50 ms: {stages}")
+        if err.get("count"):
+            click.echo(
+                f"loop period error ms: p50 {err['p50']:.2f}, p99 {err['p99']:.2f}, max {err['max']:.2f}"
+            )
+        power = t["power"]
+        if power.get("available"):
+            click.echo(f"energy per chunk J: p50 {power['energy_per_chunk_j'].get('p50', float('nan')):.3f}")
+        else:
+            click.echo(f"power: unavailable ({power.get('reason', 'no sampler')})")
+
+
+@click.command("run")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--robot", type=click.Choice(ROBOTS), required=True, help="Which robot to drive.")
+@click.option("--port", help="Serial port of an SO-101 bus adapter (e.g. /dev/ttyACM0).")
+@click.option("--can", multiple=True, help="CAN channel(s) of a YAM (two for bimanual-yam).")
+@click.option(
+    "--camera", "cameras", multiple=True, help="NAME=DEVICE, repeatable (/dev/video0, 0, or a video file)."
+)
+@click.option(
+    "--robot-id", default="follower", show_default=True, help="Calibration id (LeRobot --robot.id)."
+)
+@click.option("--task", required=True, help="The language instruction.")
+@click.option("--backend", default="auto", show_default=True, help="auto | onnxruntime | tensorrt | torch.")
+@click.option("--duration", type=float, help="Seconds per episode (default: until Ctrl-C).")
+@click.option("--episodes", default=1, show_default=True)
+@click.option("--hz", default=30.0, show_default=True, help="Control rate.")
+@click.option(
+    "--swap-threshold", default=0.5, show_default=True, help="Ask for the next chunk at this fraction left."
+)
+@click.option(
+    "--on-exit",
+    type=click.Choice(["hold", "disable"]),
+    default="hold",
+    show_default=True,
+    help="Torque policy at the end.",
+)
+@click.option(
+    "--record", type=click.Path(file_okay=False, path_type=Path), help="Record a LeRobot dataset here."
+)
+@click.option(
+    "--telemetry", type=click.Path(dir_okay=False, path_type=Path), help="Write JSONL telemetry here."
+)
+def run(
+    bundle: Path,
+    robot: str,
+    port: str | None,
+    can: tuple[str, ...],
+    cameras: tuple[str, ...],
+    robot_id: str,
+    task: str,
+    backend: str,
+    duration: float | None,
+    episodes: int,
+    hz: float,
+    swap_threshold: float,
+    on_exit: str,
+    record: Path | None,
+    telemetry: Path | None,
+) -> None:
+    """Drive a robot with BUNDLE at a fixed rate, inference running ahead; Ctrl-C stops it safely.
+
+    \b
+    Examples:
+      molmo-edge run bundle/ --robot so101 --port /dev/ttyACM0 --camera front=/dev/video0 --task "pick up the cube"
+      molmo-edge run bundle/ --robot sim-so101 --task "pick up the red cube" --duration 20
+    """
+    if robot == "so101" and not port:
+        raise MolmoEdgeError(
+            "--robot so101 needs --port (the bus adapter, e.g. /dev/ttyACM0; see `molmo-edge doctor`)"
+        )
+    if robot in ("yam", "bimanual-yam") and not can:
+        raise MolmoEdgeError(f"--robot {robot} needs --can (e.g. --can can0; see `molmo-edge doctor`)")
+    cams = open_cameras(parse_cameras(cameras), hz)
+    arm = _make_robot(robot, port, can, cams, robot_id)
+    settings = RunSettings(
+        bundle, robot, task, backend, duration, episodes, hz, swap_threshold, record, telemetry, on_exit
+    )
+    print_summary(run_policy(settings, arm, getattr(arm, "success", None)))
