@@ -86,7 +86,11 @@ def read_tensors(ckpt: str | Path) -> dict[str, torch.Tensor]:
             with safe_open(str(shard), framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     if files and files.get(name) != shard:
-                        continue  # the index says this tensor lives elsewhere
+                        where = files.get(name)
+                        raise CheckpointError(
+                            f"{shard.name}: tensor {name} is not mapped to this file in {INDEX_FILE}"
+                            + (f" (the index says {where.name})" if where else " (the index does not list it)")
+                        )
                     tensors[name] = f.get_tensor(name)
         except SafetensorError as err:
             raise CheckpointError(f"{shard}: corrupt or truncated safetensors file ({err})") from err

@@ -239,7 +239,7 @@ def test_presets_sizes_and_seed_determinism():
         small = MolmoAct2(get_preset("small")).parameter_counts()["total"]
     assert 15_000_000 <= small <= 30_000_000
     a, b = MolmoAct2.from_config(CFG, seed=3), MolmoAct2.from_config(CFG, seed=3)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
 @torch.no_grad()
