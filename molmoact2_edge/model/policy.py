@@ -105,7 +105,8 @@ class Policy:
     ) -> None:
         """tag: norm-stats embodiment tag (None: the only one). mode: "continuous" (flow expert) or
         "discrete" (OpenFAST tokens; needs ``fast``); default continuous when the model has an expert.
-        camera_order: camera names in prompt order (default: the tag's ``camera_keys``, else sorted names).
+        camera_order: camera names in prompt order (default: the tag's ``camera_keys``, else the first
+            observation's sorted names, kept from then on).
         bucket: fixed prompt length (export's shapes); None = the prompt's own length.
         depth: MolmoAct2-Think depth reasoning (default ``config.enable_depth_reasoning``).
         """
@@ -217,7 +218,11 @@ class Policy:
     # --- stages --------------------------------------------------------------------------
 
     def cameras_for(self, observation: Observation) -> list[str]:
-        return self.camera_order or sorted(observation.images)
+        """The camera order; without one configured, the first observation's sorted names become it."""
+        if self.camera_order is None:
+            self.camera_order = sorted(observation.images)
+            log.info("camera order taken from the first observation: %s", self.camera_order)
+        return self.camera_order
 
     def camera_crops(self, observation: Observation, order: Sequence[str]) -> np.ndarray:
         """(1, n, h, w, 3) uint8 at the ViT input size, in camera order."""
