@@ -18,7 +18,7 @@ DOWN = np.array([0.0, 0.0, -1.0])
 # Jaw angle (radians) at which the pads are parallel and 40 mm apart (from the MJCF comment).
 GRASP_JAW_ANGLE = 0.46
 # Metres of position error traded against one radian of approach-axis / jaw-axis error.
-APPROACH_WEIGHT = 0.1
+APPROACH_WEIGHT = 0.05
 JAW_WEIGHT = 0.05
 # Axes of the gripperframe site: x runs out along the jaws, z from the fixed to the moving jaw.
 APPROACH_AXIS = 0

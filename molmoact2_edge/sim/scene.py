@@ -42,9 +42,9 @@ CAMERA_NAMES = ("front", "wrist")
 HOME = np.array([0.0, -40.0, 30.0, 60.0, 0.0, 60.0])
 # Half-widths of the per-seed random perturbation of HOME (degrees, gripper units).
 HOME_NOISE = np.array([10.0, 8.0, 8.0, 8.0, 10.0, 10.0])
-# Cube and goal centres are sampled in this x/y box (metres, robot base at the origin);
-# past x = 0.30 m the wrist can no longer keep the gripper vertical.
-SAMPLE_BOX = np.array([[0.15, -0.10], [0.29, 0.10]])
+# Cube and goal centres are sampled in this x/y box (metres, robot base at the origin): nearer than
+# x = 0.17 m or past x = 0.27 m a carried cube is out of top-down reach at carrying height.
+SAMPLE_BOX = np.array([[0.17, -0.10], [0.27, 0.10]])
 MIN_GOAL_DISTANCE = 0.08
 CUBE_HALF = 0.02
 SERVO_KP = 60.0  # N m / rad
