@@ -18,6 +18,7 @@ from molmoact2_edge.tokenizers.prompt import (
     cross_attention_valid,
     normalize_task,
     prefill_allowed,
+    prompt_corpus,
     render_prompt,
     state_bins,
 )
@@ -181,3 +182,18 @@ def test_masks_agree_with_model_masks() -> None:
         cross_attention_valid(ids, prompt.attention_mask, config_token_ids(config), "both"),
         masks.cross_attention_valid(ids[None], prompt.attention_mask[None], config)[0],
     )
+
+
+def test_prompt_corpus_makes_small_prompts_short() -> None:
+    from molmoact2_edge.tokenizers.text import train_small_tokenizer
+
+    corpus = prompt_corpus(
+        ["pick up the red cube", "open the drawer"], [SO101, PromptSpec("arm", "pose", depth=True)]
+    )
+    assert "user\nThe task is to pick up the red cube. The setup is " in corpus
+    assert not any("<" in piece for piece in corpus)
+    config = get_preset("tiny")
+    trained = PromptBuilder.from_config(train_small_tokenizer(corpus * 5), config)
+    plain = PromptBuilder.from_config(train_small_tokenizer(["x y"]), config)
+    n_trained = trained.build("pick up the red cube", [1, 2], 1, SO101).num_valid
+    assert n_trained < plain.build("pick up the red cube", [1, 2], 1, SO101).num_valid - 100

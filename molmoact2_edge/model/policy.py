@@ -13,7 +13,8 @@ method per stage so export can reuse each step:
      argmax over the depth rows only; with the adaptive cache a cell whose pixels did not change
      replays its previous code, and consecutive replays are fed as one chunk; then greedy
      decoding until ``<depth_end>`` has been fed (at most max(8, ah) tokens);
-  6. ``sample_flow`` (stage ``flow``, continuous): seeded noise, N Euler steps of the expert;
+  6. ``sample_flow`` (stage ``flow``, continuous): seeded noise (``runtimes.session.flow_noise``, numpy
+     PCG64: one draw on every backend, torch's generator differs across devices), N Euler steps;
      or ``decode_discrete`` (stage ``decode``): greedy to eos (at most 16 ah tokens), the
      ``<action_i>`` span -> OpenFAST -> (ah, ad), zeros and ``decode_ok=False`` if it fails the shape rule;
   7. ``postprocess``: the robot's action dims, steps [n_obs_steps - 1, + n_action_steps), un-normalized.
@@ -46,6 +47,7 @@ from molmoact2_edge.model.molmoact2 import MolmoAct2
 from molmoact2_edge.normalization import NormStats, TagMetadata
 from molmoact2_edge.preprocess import resize_cameras
 from molmoact2_edge.runtimes.depth_cache import DepthCache
+from molmoact2_edge.runtimes.session import flow_noise
 from molmoact2_edge.tokenizers.openfast import (
     ACTION_TOKENIZER_DIR,
     OpenFASTTokenizer,
@@ -60,12 +62,6 @@ log = logging.getLogger(__name__)
 
 STAGES = ("vision", "prefill", "depth", "decode", "flow", "total")
 MODES = ("continuous", "discrete")
-
-
-def flow_noise(seed: int | None, shape: tuple[int, ...]) -> np.ndarray:
-    """Standard normal float32 from numpy's PCG64: the same draw as ``runtimes.session.flow_noise``,
-    so one seed gives one chunk on every backend (torch's generator differs across devices)."""
-    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
 @dataclass

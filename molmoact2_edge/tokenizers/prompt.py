@@ -134,6 +134,17 @@ def render_prompt(
     )
 
 
+def prompt_corpus(tasks: Sequence[str], specs: Sequence[PromptSpec]) -> list[str]:
+    """The text between the special tokens of every (task, spec) prompt: a corpus for
+    ``train_small_tokenizer`` so that the template's words become single tokens."""
+    layout = ImageLayout(1, 1)
+    texts = (render_prompt(task, [0], 1, spec, layout) for task in tasks for spec in specs)
+    return [piece for text in texts for piece in _SPECIAL.split(text) if piece]
+
+
+_SPECIAL = re.compile(r"<[^<>\s]+>")
+
+
 def _wrap(text: str, marker: str, add_markers: bool) -> str:
     return f"<{marker}_start>{text}<{marker}_end>" if add_markers and text else text
 
