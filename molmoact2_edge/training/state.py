@@ -71,7 +71,7 @@ def load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> di
         state.setdefault(int(index), {}).update(slots)
     groups = doc["optimizer"]["param_groups"]
     if len(groups) != len(optimizer.param_groups) or any(
-        len(a["params"]) != len(b["params"]) for a, b in zip(groups, optimizer.param_groups)
+        len(a["params"]) != len(b["params"]) for a, b in zip(groups, optimizer.param_groups, strict=True)
     ):
         raise TrainingError(
             f"cannot resume from {directory}: its optimizer has {[len(g['params']) for g in groups]} parameters per "

@@ -1,0 +1,180 @@
+"""Everything a training run needs before its first step: data in memory, tokenizers, model, save/load.
+
+``build_run(cfg, info)`` reads the dataset once, fits the OpenFAST tokenizer (and the
+depth codebook for Think) on it, trains the small text tokenizer on the run's prompts,
+builds the preset model and returns a ``Run`` whose ``save(dir)`` writes the released
+layout. All fitting is deterministic, so every rank (and a resumed run) rebuilds the
+same tokenizers from the same data; a resumed run's weights come from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from molmoact2_edge.config import SMALL_BASE_VOCAB, MolmoAct2Config, get_preset
+from molmoact2_edge.data.reader import LeRobotDataset
+from molmoact2_edge.data.stats import dataset_norm_stats
+from molmoact2_edge.errors import DatasetError
+from molmoact2_edge.normalization import NormStats
+from molmoact2_edge.preprocess import resize_bilinear
+from molmoact2_edge.tokenizers.openfast import OpenFASTTokenizer
+from molmoact2_edge.tokenizers.prompt import ImageLayout, PromptBuilder, PromptSpec, render_prompt, state_bins
+from molmoact2_edge.tokenizers.text import TextTokenizer, train_small_tokenizer
+from molmoact2_edge.training.batches import BatchMaker, BatchSpec, Frames
+from molmoact2_edge.training.depth_vq import DepthVQ, save_depth_vq, train_depth_vq
+from molmoact2_edge.training.distributed import DistInfo
+from molmoact2_edge.training.objectives import FlowObjective, NextTokenObjective
+from molmoact2_edge.training.trainer import TrainConfig
+
+log = logging.getLogger(__name__)
+
+ACTION_TOKENIZER_DIR = "action_tokenizer"  # OpenFAST processor_config.json + tokenizer.json
+DEPTH_PREFIX = "observation.depth."  # + camera name: per-frame depth maps (metres) for Think
+
+
+@dataclass
+class Run:
+    config: MolmoAct2Config
+    model: torch.nn.Module
+    text_tokenizer: TextTokenizer
+    fast: OpenFASTTokenizer
+    norm_stats: NormStats
+    batches: BatchMaker
+    depth_vq: DepthVQ | None
+    finetune_backbone: bool
+
+    def objective(self, stage: int) -> torch.nn.Module:
+        if stage == 1:
+            return NextTokenObjective(self.model)
+        return FlowObjective(self.model, finetune_backbone=self.finetune_backbone)
+
+    def save(self, directory: Path) -> None:
+        """The released layout: config.json, safetensors, norm_stats.json, tokenizer files (+ depth codebook)."""
+        from molmoact2_edge.checkpoint import save_checkpoint
+
+        directory.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(self.model, self.config, directory, norm_stats=self.norm_stats)
+        self.text_tokenizer.save(directory / "tokenizer.json")
+        self.fast.save(directory / ACTION_TOKENIZER_DIR)
+        if self.depth_vq is not None:
+            save_depth_vq(self.depth_vq, directory)
+
+    def load_model(self, directory: Path) -> None:
+        """Weights of a checkpoint written by ``save`` into this run's model (strict)."""
+        from molmoact2_edge.checkpoint import read_tensors
+
+        state = self.model.state_dict()
+        tensors = read_tensors(directory)
+        self.model.load_state_dict({k: tensors[k].to(v.dtype) for k, v in state.items()}, strict=True)
+
+
+def read_dataset(cfg: TrainConfig, config: MolmoAct2Config) -> tuple[Frames, NormStats, list[str]]:
+    """The dataset in memory: images resized to the model input, normalized chunks, state bins, norm stats."""
+    dataset = LeRobotDataset(cfg.data)
+    for key in ("action", "observation.state"):
+        if key not in dataset.columns:
+            raise DatasetError(f"{cfg.data}: no '{key}' column (features: {sorted(dataset.features)})")
+    if not dataset.camera_keys:
+        raise DatasetError(f"{cfg.data}: the dataset has no camera features")
+    cameras = list(dataset.camera_keys)
+    doc = dataset_norm_stats(
+        dataset,
+        tag=cfg.tag,
+        camera_keys=cameras,
+        action_horizon=cfg.action_horizon,
+        n_action_steps=cfg.n_action_steps or cfg.action_horizon,
+    )
+    stats = NormStats.from_dict(doc, f"{cfg.data} (computed)")
+    size = config.vit_config.image_default_input_size
+    m = len(dataset)
+    images = np.zeros((m, len(cameras), *size, 3), dtype=np.uint8)
+    chunks = np.zeros((m, cfg.action_horizon, dataset.columns["action"].shape[1]), dtype=np.float32)
+    valid = np.zeros((m, cfg.action_horizon), dtype=bool)
+    tasks: list[str] = []
+    task_index = np.zeros(m, dtype=np.int64)
+    for i in range(m):
+        sample = dataset.sample(i, cfg.action_horizon, camera_keys=cameras)
+        for c, key in enumerate(cameras):
+            images[i, c] = resize_bilinear(sample.images[key], size)
+        chunks[i] = stats.normalize_action(sample.actions, cfg.tag)
+        valid[i] = sample.action_mask
+        if sample.task not in tasks:
+            tasks.append(sample.task)
+        task_index[i] = tasks.index(sample.task)
+    bins = state_bins(stats.normalize_state(dataset.columns["observation.state"], cfg.tag))
+    frames = Frames(images, bins, chunks, valid, task_index, tasks)
+    log.info(
+        "%s: %d frames, %d episodes, cameras %s, tasks %s", cfg.data, m, dataset.num_episodes, cameras, tasks
+    )
+    return frames, stats, cameras
+
+
+def main_camera_depth(dataset: LeRobotDataset, cameras: list[str]) -> np.ndarray:
+    """(m, h, w) float32 metres of the first camera, from the ``observation.depth.<camera>`` column.
+
+    MolmoAct2-Think predicts the depth of its main (first) camera; the column holds each
+    frame's depth map flattened (feature shape [h, w]).
+    """
+    key = DEPTH_PREFIX + cameras[0].rsplit(".", 1)[-1]
+    if key not in dataset.columns:
+        raise DatasetError(
+            f"--think needs depth maps: {dataset.root} has no '{key}' column (features: {sorted(dataset.features)}); "
+            "record the dataset with depth"
+        )
+    shape = dataset.features[key]["shape"]
+    return dataset.columns[key].reshape(len(dataset), shape[-2], shape[-1])
+
+
+def fit_depth_codes(depth: np.ndarray, seed: int) -> tuple[DepthVQ, np.ndarray]:
+    """Train the 128-code depth codebook on the maps, then encode every frame -> (m, 100) codes."""
+    vq, metrics = train_depth_vq(depth, seed=seed)
+    codes = np.concatenate(
+        [vq.encode(torch.from_numpy(depth[i : i + 256])).numpy() for i in range(0, len(depth), 256)]
+    )
+    log.info("depth codebook: %.3f m mean abs error, %d codes used", metrics["mae_m"], metrics["codes_used"])
+    return vq, codes
+
+
+def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
+    """Data, tokenizers and the fresh model for ``cfg`` (deterministic: every rank builds the same)."""
+    from molmoact2_edge.model.molmoact2 import MolmoAct2
+
+    config = get_preset(cfg.preset).with_changes(enable_depth_reasoning=cfg.think)
+    if cfg.action_horizon > config.max_action_horizon:
+        raise DatasetError(
+            f"--action-horizon {cfg.action_horizon} exceeds the preset's max_action_horizon {config.max_action_horizon}"
+        )
+    frames, stats, cameras = read_dataset(cfg, config)
+    if frames.chunks.shape[2] > config.max_action_dim:
+        raise DatasetError(
+            f"{cfg.data}: action dim {frames.chunks.shape[2]} exceeds max_action_dim {config.max_action_dim}"
+        )
+    meta = stats.tag(cfg.tag)
+    spec = PromptSpec(setup_type=meta.setup_type, control_mode=meta.control_mode, depth=cfg.think)
+    fast = OpenFASTTokenizer.train(list(frames.chunks), vocab_size=config.num_action_tokens)
+    layout = ImageLayout(*config.pooled_grid)
+    # Each prompt twice: BPE merges need a pair frequency >= 2, and a handful of distinct prompts
+    # would otherwise stay near byte level (a 4x longer prompt for the LLM to read every step).
+    corpus = [
+        render_prompt(task, frames.state_bins[0].tolist(), len(cameras), spec, layout)
+        for task in frames.tasks
+    ] * 2
+    text = train_small_tokenizer(corpus, base_vocab_size=SMALL_BASE_VOCAB)
+    depth_vq = None
+    if cfg.think:
+        depth_vq, frames.depth_codes = fit_depth_codes(
+            main_camera_depth(LeRobotDataset(cfg.data), cameras), cfg.seed
+        )
+    prompts = PromptBuilder.from_config(text, config)
+    batches = BatchMaker(
+        frames, config, prompts, spec, fast, BatchSpec(cfg.seed, cfg.batch_size, cfg.flow_samples, cfg.think)
+    )
+    model = MolmoAct2.from_config(config, seed=cfg.seed).to(info.device)
+    if info.is_main:
+        log.info("model %s: %s parameters", cfg.preset, model.parameter_counts())
+    return Run(config, model, text, fast, stats, batches, depth_vq, cfg.finetune_backbone)
