@@ -360,7 +360,7 @@ class PowerMonitor:
         if len(counters) >= 2:
             # the counter interpolated at both window edges (RAPL/NVML update every few ms)
             times = [s.t for s in counters]
-            joules = [s.energy_j for s in counters]
+            joules = [float(s.energy_j) for s in counters if s.energy_j is not None]
             return float(np.interp(t1, times, joules) - np.interp(t0, times, joules))
         powered = [s for s in samples if s.power_w is not None]
         if len(powered) < 2:

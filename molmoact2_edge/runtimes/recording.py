@@ -111,7 +111,9 @@ class DatasetRecorder:
             return
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         keys = list(self._pending[0][0])
-        arrays = {k.replace("/", "_"): np.stack([f[k] for f, _ in self._pending]) for k in keys}
+        arrays: dict[str, Any] = {
+            k.replace("/", "_"): np.stack([f[k] for f, _ in self._pending]) for k in keys
+        }
         arrays["task"] = np.array([t for _, t in self._pending])
         path = self.spool_dir / f"part_{self._part:05d}.npz"
         np.savez(path.with_suffix(".tmp.npz"), **arrays)

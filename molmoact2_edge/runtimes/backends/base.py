@@ -104,7 +104,7 @@ class BackendSession(abc.ABC):
     #: the class's options, as a frozen dataclass; ``load_backend`` rejects unknown keys with a suggestion.
     Options: ClassVar[type]
 
-    def __init__(self) -> None:
+    def __init__(self, bundle: GraphFiles, options: Any) -> None:
         self.reason = f"backend '{self.name}' was requested explicitly"
         self._closed = False
 

@@ -105,7 +105,7 @@ class OnnxRuntimeSession(BackendSession):
     Options: ClassVar[type] = OnnxRuntimeOptions
 
     def __init__(self, bundle: GraphFiles, options: OnnxRuntimeOptions | None = None) -> None:
-        super().__init__()
+        super().__init__(bundle, options)
         self.options = options or OnnxRuntimeOptions()
         requested = (
             list(self.options.providers) if self.options.providers else [*gpu_providers_present(), CPU]

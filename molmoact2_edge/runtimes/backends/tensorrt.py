@@ -111,8 +111,8 @@ class _Engine:
             nbytes = max(1, int(np.prod(shape)) * spec.dtype.itemsize)
             host_ptr = _check(cudart.cudaMallocHost(nbytes), "cudaMallocHost")  # pinned: async copies
             self._host_ptrs.append(host_ptr)
-            raw = (ctypes.c_byte * nbytes).from_address(host_ptr)
-            self.host[name] = np.frombuffer(raw, dtype=spec.dtype, count=int(np.prod(shape))).reshape(shape)
+            raw = np.ctypeslib.as_array((ctypes.c_byte * nbytes).from_address(host_ptr))  # a view, no copy
+            self.host[name] = raw.view(spec.dtype)[: int(np.prod(shape))].reshape(shape)
             self.device[name] = _check(cudart.cudaMalloc(nbytes), "cudaMalloc")
             if not self.context.set_tensor_address(name, self.device[name]):
                 raise BackendError(f"graph '{graph}': set_tensor_address('{name}') was refused")
@@ -207,7 +207,7 @@ class TensorRTSession(BackendSession):
     def __init__(self, bundle: GraphFiles, options: TensorRTOptions | None = None) -> None:
         import tensorrt as trt
 
-        super().__init__()
+        super().__init__(bundle, options)
         self.options = options or TensorRTOptions()
         _check(_cuda().cudaSetDevice(self.options.device_id), "cudaSetDevice")
         self._logger = trt.Logger(trt.Logger.WARNING)

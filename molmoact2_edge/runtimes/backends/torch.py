@@ -63,7 +63,7 @@ class TorchSession(BackendSession):
         from molmoact2_edge.checkpoint import checkpoint_sha256, load_checkpoint
         from molmoact2_edge.export.graphs import build_graphs
 
-        super().__init__()
+        super().__init__(bundle, options)
         self.options = options or TorchOptions()
         if not isinstance(bundle, B.Bundle):
             raise BackendError("the torch backend needs an opened Bundle (its manifest names the checkpoint)")
