@@ -3,18 +3,20 @@
 LeRobot keeps, per feature, ``min max mean std count`` and the quantiles ``q01 q10 q50 q90 q99``
 (per dimension for vectors; per channel, shape [3, 1, 1], in [0, 1] for images). MolmoAct2's
 ``norm_stats.json`` (reference: molmoact2-checkpoint.md §5) wraps the action and state stats of
-one dataset under a tag with the prompt metadata; ``norm_mode`` q01_q99 maps q01..q99 to -1..1.
+one dataset under a tag with the prompt metadata (``molmoact2_edge.normalization.NormStats``).
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from molmoact2_edge.data.reader import LeRobotDataset
+    from molmoact2_edge.normalization import NormStats
+
 QUANTILES = {"q01": 0.01, "q10": 0.10, "q50": 0.50, "q90": 0.90, "q99": 0.99}
-NORM_STATS_FORMAT = "molmoact2_norm_stats.v1"
 SO101_TAG = "so100_so101_molmoact2"
 SO101_SETUP = "single so100/so101 robotic arm in molmoact2"
 
@@ -75,88 +77,54 @@ def to_json(stats: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, list
     return {feat: {k: np.asarray(v).tolist() for k, v in s.items()} for feat, s in stats.items()}
 
 
-def norm_stats_document(
-    action_stats: dict[str, np.ndarray],
-    state_stats: dict[str, np.ndarray],
+def dataset_norm_stats(
+    dataset: LeRobotDataset,
     *,
-    names: list[str],
     tag: str = SO101_TAG,
     action_key: str = "action",
     state_key: str = "observation.state",
-    camera_keys: list[str] | None = None,
     action_horizon: int = 30,
-    n_action_steps: int | None = None,
     setup_type: str = SO101_SETUP,
     control_mode: str = "absolute joint pose",
     normalize_gripper: bool = True,
     gripper_index: int | None = -1,
-) -> dict:
-    """A ``norm_stats.json`` document (format molmoact2_norm_stats.v1, norm_mode q01_q99).
+) -> NormStats:
+    """``NormStats`` (norm_stats.json, q01_q99) of one dataset's action and state columns, all frames.
 
-    ``gripper_index`` names the gripper dimension, whose ``mask`` is ``normalize_gripper``;
-    every other dimension has mask true.
+    ``gripper_index`` names the gripper dimension, whose mask is ``normalize_gripper``.
     """
+    from molmoact2_edge.normalization import NormStats
 
-    def block(stats: dict[str, np.ndarray]) -> dict:
-        dim = len(stats["mean"])
-        mask = [True] * dim
+    actions, states = dataset.columns[action_key], dataset.columns[state_key]
+
+    def mask(dim: int) -> list[bool]:
+        m = [True] * dim
         if gripper_index is not None:
-            mask[gripper_index] = bool(normalize_gripper)
-        out = {
-            k: np.asarray(stats[k], dtype=np.float64).tolist()
-            for k in ("min", "max", "mean", "std", "q01", "q99")
-        }
-        for k in ("q10", "q90"):
-            if k in stats:
-                out[k] = np.asarray(stats[k], dtype=np.float64).tolist()
-        out["mask"] = mask
-        out["names"] = list(names)
-        out["count"] = int(np.asarray(stats["count"]).reshape(-1)[0])
-        return out
+            m[gripper_index] = normalize_gripper
+        return m
 
-    return {
-        "format": NORM_STATS_FORMAT,
-        "norm_mode": "q01_q99",
-        "metadata_by_tag": {
-            tag: {
-                "action_key": action_key,
-                "state_keys": [state_key],
-                "camera_keys": list(camera_keys or []),
-                "normalize_gripper": bool(normalize_gripper),
-                "action_dim": 32,
-                "action_horizon": int(action_horizon),
-                "n_action_steps": int(n_action_steps or action_horizon),
-                "setup_type": setup_type,
-                "control_mode": control_mode,
-                "action_stats": block(action_stats),
-                "state_stats": block(state_stats),
-            }
-        },
-    }
+    return NormStats.compute(
+        tag,
+        actions,
+        states,
+        action_mask=mask(actions.shape[1]),
+        state_mask=mask(states.shape[1]),
+        action_names=_names(dataset.features[action_key], actions.shape[1], action_key),
+        state_names=_names(dataset.features[state_key], states.shape[1], state_key),
+        setup_type=setup_type,
+        control_mode=control_mode,
+        action_horizon=action_horizon,
+        n_action_steps=action_horizon,
+        action_key=action_key,
+        state_keys=[state_key],
+        camera_keys=[],
+        normalize_gripper=normalize_gripper,
+        action_dim=32,
+    )
 
 
-def write_json(doc: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2) + "\n")
-
-
-def dataset_norm_stats(
-    dataset, *, action_key: str = "action", state_key: str = "observation.state", **kwargs
-) -> dict:
-    """``norm_stats_document`` from a LeRobotDataset's vector columns (exact quantiles over all frames).
-
-    Extra keyword arguments go to ``norm_stats_document`` (tag, action_horizon, setup_type, ...).
-    """
-    names = dataset.features[action_key].get("names") or [
-        f"{action_key}_{i}" for i in range(dataset.columns[action_key].shape[1])
-    ]
+def _names(feature: dict, dim: int, key: str) -> list[str]:
+    names = feature.get("names") or [f"{key}_{i}" for i in range(dim)]
     if isinstance(names, dict):  # older LeRobot writes {"motors": [...]}
         names = next(iter(names.values()))
-    return norm_stats_document(
-        vector_stats(dataset.columns[action_key]),
-        vector_stats(dataset.columns[state_key]),
-        names=list(names),
-        action_key=action_key,
-        state_key=state_key,
-        **kwargs,
-    )
+    return list(names)
