@@ -1,0 +1,199 @@
+"""The bundle's four graphs as ``nn.Module`` wrappers with static shapes, built from a MolmoAct2 model.
+
+Each wrapper's ``forward`` takes exactly the inputs named in ``runtimes/bundle.py``
+(``VISION``, ``PREFILL``, ``DECODE_STEP``, ``FLOW``) in that order and returns its
+outputs in order, so ``torch.onnx.export`` and the ``torch`` backend run the same
+module. Shapes are fixed by ``GraphShapes`` (cameras, bucket, cache and context
+lengths, chunk length); nothing is data-dependent, so no If/Loop nodes appear.
+
+- ``vision``: uint8 crops (b, n, h, w, 3) -> pooled features (b, n*q, d).
+- ``prefill``: ids padded to the bucket + image features added at their positions
+  (a gather, not a scatter: TensorRT-friendly) + additive bias -> last-token logits,
+  the expert's projected context K/V (the three-stage seam) and the decoder cache
+  padded to its static length.
+- ``decode_step``: one token against the static cache (written with ``index_copy``
+  and returned, never mutated) -> logits, new cache, this token's projected context.
+- ``flow``: every Euler step unrolled; the expert is a named submodule so the fp16
+  conversion keeps the Euler accumulation outside it in fp32 (``quantize.to_fp16``).
+
+Shape legend: b batch, n cameras, h w pixels, q pooled tokens per camera, t bucket,
+tm cache length, tc context length, l layers, kh KV heads, hd head dim, d LLM width,
+e expert width, v vocabulary, ah chunk length, ad max action dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from molmoact2_edge.config import MolmoAct2Config
+from molmoact2_edge.errors import ExportError
+from molmoact2_edge.model.flow import euler_sample
+from molmoact2_edge.model.molmoact2 import MolmoAct2
+from molmoact2_edge.runtimes import bundle as B
+
+BATCH = 1  # bundles are batch 1: one robot, one observation per call
+
+
+@dataclass(frozen=True)
+class GraphShapes:
+    """Every static dimension of a bundle, derived once at export and recorded in the manifest."""
+
+    num_cameras: int
+    image_size: tuple[int, int]
+    bucket: int  # t: prompt tokens, right-padded
+    cache_length: int  # tm: bucket + decode budget (= bucket when nothing is decoded)
+    context_length: int  # tc: positions the expert attends to (bucket, or tm for Think bundles)
+    chunk_length: int  # ah
+    pooled_per_camera: int  # q
+
+    def example_inputs(self, config: MolmoAct2Config) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Zero-valued example inputs of every graph (export traces shapes and dtypes only)."""
+        tc, l_ = config.text_config, config.text_config.num_hidden_layers
+        assert config.action_expert_config is not None
+        e = config.action_expert_config.hidden_size
+        h, w = self.image_size
+        rows = self.num_cameras * self.pooled_per_camera
+        cache = torch.zeros(l_, BATCH, tc.num_key_value_heads, self.cache_length, tc.head_dim)
+        ctx = torch.zeros(l_, BATCH, self.context_length, e)
+        return {
+            B.VISION.name: (torch.zeros(BATCH, self.num_cameras, h, w, 3, dtype=torch.uint8),),
+            B.PREFILL.name: (
+                torch.zeros(BATCH, self.bucket, dtype=torch.int64),
+                torch.zeros(BATCH, rows, tc.hidden_size),
+                torch.full((BATCH, self.bucket), rows, dtype=torch.int64),
+                torch.zeros(BATCH, 1, self.bucket, self.bucket),
+                torch.zeros(BATCH, dtype=torch.int64),
+            ),
+            B.DECODE_STEP.name: (
+                torch.zeros(BATCH, 1, dtype=torch.int64),
+                torch.zeros(BATCH, dtype=torch.int64),
+                cache,
+                cache.clone(),
+                torch.zeros(BATCH, 1, 1, self.cache_length),
+            ),
+            B.FLOW.name: (
+                torch.zeros(BATCH, self.chunk_length, config.max_action_dim),
+                ctx,
+                ctx.clone(),
+                torch.zeros(BATCH, 1, 1, self.context_length),
+                torch.ones(BATCH, 1, config.max_action_dim),
+            ),
+        }
+
+
+class VisionGraph(nn.Module):
+    """``vision``: the vision backbone (ViT, 2x2 attention pooling, projector) on uint8 crops."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)  # (b, n*q, d)
+
+
+class PrefillGraph(nn.Module):
+    """``prefill``: embeddings + image features -> LLM over the bucket -> logits, expert context, static cache."""
+
+    def __init__(self, llm: nn.Module, lm_head: nn.Module, expert: nn.Module, cache_length: int) -> None:
+        super().__init__()
+        self.llm, self.lm_head, self.expert = llm, lm_head, expert
+        self.cache_length = cache_length
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        image_features: torch.Tensor,
+        image_feature_index: torch.Tensor,
+        attention_bias: torch.Tensor,
+        last_index: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        b, t = input_ids.shape
+        d = image_features.shape[-1]
+        embeds = self.llm.wte(input_ids)  # (b, t, d)
+        # Row n*q of the padded table is zeros: positions without an image feature add nothing.
+        table = torch.cat([image_features, image_features.new_zeros(b, 1, d)], dim=1)  # (b, n*q+1, d)
+        embeds = embeds + torch.gather(table, 1, image_feature_index[..., None].expand(b, t, d))
+        positions = torch.arange(t, device=input_ids.device)[None].expand(b, t)
+        hidden, keys, values = self.llm(embeds, positions, attention_bias)  # keys (l, b, kh, t, hd)
+        last = torch.gather(hidden, 1, last_index[:, None, None].expand(b, 1, d))[:, 0]  # (b, d)
+        logits = self.lm_head(last)  # (b, v)
+        context_k, context_v = self.expert.project_context(keys, values)  # (l, b, t, e)
+        pad = (0, 0, 0, self.cache_length - t)  # grow the time axis to the static cache length
+        return logits, context_k, context_v, F.pad(keys, pad), F.pad(values, pad)
+
+
+class DecodeStepGraph(nn.Module):
+    """``decode_step``: one token against the static cache (batch 1: ``position`` is also the cache slot)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_id: torch.Tensor,
+        position: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        cache_bias: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        logits, keys, values = self.model.decode_step(input_id, position[:, None], position, cache_k, cache_v, cache_bias)
+        new_k = keys.index_select(3, position)  # (l, b, kh, 1, hd): this token's K, post-norm and RoPE
+        new_v = values.index_select(3, position)
+        context_k, context_v = self.model.model.action_expert.project_context(new_k, new_v)  # (l, b, 1, e)
+        return logits[:, -1], keys, values, context_k, context_v
+
+
+class FlowGraph(nn.Module):
+    """``flow``: N Euler steps of the expert, unrolled.
+
+    Only ``self.expert`` computes the velocity; the Euler update and the padding masks run outside
+    it, which is how ``quantize.to_fp16`` finds the nodes to keep in fp32 (by their module scope).
+    """
+
+    EXPERT_SCOPE = "expert"  # the attribute name below, as it appears in the ONNX nodes' name scopes
+
+    def __init__(self, expert: nn.Module, num_steps: int, mask_padding: bool) -> None:
+        super().__init__()
+        self.expert = expert
+        self.num_steps, self.mask_padding = num_steps, mask_padding
+
+    def forward(
+        self,
+        noise: torch.Tensor,
+        context_k: torch.Tensor,
+        context_v: torch.Tensor,
+        cross_bias: torch.Tensor,
+        action_dim_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.expert(x, t, context_k, context_v, cross_bias)
+
+        mask = action_dim_mask if self.mask_padding else None
+        return euler_sample(velocity, noise, self.num_steps, mask)  # (b, ah, ad) fp32
+
+
+def build_graphs(model: MolmoAct2, shapes: GraphShapes, with_decode: bool) -> dict[str, nn.Module]:
+    """name -> wrapper module for every graph the bundle holds (``decode_step`` only when decoding)."""
+    config = model.config
+    if not config.add_action_expert:
+        raise ExportError("the checkpoint has no action expert (add_action_expert=false); nothing to export")
+    if config.action_expert_depth_gate:
+        raise ExportError(
+            "action_expert_depth_gate=true is not exported yet: the gate needs per-prompt depth masks the "
+            "bundle graphs do not take"
+        )
+    inner = model.model
+    graphs: dict[str, nn.Module] = {
+        B.VISION.name: VisionGraph(inner.vision_backbone),
+        B.PREFILL.name: PrefillGraph(inner.transformer, model.lm_head, inner.action_expert, shapes.cache_length),
+    }
+    if with_decode:
+        graphs[B.DECODE_STEP.name] = DecodeStepGraph(model)
+    graphs[B.FLOW.name] = FlowGraph(inner.action_expert, config.flow_matching_num_steps, config.mask_action_dim_padding)
+    return {k: g.eval() for k, g in graphs.items()}

@@ -1,0 +1,79 @@
+"""Adaptive depth-code cache (MolmoAct2-Think, reference §4.13): re-predict only the cells whose pixels changed.
+
+Per camera the cache keeps the previous frame's cell vectors (the image resized
+to 320 x 320 and cut into a 10 x 10 grid of 32 x 32 patches) and the depth code
+chosen for each cell. On a new frame a cell whose cosine similarity to the
+previous frame's cell is at least the threshold (0.996) keeps its code: the
+decoder is fed that code as a known token (replayed) instead of predicting it.
+Changed cells are re-predicted by the decoder as usual.
+
+Torch-free; the pixel arithmetic is ``preprocess.depth_cell_vectors`` / ``cells_changed``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from molmoact2_edge.preprocess import cells_changed, depth_cell_vectors
+
+DEFAULT_THRESHOLD = 0.996
+DEFAULT_SIZE = 320
+
+
+@dataclass
+class _CameraEntry:
+    cells: np.ndarray  # (cells, cell_pixels) float64 vectors of the frame the codes were predicted on
+    codes: np.ndarray  # (cells,) int64 depth code per cell
+
+
+@dataclass
+class DepthCache:
+    """Per-camera previous frame + depth codes; decides which cells must be re-predicted.
+
+    grid: cells per side (10: 100 depth codes per image).
+    """
+
+    grid: int = 10
+    size: int = DEFAULT_SIZE
+    threshold: float = DEFAULT_THRESHOLD
+    _entries: dict[str, _CameraEntry] = field(default_factory=dict)
+
+    @property
+    def num_cells(self) -> int:
+        return self.grid * self.grid
+
+    def plan(self, camera: str, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """(cell vectors of ``image``, previous codes or None, (cells,) bool: cell must be re-predicted).
+
+        With no previous frame for ``camera`` every cell is re-predicted.
+        """
+        cells = depth_cell_vectors(image, self.size, self.grid)
+        entry = self._entries.get(camera)
+        if entry is None:
+            return cells, None, np.ones(self.num_cells, dtype=bool)
+        return cells, entry.codes, cells_changed(entry.cells, cells, self.threshold)
+
+    def update(self, camera: str, cells: np.ndarray, codes: np.ndarray, changed: np.ndarray) -> None:
+        """Remember ``codes`` for this frame.
+
+        Only the re-predicted cells take the new frame's pixels: an unchanged cell keeps the frame its
+        code came from, so slow drift accumulates against that frame and eventually triggers a re-prediction.
+        """
+        codes = np.asarray(codes, dtype=np.int64)
+        if codes.shape != (self.num_cells,):
+            raise ValueError(f"depth cache for '{camera}': expected {self.num_cells} codes, got {codes.shape}")
+        entry = self._entries.get(camera)
+        if entry is None:
+            self._entries[camera] = _CameraEntry(cells.copy(), codes.copy())
+            return
+        entry.cells[changed] = cells[changed]
+        entry.codes = codes.copy()
+
+    def reset(self, camera: str | None = None) -> None:
+        """Forget one camera (or all): the next frame re-predicts every cell."""
+        if camera is None:
+            self._entries.clear()
+        else:
+            self._entries.pop(camera, None)

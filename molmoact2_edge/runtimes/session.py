@@ -1,0 +1,355 @@
+"""``PolicySession``: a bundle on a backend, as ``act(observation) -> ActionChunk``. Torch-free (numpy + backends).
+
+The full order, in one place (``act``):
+
+  1. observation checked against the bundle's camera order and state dim;
+  2. cameras resized to the bundle's image size (torch bilinear semantics, ``preprocess``);
+  3. prompt: normalized state -> bins -> the released template, right-padded to the
+     bucket (too long -> ``PromptTooLongError``, never truncated);
+  4. ``vision`` graph -> pooled image features;
+  5. ``prefill`` graph -> last-token logits, expert context K/V, decoder cache;
+  6. Think bundles: depth codes through ``decode_step``, with the adaptive per-camera
+     cache (unchanged cells replayed, changed cells re-predicted);
+  7. ``flow`` graph (all Euler steps inside) -> normalized chunk, or for discrete
+     bundles greedy ``decode_step`` decoding + OpenFAST;
+  8. slice to the returned steps and un-normalize with the bundle's norm stats.
+
+Each stage is timed into ``chunk.timings`` (``vision``, ``prefill``, ``depth``,
+``decode``, ``flow``, ``total``). This is the code export's parity gate runs, so
+what passed at export is what runs on the robot.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from molmoact2_edge.errors import BundleError, ObservationError
+from molmoact2_edge.normalization import NormStats
+from molmoact2_edge.preprocess import resize_cameras
+from molmoact2_edge.runtimes import bundle as B
+from molmoact2_edge.runtimes.backends.base import BackendSession, load_backend
+from molmoact2_edge.runtimes.depth_cache import DepthCache
+from molmoact2_edge.tokenizers.openfast import OpenFASTTokenizer, action_span, llm_to_fast_ids
+from molmoact2_edge.tokenizers.prompt import (
+    ImageLayout,
+    Prompt,
+    PromptBuilder,
+    PromptSpec,
+    cross_attention_valid,
+    prefill_allowed,
+    state_bins,
+)
+from molmoact2_edge.tokenizers.text import TextTokenizer
+from molmoact2_edge.types import ActionChunk, Observation
+
+log = logging.getLogger(__name__)
+
+STAGES = ("vision", "prefill", "depth", "decode", "flow", "total")
+FeedRecorder = Callable[[str, Mapping[str, np.ndarray]], None]
+
+
+def flow_noise(seed: int | None, shape: tuple[int, ...]) -> np.ndarray:
+    """The flow's initial noise: standard normal float32 from numpy's PCG64 (``seed`` None: fresh entropy).
+
+    The PyTorch reference draws its noise with this same function, so a seed means the same
+    chunk on every backend.
+    """
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+def bias_from_allowed(allowed: np.ndarray) -> np.ndarray:
+    """Bool mask -> float32 additive bias with the bundle's fp16-safe mask value."""
+    return np.where(allowed, np.float32(0.0), np.float32(B.MASK_VALUE)).astype(np.float32)
+
+
+class PolicySession:
+    """Load a bundle once, then ``act`` per observation. Not thread-safe (one ``act`` at a time)."""
+
+    def __init__(
+        self,
+        bundle: B.Bundle | str | Path,
+        backend: str | BackendSession = "onnxruntime",
+        *,
+        verify: bool = True,
+        record_feeds: FeedRecorder | None = None,
+        **backend_options: Any,
+    ) -> None:
+        """bundle: an opened Bundle or its directory (verified: hashes, schema).
+        backend: a backend name for ``load_backend`` ("onnxruntime", "tensorrt", "torch", "auto") or a loaded session.
+        record_feeds: called with (graph, feeds) before every graph call (int8 calibration capture).
+        """
+        self.bundle = bundle if isinstance(bundle, B.Bundle) else B.Bundle.open(bundle, verify=verify)
+        self.backend = backend if isinstance(backend, BackendSession) else load_backend(backend, self.bundle, **backend_options)
+        self._record = record_feeds
+        m, p = self.bundle.model, self.bundle.prompt
+        self.camera_order = self.bundle.camera_order
+        self.image_size = self.bundle.image_size
+        self.chunk_length = int(m["chunk_length"])
+        self.action_dim = int(m["action_dim"])
+        self.max_action_dim = int(m["max_action_dim"])
+        self.state_dim = int(m["state_dim"])
+        self.n_obs_steps = int(m.get("n_obs_steps", 1))
+        self.n_action_steps = int(m.get("n_action_steps", self.chunk_length))
+        self.action_mode = str(m["action_mode"])  # config.action_mode: shapes the expert's cross mask
+        self.discrete = m["mode"] == "discrete"  # how actions are produced: flow expert or OpenFAST tokens
+        self.depth = bool(m.get("depth", False))
+        self.token_ids: dict[str, int] = {k: int(v) for k, v in p["token_ids"].items()}
+        self.norm = NormStats.load(self.bundle.file(p["norm_stats_file"]))
+        self.tag: str = m["norm_tag"]
+        self.has_state = self.norm.tag(self.tag).state_stats is not None
+        tokenizer = TextTokenizer.from_file(self.bundle.file(p["tokenizer_file"]))
+        layout = ImageLayout(**p["image_layout"])
+        self.prompts = PromptBuilder(tokenizer, self.token_ids, layout, bucket=int(p["bucket"]))
+        self.spec = PromptSpec(**p["spec"])
+        self.fast = OpenFASTTokenizer.load(self.bundle.root / p["fast_tokenizer_dir"]) if self.discrete else None
+        self.depth_cache = DepthCache(grid=int(round(int(m.get("num_depth_codes", 100)) ** 0.5)))
+        self._cache_len = int(m.get("cache_length", p["bucket"]))
+        self._context_len = int(m.get("context_length", p["bucket"]))
+
+    # --- public --------------------------------------------------------------------------
+
+    def act(self, observation: Observation, seed: int | None = None, noise: np.ndarray | None = None) -> ActionChunk:
+        """One action chunk (un-normalized, robot units) for ``observation``.
+
+        seed: the flow noise seed (None: fresh); noise: an explicit (ah, ad) noise array instead.
+        """
+        timings: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+        info: dict[str, object] = {}
+        start = time.perf_counter()
+        observation.validate(self.camera_order, self.state_dim)
+        images = [observation.images[name] for name in self.camera_order]
+        with self._timed(timings, "vision"):
+            crops = resize_cameras(images, self.image_size, self.camera_order)[None]  # (1, n, h, w, 3) uint8
+            features = self._run(B.VISION.name, {"images": crops})["image_features"]
+        prompt = self.build_prompt(observation)
+        with self._timed(timings, "prefill"):
+            pre = self._run(B.PREFILL.name, self.prefill_feeds(prompt, features))
+        ctx = _Context.from_prefill(pre, prompt, self._context_len)
+        if self.depth:
+            with self._timed(timings, "depth"):
+                info["depth_cells_repredicted"] = self._decode_depth(ctx, pre, observation)
+        if self.discrete:
+            with self._timed(timings, "decode"):
+                normalized, ok = self._decode_discrete(ctx, pre)
+            info["decode_ok"] = ok
+        else:
+            with self._timed(timings, "flow"):
+                normalized = self._flow(ctx, seed, noise)
+        actions = self._postprocess(normalized)
+        timings["total"] = time.perf_counter() - start
+        return ActionChunk(actions=actions, timestamp=observation.timestamp, timings=timings, info=info)
+
+    def build_prompt(self, observation: Observation) -> Prompt:
+        bins = None
+        if self.has_state:
+            bins = state_bins(self.norm.normalize_state(np.asarray(observation.state, dtype=np.float32), self.tag))
+        return self.prompts.build(observation.task, bins, len(self.camera_order), self.spec)
+
+    def prefill_feeds(self, prompt: Prompt, features: np.ndarray) -> dict[str, np.ndarray]:
+        """The prefill graph's inputs for a padded prompt and the vision graph's features."""
+        t, rows = len(prompt.input_ids), features.shape[1]
+        if len(prompt.image_positions) != rows:
+            raise BundleError(
+                f"prompt has {len(prompt.image_positions)} <im_patch> tokens but the vision graph made {rows} features"
+            )
+        index = np.full((1, t), rows, dtype=np.int64)  # row `rows` = "no image feature here"
+        index[0, prompt.image_positions] = np.arange(rows, dtype=np.int64)
+        allowed = prefill_allowed(prompt.attention_mask, prompt.token_type_ids)
+        return {
+            "input_ids": prompt.input_ids[None].astype(np.int64),
+            "image_features": features,
+            "image_feature_index": index,
+            "attention_bias": bias_from_allowed(allowed)[None, None],
+            "last_index": np.array([prompt.num_valid - 1], dtype=np.int64),
+        }
+
+    def reset(self) -> None:
+        """Forget per-episode state (the depth cache)."""
+        self.depth_cache.reset()
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> PolicySession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- stages --------------------------------------------------------------------------
+
+    def _run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._record is not None:
+            self._record(graph, feeds)
+        return self.backend.run(graph, feeds)
+
+    @contextmanager
+    def _timed(self, timings: dict[str, float], stage: str):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        yield
+        timings[stage] += time.perf_counter() - t0
+
+    def _step(self, ctx: _Context, token: int) -> np.ndarray:
+        """Feed one token through decode_step; append its K/V and expert context; return its logits."""
+        pos = ctx.length
+        if pos >= self._cache_len:
+            raise BundleError(f"decode ran past the bundle's cache length {self._cache_len}; re-export with a larger budget")
+        allowed = np.zeros(self._cache_len, dtype=bool)
+        allowed[: pos + 1] = ctx.cache_valid[: pos + 1]
+        allowed[pos] = True
+        out = self._run(
+            B.DECODE_STEP.name,
+            {
+                "input_id": np.array([[token]], dtype=np.int64),
+                "position": np.array([pos], dtype=np.int64),
+                "cache_k": ctx.cache_k,
+                "cache_v": ctx.cache_v,
+                "cache_bias": bias_from_allowed(allowed)[None, None, None],
+            },
+        )
+        ctx.append(token, out)
+        return out["logits"][0]
+
+    def _decode_depth(self, ctx: _Context, pre: Mapping[str, np.ndarray], observation: Observation) -> int:
+        """<depth_start>, one code per cell (re-predicted or replayed), then greedy until <depth_end>."""
+        ids = self.token_ids
+        first, count = ids["depth_token_start_id"], ids["num_depth_tokens"]
+        camera = self.camera_order[0]  # the "main image" of the depth question
+        cells, previous, changed = self.depth_cache.plan(camera, observation.images[camera])
+        logits = self._step(ctx, ids["depth_start_token_id"])
+        codes = np.zeros(self.depth_cache.num_cells, dtype=np.int64)
+        for cell in range(self.depth_cache.num_cells):
+            if changed[cell] or previous is None:
+                codes[cell] = int(np.argmax(logits[first : first + count]))
+            else:
+                codes[cell] = previous[cell]
+            logits = self._step(ctx, first + int(codes[cell]))
+        self.depth_cache.update(camera, cells, codes, changed)
+        budget = max(8, self.chunk_length)
+        token = int(np.argmax(logits))
+        for _ in range(budget):
+            logits = self._step(ctx, token)
+            if token == ids["depth_end_token_id"]:
+                break
+            token = int(np.argmax(logits))
+        return int(changed.sum())
+
+    def _decode_discrete(self, ctx: _Context, pre: Mapping[str, np.ndarray]) -> tuple[np.ndarray, bool]:
+        """Greedy decoding to eos (at most 16 * ah tokens), then OpenFAST on the action span (§4.14)."""
+        ids, fast = self.token_ids, self.fast
+        assert fast is not None
+        generated: list[int] = []
+        logits = ctx.last_logits
+        for _ in range(16 * self.chunk_length):
+            token = int(np.argmax(logits))
+            generated.append(token)
+            if token == ids["eos_token_id"] or ctx.length >= self._cache_len:
+                break
+            logits = self._step(ctx, token)
+        span = action_span(generated, ids["action_start_token_id"], ids["action_end_token_id"])
+        bpe = llm_to_fast_ids(span, ids["action_token_start_id"], ids["num_action_tokens"])
+        chunk, ok = fast.decode(bpe, time_horizon=self.chunk_length, action_dim=self.action_dim)
+        padded = np.zeros((self.chunk_length, self.max_action_dim), dtype=np.float32)
+        padded[:, : self.action_dim] = chunk
+        return padded, ok
+
+    def _flow(self, ctx: _Context, seed: int | None, noise: np.ndarray | None) -> np.ndarray:
+        shape = (self.chunk_length, self.max_action_dim)
+        noise = flow_noise(seed, shape) if noise is None else np.asarray(noise, dtype=np.float32)
+        if noise.shape != shape:
+            raise ObservationError(f"noise: expected shape {shape}, got {noise.shape}")
+        valid = cross_attention_valid(ctx.ids(), ctx.cache_valid[: self._context_len], self.token_ids, self.action_mode)
+        dim_mask = (np.arange(self.max_action_dim) < self.action_dim).astype(np.float32)
+        out = self._run(
+            B.FLOW.name,
+            {
+                "noise": noise[None],
+                "context_k": ctx.context_k,
+                "context_v": ctx.context_v,
+                "cross_bias": bias_from_allowed(valid)[None, None, None],
+                "action_dim_mask": dim_mask[None, None],
+            },
+        )
+        return out["actions"][0]
+
+    def _postprocess(self, normalized: np.ndarray) -> np.ndarray:
+        start = self.n_obs_steps - 1
+        chunk = normalized[start : start + self.n_action_steps, : self.action_dim]
+        return self.norm.unnormalize_action(chunk, self.tag).astype(np.float32)
+
+
+class _Context:
+    """The growing decoder state of one ``act``: cache, expert context, ids and their validity."""
+
+    def __init__(
+        self,
+        cache_k: np.ndarray,
+        cache_v: np.ndarray,
+        context_k: np.ndarray,
+        context_v: np.ndarray,
+        ids: np.ndarray,
+        valid: np.ndarray,
+        length: int,
+        last_logits: np.ndarray,
+    ) -> None:
+        self.cache_k, self.cache_v = cache_k, cache_v
+        self.context_k, self.context_v = context_k, context_v
+        self._ids, self.cache_valid, self.length, self.last_logits = ids, valid, length, last_logits
+
+    @classmethod
+    def from_prefill(cls, pre: Mapping[str, np.ndarray], prompt: Prompt, context_len: int) -> _Context:
+        """Prefill outputs -> buffers of the context length (bucket, or bucket + decode budget for Think)."""
+        t = len(prompt.input_ids)
+        tm = pre["cache_k"].shape[3]
+        l_, b, _, e = pre["context_k"].shape
+        context_k = np.zeros((l_, b, context_len, e), dtype=pre["context_k"].dtype)
+        context_v = np.zeros_like(context_k)
+        context_k[:, :, :t], context_v[:, :, :t] = pre["context_k"], pre["context_v"]
+        ids = np.zeros(max(tm, context_len), dtype=np.int64)
+        ids[:t] = prompt.input_ids
+        valid = np.zeros(max(tm, context_len), dtype=bool)
+        valid[:t] = prompt.attention_mask
+        # Decoding continues right after the last real prompt token; pad slots are overwritten.
+        return cls(pre["cache_k"], pre["cache_v"], context_k, context_v, ids, valid, prompt.num_valid, pre["logits"][0])
+
+    def ids(self) -> np.ndarray:
+        return self._ids[: self.context_k.shape[2]]
+
+    def append(self, token: int, out: Mapping[str, np.ndarray]) -> None:
+        pos = self.length
+        self.cache_k, self.cache_v = out["cache_k_out"], out["cache_v_out"]
+        if pos < self.context_k.shape[2]:
+            self.context_k[:, :, pos] = out["context_k"][:, :, 0]
+            self.context_v[:, :, pos] = out["context_v"][:, :, 0]
+        self._ids[pos], self.cache_valid[pos] = token, True
+        self.length = pos + 1
+
+
+def describe(bundle: B.Bundle) -> dict[str, Any]:
+    """A summary of a bundle for ``molmo-edge inspect``: graphs, shapes, precisions, parity, engines."""
+    m = bundle.manifest
+    return {
+        "path": str(bundle.root),
+        "schema_version": m["schema_version"],
+        "source": m["source"],
+        "model": m["model"],
+        "prompt_bucket": m["prompt"]["bucket"],
+        "cameras": m["cameras"],
+        "artifacts": m["artifacts"],
+        "parity": m.get("parity"),
+        "engines": m.get("engines", {}),
+        "toolchain": m["toolchain"],
+        "bytes": sum(int(f["bytes"]) for f in m["files"].values()),
+    }
+
+
+def manifest_json(bundle: B.Bundle) -> str:
+    return json.dumps(describe(bundle), indent=2)
