@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from molmoact2_edge.hardware.buses.feetech import FeetechBus
 from molmoact2_edge.hardware.calibration import MotorCalibration
 from molmoact2_edge.hardware.emulators.feetech import FeetechEmulator
 from molmoact2_edge.hardware.robots.so101 import SO101, SO101_JOINTS
@@ -17,11 +18,13 @@ CALIBRATION = {
 
 
 @contextmanager
-def emulated_so101(start_steps: int = 2048, **robot_kwargs) -> Iterator[tuple[SO101, FeetechEmulator]]:
+def emulated_so101(start_steps: int = 2048, bus_kwargs: dict | None = None, **robot_kwargs) -> Iterator[tuple[SO101, FeetechEmulator]]:
+    """An SO-101 on an emulated chain; ``bus_kwargs`` go to its ``FeetechBus`` (timeouts, retries)."""
     emulator = FeetechEmulator(range(1, 7), seed=0)
     port = emulator.start()
     emulator.set_present_positions(dict.fromkeys(range(1, 7), start_steps))
-    robot = SO101(port, CALIBRATION, **robot_kwargs)
+    bus = FeetechBus(port, **(bus_kwargs or {}))
+    robot = SO101(port, CALIBRATION, bus=bus, **robot_kwargs)
     try:
         yield robot, emulator
     finally:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from molmoact2_edge.errors import CalibrationError, ServoError
+from molmoact2_edge.errors import BusError, CalibrationError, ServoError
 from molmoact2_edge.hardware.buses.base import Bus
 from molmoact2_edge.hardware.calibration import (
     JointFrame,
@@ -175,9 +175,25 @@ class SerialArm(Robot):
         return self.joint_frame.to_policy(sent) if self.joint_frame else sent
 
     def set_torque(self, enabled: bool) -> None:
+        """Write the torque registers to every motor, trying all of them even when one fails.
+
+        A servo that answers with fault flags (overload, ...) did receive the write; when
+        disabling, that is success (a faulted servo is exactly the one to turn off).
+        """
+        errors: list[BusError] = []
         for register, value in self._torque_registers(enabled).items():
             for motor_id in self._ids:
-                self.bus.write(register, motor_id, value)
+                try:
+                    self.bus.write(register, motor_id, value)
+                except ServoError as err:
+                    if enabled:
+                        errors.append(err)
+                    else:
+                        logger.warning("%s: motor %d took %s=%d but reports %s", self.name, motor_id, register, value, err.flags)
+                except BusError as err:
+                    errors.append(err)
+        if errors:
+            raise errors[0]
 
     def check_faults(self) -> None:
         status = self.bus.sync_read(self.status_register, self._ids)
