@@ -202,3 +202,32 @@ def test_from_checkpoint_matches_in_memory(tokenizer, norm, tmp_path) -> None:
         Policy(model, config, tokenizer, norm).act(obs, seed=9).actions,
         atol=1e-5,
     )
+
+
+def test_stage_methods_and_depth_gate(tokenizer, norm) -> None:
+    """The stages export reuses, run one by one; with the depth gate only depth-token slots are scaled."""
+    config = get_preset("tiny").with_changes(
+        enable_depth_reasoning=True, action_expert_depth_gate=True, action_expert_depth_gate_per_layer=True
+    )
+    policy = Policy(random_model(config, seed=3), config, tokenizer, norm, camera_order=["front"], bucket=256)
+    obs = observation(6, cameras=("front",))
+    features = policy.encode_images(policy.camera_crops(obs, ["front"]))
+    assert features.shape == (1, config.tokens_per_image, config.text_config.hidden_size)
+    prompt = policy.build_prompt(obs, 1)
+    assert (
+        len(prompt.input_ids) == 256
+        and prompt.input_ids[prompt.num_valid - 1] == config.action_output_token_id
+    )
+    state, _, _ = policy.prefill(prompt, features)
+    assert policy.decode_depth(state, obs.images["front"], "front") == 100
+    assert state.ids[prompt.num_valid] == config.depth_start_token_id
+    gated_k, gated_v = policy.expert_context(state)
+    raw_k, raw_v = policy.model.model.action_expert.project_context(state.k_cache, state.v_cache)
+    depth = torch.from_numpy(
+        (state.ids >= config.depth_output_token_id) & (state.ids < config.depth_token_start_id + 128)
+    )
+    torch.testing.assert_close(gated_k[:, :, ~depth], raw_k[:, :, ~depth])
+    ratio = gated_v[:, 0, depth].norm(dim=-1) / raw_v[:, 0, depth].norm(dim=-1)
+    assert bool(((ratio > 0) & (ratio < 1)).all())  # sigmoid gate strictly inside (0, 1)
+    actions = policy.postprocess(policy.sample_flow(state, None, None, prompt, seed=0, noise=None))
+    assert actions.shape == (6, 6) and np.isfinite(actions).all()

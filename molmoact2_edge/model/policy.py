@@ -19,6 +19,7 @@ method per stage so export can reuse each step:
      ``<action_i>`` span -> OpenFAST -> (ah, ad), zeros and ``decode_ok=False`` if it fails the shape rule;
   7. ``postprocess``: the robot's action dims, steps [n_obs_steps - 1, + n_action_steps), un-normalized.
 
+The stage methods run under ``torch.no_grad`` and can be called one by one (export does).
 Generated tokens continue right after the last real prompt token: their cache slots
 overwrite the bucket's pad slots, and slot index = position id (as ``runtimes.session``).
 
@@ -233,6 +234,7 @@ class Policy:
             )
         return self.prompts.build(observation.task, bins, num_cameras, self.spec)
 
+    @torch.no_grad()
     def encode_images(self, crops: np.ndarray) -> torch.Tensor:
         """(1, n, h, w, 3) uint8 -> (1, n*m, e) image features."""
         return self.model.encode_images(torch.from_numpy(crops).to(self.device))
@@ -246,6 +248,7 @@ class Policy:
             budget += 16 * self.horizon
         return max(len(prompt.input_ids), prompt.num_valid + budget)
 
+    @torch.no_grad()
     def prefill(
         self, prompt: Prompt, features: torch.Tensor
     ) -> tuple[DecodeState, torch.Tensor | None, torch.Tensor | None]:
@@ -268,6 +271,7 @@ class Policy:
         )
         return state, out.expert_k, out.expert_v
 
+    @torch.no_grad()
     def feed(self, state: DecodeState, tokens: Sequence[int]) -> torch.Tensor:
         """Feed s known tokens in one forward at slots [length, length + s); returns their logits (s, V)."""
         s, start = len(tokens), state.length
@@ -294,6 +298,7 @@ class Policy:
         state.decoded = True
         return logits[0]
 
+    @torch.no_grad()
     def decode_depth(self, state: DecodeState, image: np.ndarray, camera: str) -> int:
         """Depth codes of the main camera with the adaptive cache; returns how many cells were re-predicted."""
         cfg = self.config
@@ -319,6 +324,7 @@ class Policy:
         self.depth_cache.update(camera, cells, codes, changed)
         return int(changed.sum())
 
+    @torch.no_grad()
     def decode_discrete(self, state: DecodeState) -> tuple[np.ndarray, bool]:
         """Greedy decoding to eos (at most 16 ah tokens), then OpenFAST on the <action_i> span -> (ah, ad)."""
         assert self.fast is not None
@@ -340,6 +346,7 @@ class Policy:
         padded[:, : self.action_dim] = chunk
         return padded, ok
 
+    @torch.no_grad()
     def sample_flow(
         self,
         state: DecodeState,
@@ -373,6 +380,7 @@ class Policy:
         )
         return out[0].float().cpu().numpy()
 
+    @torch.no_grad()
     def expert_context(self, state: DecodeState) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected expert context (l, 1, L, d) over every cache slot (prompt + generated tokens)."""
         expert = self.model.model.action_expert
