@@ -63,7 +63,7 @@ class RunSettings:
 
     bundle: Path
     robot: str
-    task: str
+    task: str | None  # None: the target's own instruction (the simulator's task)
     backend: str = "auto"
     duration_s: float | None = None
     episodes: int = 1
@@ -74,16 +74,26 @@ class RunSettings:
     on_exit: str = "hold"
 
 
+@dataclass
+class EpisodeTarget:
+    """The robot one episode drives, with its success check, instruction and cleanup (sim: a fresh scene)."""
+
+    robot: Any
+    success: Callable[[], bool] | None = None
+    instruction: str | None = None
+    close: Callable[[], None] | None = None
+
+
 def run_policy(
     settings: RunSettings,
-    robot: Any,
-    success: Callable[[], bool] | None = None,
-    reset: Callable[[], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Load the bundle, connect ``robot``, run ``settings.episodes`` episodes; their summaries.
+    open_episode: Callable[[int], EpisodeTarget],
+    finish: Callable[[], None] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Load the bundle once, then run ``settings.episodes`` episodes; (episode summaries, telemetry summary).
 
-    success: ends an episode early when it turns true (the simulator's task check).
-    reset: called between episodes (the simulator's scene reset); a real robot has none.
+    open_episode(i): the target of episode i (connected here if it is not yet); its ``close`` runs
+    after the episode. finish: runs once at the end (a real robot's disconnect).
+    Each episode gets its own SafetyLayer: it starts from the measured pose and ends with the torque policy.
     """
     from molmoact2_edge.hardware.safety import SafetyConfig, SafetyLayer
     from molmoact2_edge.runtimes.control import LoopConfig, run_episode, summarize
@@ -94,65 +104,92 @@ def run_policy(
 
     session = PolicySession(settings.bundle, settings.backend)
     monitor = PowerMonitor(detect_power_sampler()).start()
-    recorder = (
-        DatasetRecorder(settings.record, int(settings.hz), robot.joint_names, ROBOT_TYPES[settings.robot])
-        if settings.record
-        else None
-    )
     meta = {"backend": session.backend.describe(), "robot": settings.robot, "task": settings.task}
     telemetry = Telemetry(settings.telemetry, control_hz=settings.hz, power=monitor, meta=meta)
-    config = LoopConfig(
-        task=settings.task,
-        hz=settings.hz,
-        swap_threshold=settings.swap_threshold,
-        duration_s=settings.duration_s,
-    )
+    recorder: DatasetRecorder | None = None
     results: list[dict[str, Any]] = []
     try:
-        robot.connect()
         for episode in range(settings.episodes):
-            session.reset()
-            # one safety layer per episode: it starts from the measured pose and ends with the torque policy
-            with SafetyLayer(robot, SafetyConfig(on_exit=settings.on_exit)) as layer:  # type: ignore[arg-type]
-                telemetry.write({"type": "safety", "episode": episode, **layer.telemetry()})
-                result = run_episode(session.act, layer, config, telemetry, success, recorder)
-                summary = {"episode": episode, **summarize(result), "safety": layer.telemetry()}
+            target = open_episode(episode)
+            try:
+                robot = target.robot
+                if not robot.is_connected:
+                    robot.connect()
+                if settings.record is not None and recorder is None:
+                    recorder = DatasetRecorder(
+                        settings.record, int(settings.hz), robot.joint_names, ROBOT_TYPES[settings.robot]
+                    )
+                task = settings.task or target.instruction
+                if not task:
+                    raise MolmoEdgeError('no task: pass --task "<instruction>"')
+                config = LoopConfig(task, settings.hz, settings.swap_threshold, settings.duration_s)
+                session.reset()
+                with SafetyLayer(robot, SafetyConfig(on_exit=settings.on_exit)) as layer:  # type: ignore[arg-type]
+                    telemetry.write({"type": "safety", "episode": episode, **layer.telemetry()})
+                    result = run_episode(session.act, layer, config, telemetry, target.success, recorder)
+                    summary = {
+                        "episode": episode,
+                        "task": task,
+                        **summarize(result),
+                        "safety": layer.telemetry(),
+                    }
+            finally:
+                if target.close is not None:
+                    target.close()
             telemetry.write({"type": "episode", **summary})
             results.append(summary)
             if recorder is not None:
                 recorder.end_episode(keep=True)
             if result.end in ("interrupted", "error"):
                 break
-            if reset is not None and episode + 1 < settings.episodes:
-                reset()
     finally:
-        robot.disconnect()
-        results_summary = telemetry.close()
+        if finish is not None:
+            finish()
+        period_errors_ms = [e * 1e3 for e in telemetry.loop.errors_s]
+        stats = telemetry.close()
+        stats["period_errors_ms"] = period_errors_ms
+        stats["power_trace"] = monitor.trace()
         monitor.stop()
         session.close()
         if recorder is not None and results:
             recorder.finalize()
-    if results:
-        results[-1]["telemetry"] = results_summary
-    return results
+    return results, stats
 
 
-def _make_robot(
+def sim_episodes(sim_task: str, size: int, hz: float) -> Callable[[int], EpisodeTarget]:
+    """Episode i on a fresh simulated SO-101 scene seeded with i, reached through the Feetech driver."""
+    from molmoact2_edge.sim.robot import make_sim_so101
+
+    def open_episode(i: int) -> EpisodeTarget:
+        handle = make_sim_so101(sim_task, seed=i, size=size, control_hz=hz)
+        return EpisodeTarget(handle.robot, handle.success, handle.instruction, handle.close)
+
+    return open_episode
+
+
+def hardware_episodes(
     kind: str, port: str | None, can: tuple[str, ...], cameras: dict[str, Any], robot_id: str
 ) -> Any:
-    from molmoact2_edge.hardware.robots import make_robot
+    """(open_episode, finish) for a real robot: one robot, connected once, disconnected at the end."""
+    if kind == "so101":
+        from molmoact2_edge.hardware.robots.so101 import SO101
 
-    return make_robot(kind, port=port, can=list(can), cameras=cameras, robot_id=robot_id)
+        robot: Any = SO101(port, cameras=cameras, robot_id=robot_id)  # type: ignore[arg-type]
+    else:
+        from molmoact2_edge.hardware.robots import make_robot  # type: ignore[attr-defined]
+
+        robot = make_robot(kind, can=list(can), cameras=cameras, robot_id=robot_id)
+    return (lambda i: EpisodeTarget(robot)), robot.disconnect
 
 
-def print_summary(results: list[dict[str, Any]]) -> None:
+def print_summary(results: list[dict[str, Any]], stats: dict[str, Any]) -> None:
     for r in results:
         click.echo(
             f"episode {r['episode']}: {r['end']} after {r['duration_s']:.1f} s, {r['ticks']} ticks, "
             f"{r['chunks']} chunks, {r['held_ticks']} held; safety clipped {r['safety'].get('clipped_step', 0)} steps"
         )
-    if results and "telemetry" in results[-1]:
-        t = results[-1]["telemetry"]
+    if stats:
+        t = stats
         stages = ", ".join(
             f"{k} {v['p50']:.1f}" for k, v in t["stages_ms"].items() if v.get("count") and v["p50"] > 0
         )
@@ -180,7 +217,11 @@ def print_summary(results: list[dict[str, Any]]) -> None:
 @click.option(
     "--robot-id", default="follower", show_default=True, help="Calibration id (LeRobot --robot.id)."
 )
-@click.option("--task", required=True, help="The language instruction.")
+@click.option("--task", help="The language instruction (sim-so101: defaults to the sim task's).")
+@click.option("--sim-task", default="lift", show_default=True, help="sim-so101 only: touch | lift | place.")
+@click.option(
+    "--sim-size", default=128, show_default=True, help="sim-so101 only: camera resolution (square)."
+)
 @click.option("--backend", default="auto", show_default=True, help="auto | onnxruntime | tensorrt | torch.")
 @click.option("--duration", type=float, help="Seconds per episode (default: until Ctrl-C).")
 @click.option("--episodes", default=1, show_default=True)
@@ -208,7 +249,9 @@ def run(
     can: tuple[str, ...],
     cameras: tuple[str, ...],
     robot_id: str,
-    task: str,
+    task: str | None,
+    sim_task: str,
+    sim_size: int,
     backend: str,
     duration: float | None,
     episodes: int,
@@ -231,9 +274,15 @@ def run(
         )
     if robot in ("yam", "bimanual-yam") and not can:
         raise MolmoEdgeError(f"--robot {robot} needs --can (e.g. --can can0; see `molmo-edge doctor`)")
-    cams = open_cameras(parse_cameras(cameras), hz)
-    arm = _make_robot(robot, port, can, cams, robot_id)
     settings = RunSettings(
         bundle, robot, task, backend, duration, episodes, hz, swap_threshold, record, telemetry, on_exit
     )
-    print_summary(run_policy(settings, arm, getattr(arm, "success", None)))
+    if robot == "sim-so101":
+        print_summary(*run_policy(settings, sim_episodes(sim_task, sim_size, hz)))
+        return
+    if not task:
+        raise MolmoEdgeError(f'--robot {robot} needs --task "<instruction>"')
+    open_episode, finish = hardware_episodes(
+        robot, port, can, open_cameras(parse_cameras(cameras), hz), robot_id
+    )
+    print_summary(*run_policy(settings, open_episode, finish))
