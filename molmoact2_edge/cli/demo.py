@@ -1,0 +1,135 @@
+"""``molmo-edge demo``: the bundled checkpoint, exported and run in closed loop on the simulated SO-101.
+
+The checkpoint in ``checkpoints/`` (or ``--checkpoint``) is exported once to a bundle cached
+under ``.cache/molmo-edge/bundles/<checkpoint sha256>-<precision>/``; then each episode starts a
+fresh seeded MuJoCo scene whose six servos are a Feetech emulator on a pty, reached through the
+real ``SO101`` robot class and ``FeetechBus`` driver, behind the safety layer, at the sim's
+control rate. It prints success per episode, latency per stage, loop jitter and power (or why
+power is unavailable), and saves plots.
+
+\b
+Examples:
+  molmo-edge demo
+  molmo-edge demo --episodes 5 --task place --backend onnxruntime --out demo_out/
+  molmo-edge demo --checkpoint my_ckpt/ --precision int8
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import click
+
+from molmoact2_edge.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE = Path(".cache") / "molmo-edge"
+
+
+def bundled_checkpoint(root: Path = REPO / "checkpoints") -> Path:
+    """The checkpoint shipped in ``checkpoints/`` (the first directory holding a config.json)."""
+    found = sorted(p.parent for p in root.glob("*/config.json"))
+    if not found:
+        raise CheckpointError(
+            f"no bundled checkpoint under {root} (expected <name>/config.json); pass --checkpoint DIR"
+        )
+    return found[0]
+
+
+def cached_bundle(checkpoint: Path, precision: str, cache: Path = CACHE) -> Path:
+    """The bundle for ``checkpoint`` at ``precision``, exported on first use and reused while it verifies."""
+    from molmoact2_edge.checkpoint import checkpoint_sha256
+    from molmoact2_edge.errors import BundleError
+    from molmoact2_edge.export.bundle_export import export_bundle
+    from molmoact2_edge.runtimes.bundle import Bundle
+
+    target = cache / "bundles" / f"{checkpoint_sha256(checkpoint)[:16]}-{precision}"
+    if (target / "manifest.json").is_file():
+        try:
+            Bundle.open(target)
+            log.info("using cached bundle %s", target)
+            return target
+        except BundleError as err:
+            log.warning("cached bundle %s is unusable (%s); exporting again", target, err)
+    click.echo(f"exporting {checkpoint} ({precision}) to {target} ...")
+    export_bundle(checkpoint, target, precision=precision, overwrite=True)
+    return target
+
+
+def save_plots(stats: dict[str, Any], telemetry_path: Path, out: Path, hz: float) -> list[Path]:
+    """Latency per stage (from the JSONL's chunk records), loop jitter, power over time."""
+    from molmoact2_edge.runtimes import plots
+    from molmoact2_edge.runtimes.telemetry import read_jsonl
+
+    out.mkdir(parents=True, exist_ok=True)
+    samples: dict[str, list[float]] = {}
+    for record in read_jsonl(telemetry_path):
+        if record["type"] == "chunk":
+            for stage, ms in record["timings_ms"].items():
+                samples.setdefault(stage, []).append(ms / 1e3)
+    written = [plots.latency_histograms({"demo": samples}, out / "latency_per_stage.png")]
+    written.append(plots.loop_jitter(stats["period_errors_ms"], hz, out / "loop_jitter.png"))
+    power = plots.power_trace(stats["power_trace"], out / "power.png")
+    return written + ([power] if power else [])
+
+
+@click.command("demo")
+@click.option(
+    "--checkpoint",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Default: checkpoints/.",
+)
+@click.option(
+    "--precision", default="fp32", show_default=True, help="Bundle precision (fp32, fp16, int8, int4)."
+)
+@click.option("--backend", default="auto", show_default=True, help="auto | onnxruntime | tensorrt | torch.")
+@click.option(
+    "--task", "sim_task", default="lift", show_default=True, help="Simulated task: touch | lift | place."
+)
+@click.option("--episodes", default=3, show_default=True)
+@click.option("--duration", default=20.0, show_default=True, help="Seconds per episode at most.")
+@click.option("--hz", default=10.0, show_default=True, help="Control rate (the sim data's rate).")
+@click.option("--size", default=128, show_default=True, help="Camera resolution (square).")
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), default=CACHE / "demo", show_default=True
+)
+@click.option("--plots/--no-plots", default=True, show_default=True)
+def demo(
+    checkpoint: Path | None,
+    precision: str,
+    backend: str,
+    sim_task: str,
+    episodes: int,
+    duration: float,
+    hz: float,
+    size: int,
+    out: Path,
+    plots: bool,
+) -> None:
+    """Export the bundled checkpoint and run it on the simulated SO-101 through the real Feetech driver.
+
+    \b
+    Examples:
+      molmo-edge demo
+      molmo-edge demo --episodes 5 --task place --out demo_out/
+    """
+    from molmoact2_edge.cli.run import RunSettings, print_summary, run_policy, sim_episodes
+
+    ckpt = checkpoint or bundled_checkpoint()
+    bundle = cached_bundle(ckpt, precision)
+    out.mkdir(parents=True, exist_ok=True)
+    telemetry = out / "telemetry.jsonl"
+    telemetry.unlink(missing_ok=True)
+    settings = RunSettings(bundle, "sim-so101", None, backend, duration, episodes, hz, telemetry=telemetry)
+    results, stats = run_policy(settings, sim_episodes(sim_task, size, hz))
+    print_summary(results, stats)
+    successes = sum(r["success"] for r in results)
+    click.echo(f"success: {successes}/{len(results)} episodes ({sim_task})")
+    click.echo(f"telemetry: {telemetry}")
+    if plots:
+        written = save_plots(stats, telemetry, out / "plots", hz)
+        click.echo(f"plots: {', '.join(str(p) for p in written)}")
