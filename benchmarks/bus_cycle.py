@@ -21,8 +21,8 @@ turnaround.
 from __future__ import annotations
 
 import argparse
-import os
 import multiprocessing
+import os
 import statistics
 import sys
 import time
