@@ -9,6 +9,7 @@ same tokenizers from the same data; a resumed run's weights come from its checkp
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from molmoact2_edge.errors import DatasetError
 from molmoact2_edge.normalization import NormStats
 from molmoact2_edge.preprocess import resize_bilinear
 from molmoact2_edge.tokenizers.openfast import OpenFASTTokenizer
-from molmoact2_edge.tokenizers.prompt import ImageLayout, PromptBuilder, PromptSpec, render_prompt, state_bins
+from molmoact2_edge.tokenizers.prompt import PromptBuilder, PromptSpec, prompt_corpus, state_bins
 from molmoact2_edge.tokenizers.text import TextTokenizer, train_small_tokenizer
 from molmoact2_edge.training.batches import BatchMaker, BatchSpec, Frames
 from molmoact2_edge.training.depth_vq import DepthVQ, save_depth_vq, train_depth_vq
@@ -82,14 +83,17 @@ def read_dataset(cfg: TrainConfig, config: MolmoAct2Config) -> tuple[Frames, Nor
     if not dataset.camera_keys:
         raise DatasetError(f"{cfg.data}: the dataset has no camera features")
     cameras = list(dataset.camera_keys)
-    doc = dataset_norm_stats(
-        dataset,
-        tag=cfg.tag,
-        camera_keys=cameras,
-        action_horizon=cfg.action_horizon,
+    stats = dataset_norm_stats(dataset, tag=cfg.tag, action_horizon=cfg.action_horizon)
+    meta = stats.tag(cfg.tag)
+    meta = dataclasses.replace(
+        meta,
         n_action_steps=cfg.n_action_steps or cfg.action_horizon,
+        extra={
+            **meta.extra,
+            "camera_keys": [camera_name(key) for key in cameras],
+        },  # what observations call them
     )
-    stats = NormStats.from_dict(doc, f"{cfg.data} (computed)")
+    stats = stats.with_tag(cfg.tag, meta)
     size = config.vit_config.image_default_input_size
     m = len(dataset)
     images = np.zeros((m, len(cameras), *size, 3), dtype=np.uint8)
@@ -114,13 +118,18 @@ def read_dataset(cfg: TrainConfig, config: MolmoAct2Config) -> tuple[Frames, Nor
     return frames, stats, cameras
 
 
+def camera_name(key: str) -> str:
+    """Dataset feature ``observation.images.front`` -> the observation's camera name ``front``."""
+    return key.rsplit(".", 1)[-1]
+
+
 def main_camera_depth(dataset: LeRobotDataset, cameras: list[str]) -> np.ndarray:
     """(m, h, w) float32 metres of the first camera, from the ``observation.depth.<camera>`` column.
 
     MolmoAct2-Think predicts the depth of its main (first) camera; the column holds each
     frame's depth map flattened (feature shape [h, w]).
     """
-    key = DEPTH_PREFIX + cameras[0].rsplit(".", 1)[-1]
+    key = DEPTH_PREFIX + camera_name(cameras[0])
     if key not in dataset.columns:
         raise DatasetError(
             f"--think needs depth maps: {dataset.root} has no '{key}' column (features: {sorted(dataset.features)}); "
@@ -157,14 +166,9 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
     meta = stats.tag(cfg.tag)
     spec = PromptSpec(setup_type=meta.setup_type, control_mode=meta.control_mode, depth=cfg.think)
     fast = OpenFASTTokenizer.train(list(frames.chunks), vocab_size=config.num_action_tokens)
-    layout = ImageLayout(*config.pooled_grid)
-    # Each prompt twice: BPE merges need a pair frequency >= 2, and a handful of distinct prompts
-    # would otherwise stay near byte level (a 4x longer prompt for the LLM to read every step).
-    corpus = [
-        render_prompt(task, frames.state_bins[0].tolist(), len(cameras), spec, layout)
-        for task in frames.tasks
-    ] * 2
-    text = train_small_tokenizer(corpus, base_vocab_size=SMALL_BASE_VOCAB)
+    # The corpus twice: BPE merges need a pair frequency >= 2, and a few distinct prompts would
+    # otherwise stay near byte level (a ~2x longer prompt for the LLM to read at every step).
+    text = train_small_tokenizer(prompt_corpus(frames.tasks, [spec]) * 2, base_vocab_size=SMALL_BASE_VOCAB)
     depth_vq = None
     if cfg.think:
         depth_vq, frames.depth_codes = fit_depth_codes(
