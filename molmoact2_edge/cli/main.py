@@ -24,6 +24,8 @@ COMMANDS: dict[str, str] = {
     "info": "molmoact2_edge.cli.info:info",
     "doctor": "molmoact2_edge.cli.doctor:doctor",
     "sim": "molmoact2_edge.cli.sim:sim",
+    "train": "molmoact2_edge.cli.train:train",
+    "eval": "molmoact2_edge.cli.eval:eval_command",
 }
 
 
