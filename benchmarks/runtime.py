@@ -1,0 +1,148 @@
+"""Runtime benchmark: act() on onnxruntime per precision vs eager PyTorch, the depth cache on sim episodes, loop jitter.
+
+\b
+    python benchmarks/runtime.py                         # the bundled checkpoint
+    python benchmarks/runtime.py --checkpoint CKPT --iterations 30 --precisions fp32 int8
+
+What each number includes:
+
+- ``act`` latency: ``PolicySession.act`` end to end (preprocessing, prompt, every graph,
+  un-normalization) on onnxruntime CPU, and the reference ``model.policy.Policy.act`` (eager
+  PyTorch, fp32) on the same checkpoint and observation; interleaved per iteration after two
+  warm-up calls each; ratios are PyTorch p50 / backend p50 from this one run.
+- depth cache (Think checkpoints only): over sim episodes (the scripted expert moving the arm,
+  frames from the sim's camera), the fraction of depth cells replayed instead of re-predicted,
+  and the depth stage's p50 with the cache vs with every cell re-predicted.
+- loop: period error p99 of the 30 Hz control loop (DryRunGate, no robot) with onnxruntime
+  inference running in its thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._report import markdown_table, write_section  # noqa: E402
+from molmoact2_edge.runtimes.benchmark import loop_jitter, synthetic_observation  # noqa: E402
+from molmoact2_edge.runtimes.session import PolicySession  # noqa: E402
+from molmoact2_edge.runtimes.telemetry import percentiles  # noqa: E402
+
+
+def act_latency(checkpoint: Path, bundles: dict[str, Path], iterations: int) -> dict[str, dict[str, float]]:
+    """name -> total-latency percentiles (ms), interleaving the ORT sessions and the eager reference."""
+    import torch
+
+    from molmoact2_edge.model.policy import Policy
+
+    sessions = {f"onnxruntime {p}": PolicySession(b, "onnxruntime") for p, b in bundles.items()}
+    first = next(iter(sessions.values()))
+    reference = Policy.from_checkpoint(
+        checkpoint, camera_order=first.camera_order, bucket=int(first.bundle.prompt["bucket"])
+    )
+    obs = synthetic_observation(first)
+    calls: dict[str, Any] = {name: s.act for name, s in sessions.items()}
+    calls["pytorch eager"] = reference.act
+    totals: dict[str, list[float]] = {name: [] for name in calls}
+    with torch.inference_mode():
+        for i in range(2 + iterations):
+            for name, act in calls.items():
+                t0 = time.perf_counter()
+                act(obs, seed=i)
+                if i >= 2:
+                    totals[name].append(time.perf_counter() - t0)
+    for session in sessions.values():
+        session.close()
+    return {name: percentiles(v, 1e3) for name, v in totals.items()}
+
+
+def depth_cache_savings(bundle: Path, episodes: int, steps: int) -> dict[str, float] | None:
+    """Fraction of depth cells replayed over sim frames, and depth-stage p50 with / without the cache."""
+    from molmoact2_edge.sim.env import SimEnv
+    from molmoact2_edge.sim.scene import RenderConfig
+
+    with PolicySession(bundle, "onnxruntime") as session:
+        if not session.depth:
+            return None
+        cached, full, replayed, cells = [], [], 0, 0
+        fresh = PolicySession(bundle, "onnxruntime")
+        fresh.depth_cache.threshold = 2.0  # cosine similarity never reaches 2: every cell re-predicted
+        for episode in range(episodes):
+            with SimEnv("lift", seed=episode, render=RenderConfig(width=128, height=128)) as env:
+                obs = env.reset(seed=episode)
+                session.reset()
+                fresh.reset()
+                for step in range(steps):
+                    chunk = session.act(obs, seed=step)
+                    reference = fresh.act(obs, seed=step)
+                    if step > 0:  # the first frame of an episode has nothing to replay
+                        replayed += session.depth_cache.num_cells - int(chunk.info["depth_cells_repredicted"])
+                        cells += session.depth_cache.num_cells
+                        cached.append(chunk.timings["depth"])
+                        full.append(reference.timings["depth"])
+                    obs, _, _ = env.step(env.expert_action())
+        fresh.close()
+    return {
+        "replayed_fraction": replayed / max(1, cells),
+        "depth_p50_ms_cached": float(np.median(cached) * 1e3),
+        "depth_p50_ms_full": float(np.median(full) * 1e3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--checkpoint", type=Path)
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "fp16", "int8"])
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--episodes", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--loop-seconds", type=float, default=5.0)
+    args = parser.parse_args()
+
+    from molmoact2_edge.cli.demo import bundled_checkpoint, cached_bundle
+
+    checkpoint = args.checkpoint or bundled_checkpoint()
+    bundles = {p: cached_bundle(checkpoint, p) for p in args.precisions}
+    latency = act_latency(checkpoint, bundles, args.iterations)
+    ref = latency["pytorch eager"]["p50"]
+    rows = [
+        [name, f"{s['p50']:.1f}", f"{s['p99']:.1f}", f"{ref / s['p50']:.2f}x"] for name, s in latency.items()
+    ]
+    body = markdown_table(["act()", "p50 ms", "p99 ms", "speedup vs PyTorch eager"], rows)
+
+    savings = depth_cache_savings(bundles[args.precisions[0]], args.episodes, args.steps)
+    if savings is None:
+        body += "\n\nDepth cache: not measured (the checkpoint is not a Think checkpoint; it predicts no depth codes)."
+    else:
+        body += "\n\n" + markdown_table(
+            ["depth cells replayed", "depth p50 ms (cache)", "depth p50 ms (no cache)"],
+            [
+                [
+                    f"{savings['replayed_fraction']:.0%}",
+                    f"{savings['depth_p50_ms_cached']:.1f}",
+                    f"{savings['depth_p50_ms_full']:.1f}",
+                ]
+            ],
+        )
+
+    loop = loop_jitter(bundles[args.precisions[0]], "onnxruntime", args.loop_seconds, 30.0)
+    err = loop["loop"]["period_error_ms"]
+    body += (
+        f"\n\nControl loop at 30 Hz with onnxruntime {args.precisions[0]} inference running: period error "
+        f"p50 {err['p50']:.2f} ms, p99 {err['p99']:.2f} ms, max {err['max']:.2f} ms, "
+        f"overruns {loop['loop']['overruns']}/{loop['loop']['ticks']}, held ticks {loop['loop']['held']}."
+    )
+    print(body)
+    write_section("runtime", "Runtime: act() per backend and precision, depth cache, loop jitter", body)
+
+
+if __name__ == "__main__":
+    main()
