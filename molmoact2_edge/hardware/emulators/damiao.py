@@ -11,7 +11,9 @@ the master id) and keeps the behaviour that matters for safety:
 
 Motion model (enough for driver and safety tests, not a physics model): an enabled motor
 with kp > 0 moves toward its target with a 20 ms time constant, capped at the model's
-velocity range; the reported torque is the MIT law clipped to the model's torque range.
+velocity range; with kp = kd = 0 a feed-forward torque spins it until a mechanical stop
+(``hard_limits``, e.g. a gripper's jaws); the reported torque is the MIT law clipped to the
+model's torque range.
 
 python-can's ``virtual`` interface connects buses in the same process only; use
 ``interface="udp_multicast"`` to reach the emulator from another process.
@@ -54,6 +56,7 @@ from molmoact2_edge.hardware.buses.damiao import (
 logger = logging.getLogger(__name__)
 
 TRACKING_TIME_CONSTANT_S = 0.02
+FREE_SPIN_RAD_S_PER_NM = 4.0  # speed an unloaded joint reaches per Nm of feed-forward torque
 
 
 @dataclass
@@ -69,6 +72,7 @@ class _Motor:
     params: dict[int, int] = field(default_factory=dict)
     mit_count: int = 0
     silent: bool = False  # injected: the motor stops answering
+    hard_limits: tuple[float, float] = (-12.5, 12.5)  # mechanical stops (rad), e.g. a gripper's jaws
 
 
 class DamiaoEmulator:
@@ -85,6 +89,7 @@ class DamiaoEmulator:
         interface: str = "virtual",
         command_timeout_s: float = 0.4,
         master_offset: int = MASTER_OFFSET,
+        hard_limits: Mapping[int, tuple[float, float]] | None = None,
     ):
         self.channel = channel
         self.interface = interface
@@ -97,6 +102,9 @@ class DamiaoEmulator:
             motor.params[DAMIAO_PARAMS["CAN_ID"].address] = motor.motor_id
             motor.params[DAMIAO_PARAMS["Master_ID"].address] = motor.motor_id + master_offset
             motor.params[DAMIAO_PARAMS["Timeout"].address] = timeout_units
+            if hard_limits and motor.motor_id in hard_limits:
+                motor.hard_limits = hard_limits[motor.motor_id]
+                motor.position = min(max(0.0, motor.hard_limits[0]), motor.hard_limits[1])
             self._motors[motor.motor_id] = motor
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -114,7 +122,9 @@ class DamiaoEmulator:
         self._last_step = now
         for motor in self._motors.values():
             motor.last_command = now
-        self._thread = threading.Thread(target=self._serve, name=f"damiao-emulator-{self.channel}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._serve, name=f"damiao-emulator-{self.channel}", daemon=True
+        )
         self._thread.start()
         return self.channel
 
@@ -191,7 +201,9 @@ class DamiaoEmulator:
             timeout = m.params[DAMIAO_PARAMS["Timeout"].address] * TIMEOUT_UNIT_S
             if m.state == MotorState.ENABLED and timeout > 0 and now - m.last_command > timeout:
                 m.state = MotorState.LOST_COMMUNICATION
-                logger.info("emulated Damiao motor %d: no command for %.0f ms -> damping", m.motor_id, timeout * 1000)
+                logger.info(
+                    "emulated Damiao motor %d: no command for %.0f ms -> damping", m.motor_id, timeout * 1000
+                )
             if m.state != MotorState.ENABLED or dt <= 0:
                 m.velocity = 0.0
                 m.torque = 0.0
@@ -199,10 +211,16 @@ class DamiaoEmulator:
             cmd = m.command
             if cmd.kp > 0:
                 velocity = (cmd.position - m.position) / TRACKING_TIME_CONSTANT_S
-            else:
-                velocity = cmd.velocity if cmd.kd > 0 else 0.0
+            elif cmd.kd > 0:
+                velocity = cmd.velocity
+            else:  # pure torque: an unloaded joint spins up until it meets a stop
+                velocity = cmd.torque * FREE_SPIN_RAD_S_PER_NM
             m.velocity = max(-m.model.v_max, min(m.model.v_max, velocity))
-            m.position += m.velocity * min(dt, TRACKING_TIME_CONSTANT_S)
+            position = m.position + m.velocity * min(dt, TRACKING_TIME_CONSTANT_S)
+            lo, hi = m.hard_limits
+            if not lo <= position <= hi:
+                position, m.velocity = min(max(position, lo), hi), 0.0
+            m.position = position
             torque = cmd.kp * (cmd.position - m.position) + cmd.kd * (cmd.velocity - m.velocity) + cmd.torque
             m.torque = max(-m.model.t_max, min(m.model.t_max, torque))
 
@@ -226,7 +244,9 @@ class DamiaoEmulator:
             motor.state = MotorState.ENABLED
             # hold where it is until the first MIT frame (the drive starts with zero gains)
             motor.command = MitCommand(position=motor.position)
-        elif (code == CMD_DISABLE and not motor.state.is_fault) or (code == CMD_CLEAR_ERROR and motor.state.is_fault):
+        elif (code == CMD_DISABLE and not motor.state.is_fault) or (
+            code == CMD_CLEAR_ERROR and motor.state.is_fault
+        ):
             motor.state = MotorState.DISABLED  # a fault stays latched (and torque off) until cleared
         elif code == CMD_SAVE_ZERO and motor.state == MotorState.DISABLED:
             motor.position = 0.0
@@ -249,14 +269,22 @@ class DamiaoEmulator:
         if rid in motor.params:
             value = struct.pack("<I", motor.params[rid])
         elif rid in FLOAT_PARAMS.values():
-            scale = {FLOAT_PARAMS["PMAX"]: motor.model.p_max, FLOAT_PARAMS["VMAX"]: motor.model.v_max, FLOAT_PARAMS["TMAX"]: motor.model.t_max}
+            scale = {
+                FLOAT_PARAMS["PMAX"]: motor.model.p_max,
+                FLOAT_PARAMS["VMAX"]: motor.model.v_max,
+                FLOAT_PARAMS["TMAX"]: motor.model.t_max,
+            }
             value = struct.pack("<f", scale.get(rid, 1.0))
         else:
             return None
         master = motor.params[DAMIAO_PARAMS["Master_ID"].address]
-        return can.Message(arbitration_id=master, data=bytes([data[0], data[1], op, rid]) + value, is_extended_id=False)
+        return can.Message(
+            arbitration_id=master, data=bytes([data[0], data[1], op, rid]) + value, is_extended_id=False
+        )
 
     def _feedback(self, motor: _Motor) -> can.Message:
-        fb = MotorFeedback(motor.motor_id, motor.state, motor.position, motor.velocity, motor.torque, t_mos=35, t_rotor=38)
+        fb = MotorFeedback(
+            motor.motor_id, motor.state, motor.position, motor.velocity, motor.torque, t_mos=35, t_rotor=38
+        )
         master = motor.params[DAMIAO_PARAMS["Master_ID"].address]
         return can.Message(arbitration_id=master, data=pack_feedback(fb, motor.model), is_extended_id=False)
