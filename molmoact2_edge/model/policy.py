@@ -361,13 +361,15 @@ class Policy:
         x0 = flow_noise(seed, shape) if noise is None else np.asarray(noise, dtype=np.float32)
         if x0.shape != shape:
             raise ObservationError(f"noise: expected shape {shape}, got {x0.shape}")
+        context: tuple[torch.Tensor | None, torch.Tensor | None]
         if state.decoded:  # depth tokens joined the cache: the expert reads all of it
             ids, valid = state.ids, state.valid
-            expert_k, expert_v = self.expert_context(state)
+            context = self.expert_context(state)
         else:
             ids, valid = prompt.input_ids, prompt.attention_mask
-            expert_k, expert_v = prefill_k, prefill_v
-        assert expert_k is not None and expert_v is not None
+            context = (prefill_k, prefill_v)
+        expert_k, expert_v = context
+        assert expert_k is not None and expert_v is not None, "no expert context: add_action_expert is false"
         cross = masks.cross_attention_bias(masks.cross_attention_valid(ids[None], valid[None], self.config))
         dtype = self.model.model.action_expert.action_embed.weight.dtype
         out = self.model.sample_actions(

@@ -113,7 +113,11 @@ class PromptSpec:
 
 
 def render_prompt(
-    task: str, bins: Sequence[int] | None, num_cameras: int, spec: PromptSpec, layout: ImageLayout
+    task: str,
+    bins: Sequence[int] | np.ndarray | None,
+    num_cameras: int,
+    spec: PromptSpec,
+    layout: ImageLayout,
 ) -> str:
     """The prompt string (without BOS)."""
     task = normalize_task(task) if spec.normalize_task else task
@@ -215,7 +219,9 @@ class PromptBuilder:
         """The release layout: the config's pooled grid per camera, no column tokens (use_single_crop_col_tokens=false)."""
         return cls(tokenizer, config_token_ids(config), ImageLayout(*config.pooled_grid), bucket)
 
-    def build(self, task: str, bins: Sequence[int] | None, num_cameras: int, spec: PromptSpec) -> Prompt:
+    def build(
+        self, task: str, bins: Sequence[int] | np.ndarray | None, num_cameras: int, spec: PromptSpec
+    ) -> Prompt:
         text = render_prompt(task, bins, num_cameras, spec, self.layout)
         ids = self.tokenizer.encode(text)
         if not ids or ids[0] != self.bos_id:

@@ -218,14 +218,14 @@ def _qwen3_json(ranks_file: str) -> str:
     ranks: dict[bytes, int] = {}
     for line in Path(ranks_file).read_bytes().splitlines():
         if line:
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
+            encoded, rank_text = line.split()
+            ranks[base64.b64decode(encoded)] = int(rank_text)
     to_str = _bytes_to_unicode_str
     vocab = {to_str(b): r for b, r in ranks.items()}
     merges: list[tuple[int, bytes, bytes]] = []
-    for token, rank in ranks.items():
-        for cut in range(1, len(token)):
-            left, right = token[:cut], token[cut:]
+    for piece, rank in ranks.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
             if left in ranks and right in ranks:
                 merges.append((rank, left, right))
     merges.sort(key=lambda m: (m[0], ranks[m[1]], ranks[m[2]]))
