@@ -202,7 +202,8 @@ def half_turn_homing_offsets(
 ) -> dict[str, int]:
     """Offsets that make the current (middle) pose read half a turn (2047).
 
-    ``positions`` are raw readings in 0..resolution-1 taken with every offset reset to 0.
+    ``positions`` are raw readings taken with every offset reset to 0 (0..resolution-1 on
+    Feetech; Dynamixel extended-position mode can read beyond one turn).
     Feetech reports ``Present = Actual - Offset`` (``homing_sign=-1``: offset = pos - 2047);
     Dynamixel ``Present = Actual + Offset`` (offset = 2047 - pos). A Feetech offset is an
     11-bit sign-magnitude value (``max_magnitude`` 2047): the one reading that would need
@@ -212,7 +213,7 @@ def half_turn_homing_offsets(
     half = (resolution - 1) // 2
     offsets: dict[str, int] = {}
     for name, pos in positions.items():
-        if not 0 <= pos < resolution:
+        if max_magnitude is not None and not 0 <= pos < resolution:
             raise CalibrationError(f"motor '{name}' reads {pos}, outside 0..{resolution - 1}; is multi-turn (Phase bit 4) mode on?")
         offset = (pos - half) if homing_sign < 0 else (half - pos)
         if max_magnitude is not None:
