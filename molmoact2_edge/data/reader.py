@@ -86,6 +86,7 @@ class LeRobotDataset:
             rows, data_files = self._read_episodes_v21()
         self._load_frames(data_files)
         self.episodes = self._make_episodes(rows)
+        self._starts = np.array([e.start for e in self.episodes], dtype=np.int64)
         self._cache: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._cache_bytes = 0
         self.cache_limit = int(cache_mb * 2**20)
@@ -219,7 +220,7 @@ class LeRobotDataset:
 
     def _episode_of(self, i: int) -> Episode:
         # episodes are in episode_index order and self.episode_index is sorted
-        pos = int(np.searchsorted([e.start for e in self.episodes], i, side="right")) - 1
+        pos = int(np.searchsorted(self._starts, i, side="right")) - 1
         return self.episodes[pos]
 
     def task_of(self, i: int) -> str:
