@@ -41,7 +41,6 @@ logger = logging.getLogger(__name__)
 
 HEADER = b"\xff\xff"
 BROADCAST_ID = 0xFE
-MAX_ID = 0xFC
 STATUS_OVERHEAD = 6  # FF FF ID LEN ERR CHK
 INSTRUCTION_OVERHEAD = 6  # FF FF ID LEN INSTR CHK
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 
-from molmoact2_edge.errors import ChecksumError
 from molmoact2_edge.hardware.buses.dynamixel_tables import (
     BROADCAST_ID,
     HARDWARE_ALERT,
@@ -27,7 +26,6 @@ from molmoact2_edge.hardware.buses.dynamixel_tables import (
     RETURN_DELAY_UNIT_S,
     VELOCITY_UNIT_STEPS_S,
     X_SERIES_CONTROL_TABLE,
-    XM430_W350_MODEL_NUMBER,
     Instruction,
     decode_frame,
     find_frame,
@@ -45,29 +43,14 @@ class DynamixelEmulator(SerialServoChain):
     """X-series chain (XM430-W350 register file); constructor and API as ``SerialServoChain``."""
 
     control_table = X_SERIES_CONTROL_TABLE
-    model_number = XM430_W350_MODEL_NUMBER
     steps_per_turn = None  # 4-byte signed positions; extended-position mode goes past one turn
     homing_sign = 1  # Present = Actual + Homing_Offset
     velocity_unit_steps_s = VELOCITY_UNIT_STEPS_S
     return_delay_unit_s = RETURN_DELAY_UNIT_S
 
-    def _split_packet(self, buffer: bytearray) -> bytes | None:
-        while True:
-            if buffer.find(HEADER) < 0:
-                del buffer[: max(len(buffer) - 3, 0)]  # keep a possible partial header
-                return None
-            span = find_frame(buffer)
-            if span is None:
-                return None
-            start, end = span
-            frame = bytes(buffer[start:end])
-            del buffer[:end]
-            try:
-                decode_frame(frame)
-            except ChecksumError as err:
-                logger.debug("emulator dropped a bad packet: %s", err)
-                continue
-            return frame
+    header = HEADER
+    find_frame = staticmethod(find_frame)
+    decode_frame = staticmethod(decode_frame)
 
     def _handle(self, packet: bytes) -> list[tuple[int, bytes]]:
         request = decode_frame(packet)

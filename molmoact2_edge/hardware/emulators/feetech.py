@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 
-from molmoact2_edge.errors import ChecksumError
 from molmoact2_edge.hardware.buses.feetech import (
     BROADCAST_ID,
     HEADER,
@@ -33,7 +32,6 @@ from molmoact2_edge.hardware.buses.feetech import (
 from molmoact2_edge.hardware.buses.feetech_tables import (
     RETURN_DELAY_UNIT_S,
     STS3215_CONTROL_TABLE,
-    STS3215_MODEL_NUMBER,
 )
 from molmoact2_edge.hardware.emulators.serial_chain import SerialServoChain, Servo
 
@@ -44,29 +42,14 @@ class FeetechEmulator(SerialServoChain):
     """STS3215 chain; see ``SerialServoChain`` for the constructor and the test/simulator API."""
 
     control_table = STS3215_CONTROL_TABLE
-    model_number = STS3215_MODEL_NUMBER
     steps_per_turn = 4096
     homing_sign = -1  # Present = Actual - Homing_Offset
     velocity_unit_steps_s = 50.0  # 0.732 rpm
     return_delay_unit_s = RETURN_DELAY_UNIT_S
 
-    def _split_packet(self, buffer: bytearray) -> bytes | None:
-        while True:
-            if buffer.find(HEADER) < 0:
-                del buffer[:-1]  # noise; keep a trailing 0xFF that may start a header
-                return None
-            span = find_frame(buffer)
-            if span is None:
-                return None
-            start, end = span
-            frame = bytes(buffer[start:end])
-            del buffer[:end]
-            try:
-                decode_frame(frame)
-            except ChecksumError as err:
-                logger.debug("emulator dropped a bad packet: %s", err)
-                continue
-            return frame
+    header = HEADER
+    find_frame = staticmethod(find_frame)
+    decode_frame = staticmethod(decode_frame)
 
     def _handle(self, packet: bytes) -> list[tuple[int, bytes]]:
         request = decode_frame(packet)

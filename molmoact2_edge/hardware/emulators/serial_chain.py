@@ -18,11 +18,11 @@ import threading
 import time
 import tty
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-from molmoact2_edge.errors import PortError, RegisterError
+from molmoact2_edge.errors import ChecksumError, PortError, RegisterError
 from molmoact2_edge.hardware.buses.base import wire_time_s
 from molmoact2_edge.hardware.buses.registers import ControlTable, Register
 
@@ -77,7 +77,9 @@ class SerialServoChain(ABC):
     """
 
     control_table: ControlTable
-    model_number: int
+    header: bytes  # packet header of the protocol
+    find_frame: Callable[[bytes | bytearray], tuple[int, int] | None]  # vendor framing functions
+    decode_frame: Callable[[bytes | bytearray], object]  # raises ChecksumError
     steps_per_turn: int | None  # wrap positions modulo this (Feetech 4096); None = no wrap
     homing_sign: int  # Present = Actual + homing_sign * Homing_Offset
     velocity_unit_steps_s: float  # one Present_Velocity unit in steps/s
@@ -209,10 +211,25 @@ class SerialServoChain(ABC):
 
     # --- vendor hooks -----------------------------------------------------------------------------
 
-    @abstractmethod
     def _split_packet(self, buffer: bytearray) -> bytes | None:
-        """Remove and return the next complete instruction packet (drop noise and packets with
-        bad checksums, as a servo does); ``None`` if more bytes are needed."""
+        """Remove and return the next complete instruction packet; noise and packets with a bad
+        checksum are dropped, as a servo does. ``None`` if more bytes are needed."""
+        while True:
+            if buffer.find(self.header) < 0:
+                del buffer[: max(len(buffer) - len(self.header) + 1, 0)]  # keep a partial header
+                return None
+            span = self.find_frame(buffer)
+            if span is None:
+                return None
+            start, end = span
+            frame = bytes(buffer[start:end])
+            del buffer[:end]
+            try:
+                self.decode_frame(frame)
+            except ChecksumError as err:
+                logger.debug("emulator dropped a bad packet: %s", err)
+                continue
+            return frame
 
     @abstractmethod
     def _handle(self, packet: bytes) -> list[tuple[int, bytes]]:
