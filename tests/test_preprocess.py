@@ -61,3 +61,17 @@ def test_depth_cells_changed_only_where_patch_changed() -> None:
     assert changed[0] and changed.sum() <= 2  # bilinear taps may touch the neighbour
     black = np.zeros((1, 12))
     assert not cells_changed(black, black)[0] and cells_changed(black, np.ones((1, 12)))[0]
+
+
+def test_device_side_modules_do_not_import_torch() -> None:
+    """Tokenizers, prompt and preprocessing run on the device, which has no torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import molmoact2_edge.preprocess, molmoact2_edge.tokenizers.openfast\n"
+        "import molmoact2_edge.tokenizers.prompt, molmoact2_edge.tokenizers.text\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
