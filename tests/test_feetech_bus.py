@@ -9,6 +9,8 @@ import tty
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from molmoact2_edge.errors import (
     BusTimeoutError,
@@ -311,3 +313,20 @@ def test_unplug_is_a_port_error(emu: FeetechEmulator, bus: FeetechBus) -> None:
         bus.sync_read("Present_Position", IDS)
     assert not bus.is_connected
     bus.disconnect()  # safe after the port vanished
+
+
+@pytest.fixture(scope="module")
+def shared_bus() -> Iterator[FeetechBus]:
+    with (
+        FeetechEmulator(IDS, follow_goal=False) as emulator,
+        FeetechBus(emulator.port, timeout_margin_s=0.2) as b,
+    ):
+        yield b
+
+
+@settings(max_examples=25, deadline=None)
+@given(velocities=st.lists(st.integers(-32767, 32767), min_size=6, max_size=6))
+def test_signed_values_round_trip_through_the_wire(shared_bus: FeetechBus, velocities: list[int]) -> None:
+    # Goal_Velocity is sign-magnitude with bit 15: the servo stores what the driver encoded
+    shared_bus.sync_write("Goal_Velocity", dict(zip(IDS, velocities, strict=True)))
+    assert shared_bus.sync_read("Goal_Velocity", IDS) == dict(zip(IDS, velocities, strict=True))

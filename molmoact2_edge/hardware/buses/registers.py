@@ -108,7 +108,7 @@ class Register:
     def to_bytes(self, value: int) -> bytes:
         return self.encode(value).to_bytes(self.size, "little")
 
-    def from_bytes(self, data: bytes) -> int:
+    def from_bytes(self, data: bytes | bytearray) -> int:
         return self.decode(int.from_bytes(data, "little"))
 
 

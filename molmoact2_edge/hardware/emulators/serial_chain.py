@@ -373,10 +373,10 @@ class SerialServoChain(ABC):
             with self._lock:
                 servo = self._servos.get(motor_id)
                 delay = self._reg(servo, "Return_Delay_Time") * self.return_delay_unit_s if servo else 0.0
-                reply = self._apply_faults(motor_id, reply)
-            if reply is None:
+                faulted = self._apply_faults(motor_id, reply)
+            if faulted is None:
                 continue
-            extra, data = reply
+            extra, data = faulted
             t += delay + extra
             _sleep_until(t)
             if self.wire_time:
