@@ -26,6 +26,12 @@ COMMANDS: dict[str, str] = {
     "sim": "molmoact2_edge.cli.sim:sim",
     "train": "molmoact2_edge.cli.train:train",
     "eval": "molmoact2_edge.cli.eval:eval_command",
+    "motors": "molmoact2_edge.cli.hardware:motors",
+    "calibrate": "molmoact2_edge.cli.hardware:calibrate",
+    "emulate": "molmoact2_edge.cli.hardware:emulate",
+    "export": "molmoact2_edge.cli.export:export",
+    "inspect": "molmoact2_edge.cli.export:inspect",
+    "build-engines": "molmoact2_edge.cli.export:build_engines",
 }
 
 

@@ -1,0 +1,258 @@
+"""``molmo-edge motors | calibrate | emulate``: the servo wizard, LeRobot-compatible calibration, emulated buses.
+
+Library code (buses, robots, calibration procedure) stays free of terminal I/O; the prompts
+and tables live here.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import click
+
+from molmoact2_edge.errors import HardwareError
+
+BUSES = ("feetech", "dynamixel", "damiao")
+
+
+def _parse_ids(spec: str) -> list[int]:
+    """``"1-6"``, ``"1,3,7"`` or ``"1-3,7"`` -> ids."""
+    ids: list[int] = []
+    for part in spec.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            ids.extend(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise click.BadParameter(f"expected ids like 1-6 or 1,3,7, got {spec!r}") from None
+    return ids
+
+
+def _open_bus(bus: str, port: str, baudrate: int | None, interface: str, ids: list[int]) -> Any:
+    """A bus object for the wizard (not connected)."""
+    if bus == "feetech":
+        from molmoact2_edge.hardware.buses.feetech import FeetechBus
+
+        return FeetechBus(port, baudrate=baudrate)
+    if bus == "dynamixel":
+        from molmoact2_edge.hardware.buses.dynamixel import DynamixelBus
+
+        return DynamixelBus(port, baudrate=baudrate)
+    from molmoact2_edge.hardware.buses.damiao import DamiaoBus
+
+    # the model only scales MIT frames; parameters (what the wizard touches) are model-independent
+    return DamiaoBus(port, dict.fromkeys(ids, "dm4310"), interface=interface, baudrate=baudrate)
+
+
+def _baud_table(bus: str) -> dict[int, int]:
+    if bus == "feetech":
+        from molmoact2_edge.hardware.buses.feetech_tables import BAUD_RATES
+    elif bus == "dynamixel":
+        from molmoact2_edge.hardware.buses.dynamixel_tables import BAUD_RATES
+    else:
+        return {0: 1_000_000}
+    return dict(BAUD_RATES)
+
+
+bus_option = click.option("--bus", "bus_kind", type=click.Choice(BUSES), required=True, help="Servo family on the port.")
+port_option = click.option("--port", required=True, help="Serial device (/dev/ttyACM0) or CAN channel (can0).")
+interface_option = click.option("--interface", default="socketcan", show_default=True, help="python-can interface for --bus damiao (socketcan, slcan, udp_multicast).")
+baud_option = click.option("--baudrate", type=int, default=None, help="Bus speed (default: the family's 1 Mbps).")
+
+
+@click.group()
+def motors() -> None:
+    """Servo wizard: find motors, read and write their registers.
+
+    \b
+    Examples:
+      molmo-edge motors scan --bus feetech --port /dev/ttyACM0
+      molmo-edge motors read --bus feetech --port /dev/ttyACM0 --id 1-6 Present_Position Status
+      molmo-edge motors write --bus feetech --port /dev/ttyACM0 --id 6 Torque_Enable 0
+      molmo-edge motors read --bus damiao --port can0 --id 1-7 Timeout
+    """
+
+
+@motors.command()
+@bus_option
+@port_option
+@interface_option
+@click.option("--ids", default="1-20", show_default=True, help="Ids to ping.")
+@click.option("--all-baudrates/--default-baudrate", default=False, help="Try every baud rate the family supports (slow).")
+def scan(bus_kind: str, port: str, interface: str, ids: str, all_baudrates: bool) -> None:
+    """Ping ids (at one or every baud rate) and list what answers."""
+    id_list = _parse_ids(ids)
+    bus = _open_bus(bus_kind, port, None, interface, id_list)
+    rates = sorted(set(_baud_table(bus_kind).values()), reverse=True) if all_baudrates else [bus.baudrate]
+    with bus:
+        found = bus.scan(id_list, rates)
+    if not found:
+        raise HardwareError(f"no motor answered on {port} (ids {ids}, baud rates {rates}); check power, cabling and --bus")
+    for baud, motors_found in found.items():
+        for motor_id, model in sorted(motors_found.items()):
+            name = bus.model_numbers.get(model, "damiao drive" if bus_kind == "damiao" else f"model {model}")
+            click.echo(f"{baud:>9}  id {motor_id:>3}  {name}")
+
+
+@motors.command()
+@bus_option
+@port_option
+@interface_option
+@baud_option
+@click.option("--id", "ids", default="1", show_default=True, help="Motor ids, e.g. 1-6.")
+@click.argument("registers", nargs=-1)
+def read(bus_kind: str, port: str, interface: str, baudrate: int | None, ids: str, registers: tuple[str, ...]) -> None:
+    """Read registers by name (default: every register of the control table)."""
+    id_list = _parse_ids(ids)
+    bus = _open_bus(bus_kind, port, baudrate, interface, id_list)
+    names = list(registers) or list(bus.control_table)
+    with bus:
+        for name in names:
+            reg = bus.control_table.resolve(name)
+            values = [str(bus.read(reg, i)) for i in id_list]
+            click.echo(f"{reg.name:<28} @{reg.address:<4} " + "  ".join(f"{i}:{v}" for i, v in zip(id_list, values, strict=True)))
+
+
+@motors.command()
+@bus_option
+@port_option
+@interface_option
+@baud_option
+@click.option("--id", "ids", required=True, help="Motor ids, e.g. 6 or 1-6.")
+@click.argument("register")
+@click.argument("value", type=int)
+def write(bus_kind: str, port: str, interface: str, baudrate: int | None, ids: str, register: str, value: int) -> None:
+    """Write one register of one or more motors and read it back.
+
+    EEPROM registers (ID, Baud_Rate, limits, offsets) need torque off first (and Lock 0 on Feetech).
+    """
+    id_list = _parse_ids(ids)
+    bus = _open_bus(bus_kind, port, baudrate, interface, id_list)
+    with bus:
+        reg = bus.control_table.resolve(register)
+        for motor_id in id_list:
+            bus.write(reg, motor_id, value)
+            if reg.name in ("ID", "CAN_ID", "Baud_Rate"):
+                click.echo(f"motor {motor_id}: {reg.name} <- {value} (the motor now answers at its new setting)")
+                continue
+            click.echo(f"motor {motor_id}: {reg.name} <- {value}, reads {bus.read(reg, motor_id)}")
+
+
+# --- calibrate ------------------------------------------------------------------------------
+
+
+def _range_table(mins: Mapping[str, int], maxes: Mapping[str, int], current: Mapping[str, int]) -> str:
+    rows = [f"{'joint':<15} {'min':>6} {'pos':>6} {'max':>6}"]
+    rows += [f"{name:<15} {mins[name]:>6} {current.get(name, 0):>6} {maxes[name]:>6}" for name in mins]
+    return "\n".join(rows)
+
+
+@click.command()
+@click.argument("robot_kind", type=click.Choice(["so101", "koch"]))
+@port_option
+@click.option("--robot-id", default="follower", show_default=True, help="LeRobot --robot.id: names the calibration file.")
+@click.option("--output", type=click.Path(dir_okay=False), default=None, help="Where to save (default: LeRobot's calibration folder).")
+@click.option("--duration", type=float, default=None, help="Record ranges for this many seconds instead of until Enter.")
+@click.option("--force", is_flag=True, help="Recalibrate even if a calibration file exists.")
+def calibrate(robot_kind: str, port: str, robot_id: str, output: str | None, duration: float | None, force: bool) -> None:
+    """Calibrate an SO-101 (or Koch) follower, LeRobot-compatible.
+
+    \b
+    Writes ~/.cache/huggingface/lerobot/calibration/robots/so_follower/<robot-id>.json, the
+    file lerobot-calibrate writes, and the offsets/limits to the servos.
+      molmo-edge calibrate so101 --port /dev/ttyACM0 --robot-id follower
+    """
+    from molmoact2_edge.hardware.calibration import load_calibration
+    from molmoact2_edge.hardware.robots import make_robot
+
+    # an empty calibration keeps the robot from loading (and validating) an existing file here
+    robot = make_robot(robot_kind, port=port, robot_id=robot_id, calibration={})
+    robot.calibration = None
+    path = output or str(robot.calibration_path())  # type: ignore[attr-defined]
+    robot.connect_for_calibration()  # type: ignore[attr-defined]
+    try:
+        from pathlib import Path
+
+        if Path(path).exists() and not force:
+            answer = click.prompt(f"{path} exists. Enter to write it to the motors, or 'c' to recalibrate", default="", show_default=False)
+            if answer.strip().lower() != "c":
+                robot.write_calibration(load_calibration(path, robot.joint_names))  # type: ignore[attr-defined]
+                click.echo(f"wrote {path} to the motors on {port}")
+                return
+        click.prompt(f"Move {robot_kind} to the middle of its range of motion, then press Enter", default="", show_default=False, prompt_suffix="")
+        offsets = robot.set_half_turn_homings()  # type: ignore[attr-defined]
+        swept = [n for n in robot.joint_names if n not in robot.full_turn_motors]  # type: ignore[attr-defined]
+        click.echo(f"Move every joint except {', '.join(robot.full_turn_motors) or 'none'} through its full range ({', '.join(swept)}).")  # type: ignore[attr-defined]
+        stop = threading.Event()
+        if duration is None:
+            click.echo("Press Enter to stop recording.")
+            threading.Thread(target=lambda: (click.get_text_stream("stdin").readline(), stop.set()), daemon=True).start()
+        else:
+            deadline = time.monotonic() + duration
+            threading.Thread(target=lambda: (time.sleep(max(0.0, deadline - time.monotonic())), stop.set()), daemon=True).start()
+        mins, maxes = robot.record_ranges(stop.is_set)  # type: ignore[attr-defined]
+        click.echo(_range_table(mins, maxes, {}))
+        robot.finish_calibration(offsets, mins, maxes, path)  # type: ignore[attr-defined]
+        click.echo(f"calibration saved to {path}")
+    finally:
+        robot.bus.disconnect()  # type: ignore[attr-defined]
+
+
+# --- emulate --------------------------------------------------------------------------------
+
+
+@click.command()
+@click.argument("robot_kind", type=click.Choice(["so101", "koch", "yam"]))
+@click.option("--channel", default="239.74.163.2", show_default=True, help="yam: udp_multicast group used as the CAN channel.")
+@click.option("--seconds", type=float, default=None, help="Stop after this long (default: until Ctrl-C).")
+def emulate(robot_kind: str, channel: str, seconds: float | None) -> None:
+    """Start an emulated bus with the robot's motors and print where to connect.
+
+    \b
+      molmo-edge emulate so101      # prints a pty path: use it as --port
+      molmo-edge emulate yam        # prints: --bus damiao --interface udp_multicast --port 239.74.163.2
+    """
+    emulator: Any
+    if robot_kind == "so101":
+        from molmoact2_edge.hardware.emulators.feetech import FeetechEmulator
+
+        emulator = FeetechEmulator(range(1, 7))
+        where = f"--port {emulator.start()}"
+    elif robot_kind == "koch":
+        from molmoact2_edge.hardware.emulators.dynamixel import DynamixelEmulator
+        from molmoact2_edge.hardware.robots.koch import KOCH_MOTORS
+
+        emulator = DynamixelEmulator(range(1, 7))
+        port = emulator.start()
+        for i, (_, model) in enumerate(KOCH_MOTORS):
+            emulator.set_register(i + 1, "Model_Number", model)
+        where = f"--port {port}"
+    else:
+        from molmoact2_edge.hardware.emulators.damiao import DamiaoEmulator
+        from molmoact2_edge.hardware.robots.yam import ARM_MODELS, GRIPPER_ID
+
+        _require_msgpack()
+        motors_map = {i + 1: m for i, m in enumerate(ARM_MODELS)} | {GRIPPER_ID: "dm4310"}
+        emulator = DamiaoEmulator(motors_map, channel=channel, interface="udp_multicast", hard_limits={GRIPPER_ID: (-0.2, 1.8)})
+        where = f"--bus damiao --interface udp_multicast --port {emulator.start()}"
+    click.echo(f"emulated {robot_kind} running: {where}", nl=True)
+    click.echo("Ctrl-C to stop.")
+    try:
+        deadline = None if seconds is None else time.monotonic() + seconds
+        while deadline is None or time.monotonic() < deadline:
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        click.echo("stopping")
+    finally:
+        emulator.stop()
+
+
+def _require_msgpack() -> None:
+    try:
+        import msgpack  # noqa: F401  (python-can's udp_multicast interface needs it)
+    except ImportError as err:
+        from molmoact2_edge.errors import DependencyError
+
+        raise DependencyError("an emulated CAN bus other processes can reach uses python-can's udp_multicast: pip install msgpack") from err
