@@ -40,11 +40,14 @@ def bundled_checkpoint(root: Path = REPO / "checkpoints") -> Path:
     return found[0]
 
 
-def cached_bundle(checkpoint: Path, precision: str, cache: Path = CACHE) -> Path:
-    """The bundle for ``checkpoint`` at ``precision``, exported on first use and reused while it verifies."""
+def cached_bundle(checkpoint: Path, precision: str, cache: Path = CACHE, options: Any = None) -> Path:
+    """The bundle for ``checkpoint`` at ``precision``, exported on first use and reused while it verifies.
+
+    options: an ``export.pipeline.ExportOptions`` (int8 needs its ``calib``); default: just the precision.
+    """
     from molmoact2_edge.checkpoint import checkpoint_sha256
     from molmoact2_edge.errors import BundleError
-    from molmoact2_edge.export.bundle_export import export_bundle
+    from molmoact2_edge.export.pipeline import ExportOptions, export_bundle
     from molmoact2_edge.runtimes.bundle import Bundle
 
     target = cache / "bundles" / f"{checkpoint_sha256(checkpoint)[:16]}-{precision}"
@@ -56,7 +59,12 @@ def cached_bundle(checkpoint: Path, precision: str, cache: Path = CACHE) -> Path
         except BundleError as err:
             log.warning("cached bundle %s is unusable (%s); exporting again", target, err)
     click.echo(f"exporting {checkpoint} ({precision}) to {target} ...")
-    export_bundle(checkpoint, target, precision=precision, overwrite=True)
+    export_bundle(
+        checkpoint,
+        target,
+        options or ExportOptions(precision=precision),
+        progress=lambda m: click.echo(f"  {m}"),
+    )
     return target
 
 

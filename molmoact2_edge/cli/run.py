@@ -167,18 +167,23 @@ def sim_episodes(sim_task: str, size: int, hz: float) -> Callable[[int], Episode
     return open_episode
 
 
-def hardware_episodes(
+def make_hardware_robot(
     kind: str, port: str | None, can: tuple[str, ...], cameras: dict[str, Any], robot_id: str
 ) -> Any:
-    """(open_episode, finish) for a real robot: one robot, connected once, disconnected at the end."""
+    """A real robot from ``hardware.robots.make_robot`` with the command line's bus and cameras."""
+    from molmoact2_edge.hardware.robots import make_robot
+
     if kind == "so101":
-        from molmoact2_edge.hardware.robots.so101 import SO101
+        return make_robot(kind, port=port, cameras=cameras, robot_id=robot_id)
+    if kind == "yam":
+        return make_robot(kind, channel=can[0], cameras=cameras)
+    if len(can) != 2:
+        raise MolmoEdgeError(f"--robot bimanual-yam needs two --can channels (left, right), got {list(can)}")
+    return make_robot(kind, left_channel=can[0], right_channel=can[1], cameras=cameras)
 
-        robot: Any = SO101(port, cameras=cameras, robot_id=robot_id)  # type: ignore[arg-type]
-    else:
-        from molmoact2_edge.hardware.robots import make_robot  # type: ignore[attr-defined]
 
-        robot = make_robot(kind, can=list(can), cameras=cameras, robot_id=robot_id)
+def hardware_episodes(robot: Any) -> tuple[Callable[[int], EpisodeTarget], Callable[[], None]]:
+    """(open_episode, finish) for a real robot: the same robot every episode, disconnected at the end."""
     return (lambda i: EpisodeTarget(robot)), robot.disconnect
 
 
@@ -282,7 +287,5 @@ def run(
         return
     if not task:
         raise MolmoEdgeError(f'--robot {robot} needs --task "<instruction>"')
-    open_episode, finish = hardware_episodes(
-        robot, port, can, open_cameras(parse_cameras(cameras), hz), robot_id
-    )
-    print_summary(*run_policy(settings, open_episode, finish))
+    arm = make_hardware_robot(robot, port, can, open_cameras(parse_cameras(cameras), hz), robot_id)
+    print_summary(*run_policy(settings, *hardware_episodes(arm)))
