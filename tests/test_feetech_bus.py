@@ -307,6 +307,13 @@ def test_servo_error_flag_is_not_retried(emu: FeetechEmulator, bus: FeetechBus) 
     assert bus.read("Present_Position", 3) == 2048
 
 
+def test_overheat_derived_from_limit_registers(emu: FeetechEmulator, bus: FeetechBus) -> None:
+    emu.set_register(2, "Present_Temperature", 75)  # Max_Temperature_Limit defaults to 70
+    with pytest.raises(ServoError, match="motor 2 reported overheat") as info:
+        bus.read("Present_Temperature", 2)
+    assert info.value.flags == ("overheat",)
+
+
 def test_unplug_is_a_port_error(emu: FeetechEmulator, bus: FeetechBus) -> None:
     emu.inject_fault("unplug")
     with pytest.raises(PortError, match="unplugged"):

@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 BITS_PER_BYTE = 10  # 8N1 framing: start bit + 8 data bits + stop bit
 
 T = TypeVar("T")
+B = TypeVar("B", bound="Bus")
 
 RETRYABLE = (BusTimeoutError, ChecksumError)
 
@@ -133,7 +134,7 @@ class Bus(ABC):
             self._disconnect_internal()
             logger.info("%s bus on %s disconnected", self.protocol, self.port)
 
-    def __enter__(self) -> Bus:
+    def __enter__(self: B) -> B:
         self.connect()
         return self
 

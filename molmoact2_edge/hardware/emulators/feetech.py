@@ -4,17 +4,18 @@ Usage::
 
     with FeetechEmulator([1, 2, 3, 4, 5, 6]) as emu:
         with FeetechBus(emu.port) as bus:
-            bus.sync_write("Goal_Position", {1: 2100})
+            bus.write("Goal_Position", 1, 2100)  # acknowledged, so already applied
         emu.goal_positions()  # {1: 2100, 2: 0, ...}
 
 What a servo does and this emulator does too: answers PING/READ/WRITE/REG_WRITE/ACTION/RESET and
 SYNC_READ (one status packet per listed servo, in list order) / SYNC_WRITE (no reply); stays silent
 on a bad checksum or an id it does not have; puts its Status register in the error byte of every
-status packet (``set_register(id, "Status", 0x20)`` = overload); waits Return_Delay_Time * 2 us
-before answering; does not answer WRITEs when Response_Status_Level = 0; ignores writes to
-read-only registers; Present = Actual - Homing_Offset. Not emulated: Lock/EEPROM persistence
-across power cycles, Torque_Enable = 128 recentring, baud-rate changes, broadcast PING, current and
-load physics.
+status packet (``set_register(id, "Status", 0x20)`` = overload), plus the voltage and overheat bits
+while Present_Voltage / Present_Temperature are outside their limit registers; waits
+Return_Delay_Time x 2 us before answering; does not answer WRITEs when Response_Status_Level = 0;
+ignores writes to read-only registers; Present = Actual - Homing_Offset. Not emulated: Lock/EEPROM
+persistence across power cycles, Torque_Enable = 128 recentring, baud-rate changes, broadcast PING,
+current and load physics.
 """
 
 from __future__ import annotations
@@ -102,4 +103,14 @@ class FeetechEmulator(SerialServoChain):
         return []  # broadcasts other than SYNC_READ are never answered
 
     def _status(self, servo: Servo, data: bytes = b"") -> tuple[int, bytes]:
-        return servo.motor_id, status_packet(servo.motor_id, self._reg(servo, "Status"), data)
+        return servo.motor_id, status_packet(servo.motor_id, self._error_byte(servo), data)
+
+    def _error_byte(self, servo: Servo) -> int:
+        """The Status register, plus what the servo derives itself from its limit registers."""
+        error = self._reg(servo, "Status")
+        voltage = self._reg(servo, "Present_Voltage")
+        if not self._reg(servo, "Min_Voltage_Limit") <= voltage <= self._reg(servo, "Max_Voltage_Limit"):
+            error |= 1 << 0
+        if self._reg(servo, "Present_Temperature") > self._reg(servo, "Max_Temperature_Limit"):
+            error |= 1 << 2
+        return error

@@ -20,7 +20,7 @@ import tty
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, TypeVar
 
 from molmoact2_edge.errors import ChecksumError, PortError, RegisterError
 from molmoact2_edge.hardware.buses.base import wire_time_s
@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 FaultKind = Literal["drop_reply", "corrupt_checksum", "delay", "truncate", "silence", "unplug"]
 FAULT_KINDS: tuple[str, ...] = FaultKind.__args__  # type: ignore[attr-defined]
+
+C = TypeVar("C", bound="SerialServoChain")
 
 TICK_S = 0.002  # motion update period while the line is idle
 
@@ -142,7 +144,7 @@ class SerialServoChain(ABC):
                     logger.debug("fd %d already closed", fd)
         self._master = self._slave = -1
 
-    def __enter__(self) -> SerialServoChain:
+    def __enter__(self: C) -> C:
         self.start()
         return self
 
