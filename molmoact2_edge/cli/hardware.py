@@ -6,6 +6,7 @@ and tables live here.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -164,40 +165,46 @@ def calibrate(robot_kind: str, port: str, robot_id: str, output: str | None, dur
     file lerobot-calibrate writes, and the offsets/limits to the servos.
       molmo-edge calibrate so101 --port /dev/ttyACM0 --robot-id follower
     """
+    from pathlib import Path
+
     from molmoact2_edge.hardware.calibration import load_calibration
     from molmoact2_edge.hardware.robots import make_robot
+    from molmoact2_edge.hardware.robots.serial_arm import SerialArm
 
     # an empty calibration keeps the robot from loading (and validating) an existing file here
     robot = make_robot(robot_kind, port=port, robot_id=robot_id, calibration={})
+    assert isinstance(robot, SerialArm)
     robot.calibration = None
-    path = output or str(robot.calibration_path())  # type: ignore[attr-defined]
-    robot.connect_for_calibration()  # type: ignore[attr-defined]
+    path = Path(output) if output else robot.calibration_path()
+    robot.connect_for_calibration()
     try:
-        from pathlib import Path
-
-        if Path(path).exists() and not force:
+        if path.exists() and not force:
             answer = click.prompt(f"{path} exists. Enter to write it to the motors, or 'c' to recalibrate", default="", show_default=False)
             if answer.strip().lower() != "c":
-                robot.write_calibration(load_calibration(path, robot.joint_names))  # type: ignore[attr-defined]
+                robot.write_calibration(load_calibration(path, robot.joint_names))
                 click.echo(f"wrote {path} to the motors on {port}")
                 return
         click.prompt(f"Move {robot_kind} to the middle of its range of motion, then press Enter", default="", show_default=False, prompt_suffix="")
-        offsets = robot.set_half_turn_homings()  # type: ignore[attr-defined]
-        swept = [n for n in robot.joint_names if n not in robot.full_turn_motors]  # type: ignore[attr-defined]
-        click.echo(f"Move every joint except {', '.join(robot.full_turn_motors) or 'none'} through its full range ({', '.join(swept)}).")  # type: ignore[attr-defined]
+        offsets = robot.set_half_turn_homings()
+        swept = [n for n in robot.joint_names if n not in robot.full_turn_motors]
+        click.echo(f"Move every joint except {', '.join(robot.full_turn_motors) or 'none'} through its full range ({', '.join(swept)}).")
         stop = threading.Event()
         if duration is None:
             click.echo("Press Enter to stop recording.")
-            threading.Thread(target=lambda: (click.get_text_stream("stdin").readline(), stop.set()), daemon=True).start()
+            threading.Thread(target=_set_on_enter, args=(stop,), daemon=True).start()
         else:
-            deadline = time.monotonic() + duration
-            threading.Thread(target=lambda: (time.sleep(max(0.0, deadline - time.monotonic())), stop.set()), daemon=True).start()
-        mins, maxes = robot.record_ranges(stop.is_set)  # type: ignore[attr-defined]
+            threading.Timer(duration, stop.set).start()
+        mins, maxes = robot.record_ranges(stop.is_set)
         click.echo(_range_table(mins, maxes, {}))
-        robot.finish_calibration(offsets, mins, maxes, path)  # type: ignore[attr-defined]
+        robot.finish_calibration(offsets, mins, maxes, path)
         click.echo(f"calibration saved to {path}")
     finally:
-        robot.bus.disconnect()  # type: ignore[attr-defined]
+        robot.bus.disconnect()
+
+
+def _set_on_enter(event: threading.Event) -> None:
+    sys.stdin.readline()
+    event.set()
 
 
 # --- emulate --------------------------------------------------------------------------------

@@ -254,26 +254,29 @@ def load_video(path: str | Path) -> np.ndarray:
     try:
         import av
     except ImportError:
-        av = None
-    if av is not None:
+        frames = _decode_with_opencv(path)
+    else:
         with av.open(str(path)) as container:
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    else:
-        try:
-            cv2 = _import_cv2()
-        except DependencyError as err:
-            raise DependencyError(f"reading {path} needs PyAV or OpenCV: pip install av (or opencv-python-headless)") from err
-        capture = cv2.VideoCapture(str(path))
-        frames = []
-        while True:
-            ok, bgr = capture.read()
-            if not ok:
-                break
-            frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-        capture.release()
     if not frames:
         raise CameraError(f"video {path} has no decodable frames")
     return np.stack(frames)
+
+
+def _decode_with_opencv(path: Path) -> list[np.ndarray]:
+    try:
+        cv2 = _import_cv2()
+    except DependencyError as err:
+        raise DependencyError(f"reading {path} needs PyAV or OpenCV: pip install av (or opencv-python-headless)") from err
+    capture = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, bgr = capture.read()
+        if not ok:
+            break
+        frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    capture.release()
+    return frames
 
 
 class ReplayCamera(Camera):

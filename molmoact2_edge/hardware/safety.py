@@ -123,8 +123,9 @@ class SafetyLayer:
     def start(self) -> None:
         """Command the measured pose (no motion), then start the watchdog and signal handling."""
         measured = self._guarded(self.robot.read_state, "reading the start pose")
-        self.last_commanded = np.asarray(measured, np.float32).copy()
-        self._guarded(lambda: self.robot.send_action(self.last_commanded), "commanding the start pose")
+        start = np.asarray(measured, np.float32).copy()
+        self.last_commanded = start
+        self._guarded(lambda: self.robot.send_action(start), "commanding the start pose")
         self._last_action_time = self.clock()
         self._install_signal_handlers()
         if self.config.watchdog_thread:

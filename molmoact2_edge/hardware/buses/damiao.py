@@ -31,7 +31,7 @@ import struct
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import can
 
@@ -215,7 +215,7 @@ class DamiaoBus(Bus):
     """
 
     control_table = DAMIAO_PARAMS
-    model_numbers: Mapping[int, str] = {}
+    model_numbers: ClassVar[Mapping[int, str]] = {}
     default_baudrate = 1_000_000
     protocol = "damiao"
 

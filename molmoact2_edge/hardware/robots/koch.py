@@ -14,7 +14,7 @@ from pathlib import Path
 
 from molmoact2_edge.hardware.buses.dynamixel import DynamixelBus
 from molmoact2_edge.hardware.buses.dynamixel_tables import HARDWARE_ERROR_FLAGS
-from molmoact2_edge.hardware.calibration import MotorCalibration, NormMode, default_calibration_path
+from molmoact2_edge.hardware.calibration import MotorCalibration, NormMode
 from molmoact2_edge.hardware.cameras import Camera
 from molmoact2_edge.hardware.robots.serial_arm import Motor, SerialArm
 
@@ -64,22 +64,16 @@ class Koch(SerialArm):
             name: Motor(i + 1, model, NormMode.RANGE_0_100 if name == "gripper" else body)
             for i, (name, model) in enumerate(KOCH_MOTORS)
         }
-        self.robot_id = robot_id
-        if calibration is None:
-            path = default_calibration_path(self.calibration_type, robot_id)
-            calibration = path if path.exists() else None
         super().__init__(
             bus or DynamixelBus(port, baudrate=baudrate, retries=retries),
             calibration,
             cameras,
+            robot_id=robot_id,
             max_step_deg=max_step_deg,
             max_step_gripper=max_step_gripper,
             control_hz=control_hz,
             disable_torque_on_disconnect=disable_torque_on_disconnect,
         )
-
-    def calibration_path(self) -> Path:
-        return default_calibration_path(self.calibration_type, self.robot_id)
 
     def _torque_registers(self, enabled: bool) -> dict[str, int]:
         return {"Torque_Enable": int(enabled)}

@@ -22,6 +22,7 @@ from molmoact2_edge.hardware.calibration import (
     JointFrame,
     MotorCalibration,
     NormMode,
+    default_calibration_path,
     half_turn_homing_offsets,
     load_calibration,
     normalize,
@@ -48,8 +49,10 @@ class SerialArm(Robot):
 
     Args:
         bus: a connected-or-not ``Bus`` on the arm's port.
-        calibration: motor name -> ``MotorCalibration``, or a path to a LeRobot JSON file;
-            ``None`` only for calibrating (``connect(require_calibration=False)``).
+        calibration: motor name -> ``MotorCalibration``, a path to a LeRobot JSON file, or
+            ``None``: LeRobot's file for ``robot_id`` if it exists (else only
+            ``connect_for_calibration`` works).
+        robot_id: the LeRobot ``--robot.id`` naming the calibration file.
         joint_frame: an optional change of frame between LeRobot's degrees and the policy's.
         max_step_deg: default per-tick step for the safety layer (arm joints); grippers use
             ``max_step_gripper`` (0-100 units).
@@ -63,6 +66,8 @@ class SerialArm(Robot):
     full_turn_motors: tuple[str, ...] = ()  # continuous joints: range forced to the full turn
     status_register: str  # read by check_faults in one sync read
     status_flags: Mapping[int, str]  # bit -> fault name
+    calibration_type: str  # LeRobot's folder: robots/<calibration_type>/<robot_id>.json
+    legacy_calibration_types: tuple[str, ...] = ()  # older folder names still searched
 
     def __init__(
         self,
@@ -70,6 +75,7 @@ class SerialArm(Robot):
         calibration: Mapping[str, MotorCalibration] | str | Path | None = None,
         cameras: dict[str, Camera] | None = None,
         *,
+        robot_id: str = "follower",
         joint_frame: JointFrame | None = None,
         max_step_deg: float = 3.0,
         max_step_gripper: float = 5.0,
@@ -79,6 +85,10 @@ class SerialArm(Robot):
         super().__init__(cameras, disable_torque_on_disconnect=disable_torque_on_disconnect)
         self.joint_names = tuple(self.motors)
         self.bus = bus
+        self.robot_id = robot_id
+        if calibration is None:
+            found = default_calibration_path(self.calibration_type, robot_id, self.legacy_calibration_types)
+            calibration = found if found.exists() else None
         if isinstance(calibration, (str, Path)):
             calibration = load_calibration(calibration, self.joint_names)
         self.calibration: dict[str, MotorCalibration] | None = dict(calibration) if calibration is not None else None
@@ -90,6 +100,10 @@ class SerialArm(Robot):
         self.control_hz = control_hz
         self._ids = [m.id for m in self.motors.values()]
         self._status_registers: tuple[str, ...] = ()
+
+    def calibration_path(self) -> Path:
+        """Where a new calibration of this arm is saved (LeRobot's location for ``robot_id``)."""
+        return default_calibration_path(self.calibration_type, self.robot_id)
 
     # --- vendor hooks -----------------------------------------------------------------------
 

@@ -20,7 +20,6 @@ from molmoact2_edge.hardware.calibration import (
     JointFrame,
     MotorCalibration,
     NormMode,
-    default_calibration_path,
 )
 from molmoact2_edge.hardware.cameras import Camera
 from molmoact2_edge.hardware.robots.serial_arm import Motor, SerialArm
@@ -87,24 +86,17 @@ class SO101(SerialArm):
             joint_frame = JOINT_FRAMES[joint_frame]
         if joint_frame is not None and not use_degrees:
             raise CalibrationError("the SO100_101 joint-frame correction is in degrees; it needs use_degrees=True")
-        self.robot_id = robot_id
-        if calibration is None:
-            path = default_calibration_path(self.calibration_type, robot_id, self.legacy_calibration_types)
-            calibration = path if path.exists() else None
         super().__init__(
             bus or FeetechBus(port, baudrate=baudrate, retries=retries),
             calibration,
             cameras,
+            robot_id=robot_id,
             joint_frame=joint_frame,
             max_step_deg=max_step_deg,
             max_step_gripper=max_step_gripper,
             control_hz=control_hz,
             disable_torque_on_disconnect=disable_torque_on_disconnect,
         )
-
-    def calibration_path(self) -> Path:
-        """Where a new calibration of this arm is saved (LeRobot's location for ``robot_id``)."""
-        return default_calibration_path(self.calibration_type, self.robot_id)
 
     def _torque_registers(self, enabled: bool) -> dict[str, int]:
         # LeRobot: Lock = 1 with torque on (EEPROM protected), Lock = 0 with torque off
