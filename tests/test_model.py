@@ -268,3 +268,26 @@ def test_variants_build_and_run(variant):
     else:
         keys = [k for k in model.state_dict() if k.startswith("model.action_expert_depth_gate")]
         assert len(keys) == (2 * cfg.text_config.num_hidden_layers if variant.endswith("per-layer") else 2)
+
+
+@torch.no_grad()
+def test_depth_gate_scales_only_depth_positions_before_projection():
+    cfg = dataclasses.replace(CFG, action_expert_depth_gate=True)
+    model = random_model(cfg)
+    ids = prompt_ids(cfg)
+    ids[0, -2] = cfg.depth_token_start_id
+    embeds, bias, _ = prefill_inputs(model, ids, images())
+    am = np.ones_like(ids)
+    valid = torch.from_numpy(masks.cross_attention_valid(ids, am, cfg))
+    depth = torch.from_numpy(masks.depth_token_mask(ids, cfg))
+    gate = model.model.action_expert_depth_gate
+    gate.bias.fill_(-40.0)  # sigmoid ~ 4e-18: depth tokens all but vanish from the context
+    closed = model.prefill(embeds, bias, context_valid=valid, depth_mask=depth)
+    gate.bias.fill_(40.0)  # sigmoid == 1.0 in fp32: the gate is a no-op
+    opened = model.prefill(embeds, bias, context_valid=valid, depth_mask=depth)
+    ungated = model.model.action_expert.project_context(opened.k_cache, opened.v_cache)
+    torch.testing.assert_close(opened.expert_k, ungated[0])
+    pos = int(np.flatnonzero(depth[0].numpy())[0])
+    assert float(closed.expert_v[:, 0, pos].abs().max()) < 1e-6
+    others = [i for i in range(ids.shape[1]) if i != pos]
+    torch.testing.assert_close(closed.expert_v[:, 0, others], opened.expert_v[:, 0, others])

@@ -196,24 +196,27 @@ class MolmoAct2(nn.Module):
         logits = self.lm_head(hidden)
         expert_k = expert_v = None
         if self.config.add_action_expert:
-            expert_k, expert_v = self.model.action_expert.project_context(k, v)
+            ctx_k, ctx_v = k, v
             if self.config.action_expert_depth_gate:
                 assert context_valid is not None and depth_mask is not None, "the depth gate needs context_valid and depth_mask"
-                gate = self._depth_gate(v, context_valid, depth_mask)  # (l or 1, b, t, 1)
-                expert_k, expert_v = expert_k * gate, expert_v * gate
+                scale = self._depth_gate(v, context_valid, depth_mask)  # (l or 1, b, 1, t, 1)
+                ctx_k, ctx_v = k * scale, v * scale
+            expert_k, expert_v = self.model.action_expert.project_context(ctx_k, ctx_v)
         if cache_len is not None and cache_len > T:
             pad = (0, 0, 0, cache_len - T)  # zeros after the prompt along the cache axis
             k, v = F.pad(k, pad), F.pad(v, pad)
         return PrefillOutput(logits, hidden, k, v, expert_k, expert_v)
 
     def _depth_gate(self, values: torch.Tensor, valid: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
-        """Multiplier (l or 1, b, t, 1): sigmoid(Linear(mean V over valid non-depth positions)) at depth tokens, else 1.
+        """Scale (l or 1, b, 1, t, 1) for the LLM K/V handed to the expert: the gate at depth tokens, else 1.
 
-        Applied to the projected, normalized expert context (the release's exact point of
-        application is unverified; see docs/release-compat.md).
+        gate = sigmoid(Linear(mean of V over valid non-depth positions)), from the last layer's V
+        (one Linear) or from each layer's own V (per-layer ModuleList), as the release's training
+        code does; all valid positions are pooled when a row has no valid non-depth token.
         """
         L, B, KH, T, HD = values.shape
         flat = values.permute(0, 1, 3, 2, 4).reshape(L, B, T, KH * HD)  # (l, b, t, kh*hd)
+        depth = depth & valid
         keep = valid & ~depth
         keep = torch.where(keep.any(-1, keepdim=True), keep, valid).to(flat.dtype)  # all valid if none
         mean = (flat * keep[None, ..., None]).sum(2) / keep.sum(-1).clamp(min=1.0)[None, :, None]  # (l, b, kh*hd)
@@ -222,7 +225,8 @@ class MolmoAct2(nn.Module):
             gate = torch.stack([torch.sigmoid(g(mean[i])) for i, g in enumerate(gate_mod)])  # (l, b, 1)
         else:
             gate = torch.sigmoid(gate_mod(mean[-1]))[None]  # (1, b, 1)
-        return torch.where(depth[None, ..., None], gate[:, :, None, :], torch.ones_like(gate[:, :, None, :]))
+        gate = gate[:, :, :, None, None]  # (l or 1, b, 1, 1, 1)
+        return torch.where(depth[None, :, None, :, None], gate, torch.ones_like(gate))
 
     def decode_step(
         self,
