@@ -13,8 +13,8 @@ lengths, chunk length); nothing is data-dependent, so no If/Loop nodes appear.
   padded to its static length.
 - ``decode_step``: one token against the static cache (written with ``index_copy``
   and returned, never mutated) -> logits, new cache, this token's projected context.
-- ``flow``: every Euler step unrolled; the expert is a named submodule so the fp16
-  conversion keeps the Euler accumulation outside it in fp32 (``quantize.to_fp16``).
+- ``flow``: every Euler step unrolled, the accumulator in fp32 even when the expert
+  runs in fp16 (``FlowGraph(dtype=torch.float16)``, ``model/flow.py``).
 
 Shape legend: b batch, n cameras, h w pixels, q pooled tokens per camera, t bucket,
 tm cache length, tc context length, l layers, kh KV heads, hd head dim, d LLM width,
@@ -23,6 +23,7 @@ e expert width, v vocabulary, ah chunk length, ad max action dim.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -150,18 +151,16 @@ class DecodeStepGraph(nn.Module):
 
 
 class FlowGraph(nn.Module):
-    """``flow``: N Euler steps of the expert, unrolled.
+    """``flow``: N Euler steps of the expert, unrolled; the accumulator is fp32 whatever ``dtype`` is.
 
-    Only ``self.expert`` computes the velocity; the Euler update and the padding masks run outside
-    it, which is how ``quantize.to_fp16`` finds the nodes to keep in fp32 (by their module scope).
+    dtype float16 runs a COPY of the expert in fp16 (the reference model stays fp32): the velocity
+    is computed in fp16 and cast to fp32 before each Euler update (``model/flow.py``).
     """
 
-    EXPERT_SCOPE = "expert"  # the attribute name below, as it appears in the ONNX nodes' name scopes
-
-    def __init__(self, expert: nn.Module, num_steps: int, mask_padding: bool) -> None:
+    def __init__(self, expert: nn.Module, num_steps: int, mask_padding: bool, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.expert = expert
-        self.num_steps, self.mask_padding = num_steps, mask_padding
+        self.expert = expert if dtype == torch.float32 else copy.deepcopy(expert).to(dtype)
+        self.num_steps, self.mask_padding, self.dtype = num_steps, mask_padding, dtype
 
     def forward(
         self,
@@ -171,8 +170,10 @@ class FlowGraph(nn.Module):
         cross_bias: torch.Tensor,
         action_dim_mask: torch.Tensor,
     ) -> torch.Tensor:
+        ctx_k, ctx_v = context_k.to(self.dtype), context_v.to(self.dtype)
+
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.expert(x, t, context_k, context_v, cross_bias)
+            return self.expert(x, t, ctx_k, ctx_v, cross_bias)
 
         mask = action_dim_mask if self.mask_padding else None
         return euler_sample(velocity, noise, self.num_steps, mask)  # (b, ah, ad) fp32

@@ -1,10 +1,15 @@
-"""Graph-level precisions for a bundle: int8 explicit Q/DQ and int4 weight-only blocked DQ (fp32/fp16 are exported).
+"""Bundle precisions as rewrites of the exported fp32 ONNX graphs (one export serves every precision).
 
-``fp32`` and ``fp16`` are produced at export time by the graph wrappers
-(``graphs.py`` casts the compute, keeps the Euler accumulation in fp32 and
-keeps the LLM graphs fp32 because fp16 prefill overflows, reference §8.6).
-This module rewrites exported fp32 ONNX files into the quantized forms that
-TensorRT accepts (``reference/toolchain.md`` §2):
+- ``fp16``: onnxruntime's ``float16`` converter with fp32 graph I/O for ``vision``.
+  The flow graph is instead re-exported with an fp16 copy of the expert
+  (``graphs.FlowGraph(dtype=float16)``): the converter would round the Euler
+  accumulator through fp16 between steps, and per-step fp16 error compounds
+  (``reference/toolchain.md`` §1.3). The LLM graphs (``prefill``, ``decode_step``)
+  are NOT converted: fp16 prefill overflows and corrupts K/V silently (vla-edge:
+  0.55 relative RMS, reference §8.6); they stay fp32 in the ONNX and the manifest
+  says so, and the TensorRT builder may build them in bf16 where the GPU has it.
+
+Quantized forms that TensorRT accepts (``reference/toolchain.md`` §2):
 
 - ``int8``: onnxruntime ``quantize_static`` in QDQ format, per-channel symmetric
   weights, symmetric activations (every zero point 0), MinMax calibration on
@@ -36,6 +41,21 @@ log = logging.getLogger(__name__)
 QUANTIZERS = ("ort", "modelopt")
 INT4_BLOCK = 32
 INT4_OPSET = 21
+
+
+FP16_KEPT_FP32 = ("prefill", "decode_step")  # graphs the fp16 bundle keeps in fp32 (see above)
+
+
+def to_fp16(src: Path, dst: Path) -> dict[str, int]:
+    """Write the fp16 version of ``src`` (fp32 graph inputs and outputs kept) to ``dst``."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src))
+    converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+    save_with_external_data(converted, dst)
+    check_graph(dst)
+    log.info("fp16 %s: %d nodes", src.name, len(converted.graph.node))
+    return {"converted": len(model.graph.node), "kept_fp32": 0}
 
 
 def weight_matmuls(model: onnx.ModelProto) -> tuple[list[str], list[str]]:

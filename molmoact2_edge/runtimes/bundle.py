@@ -392,8 +392,9 @@ def jetpack_version(release_file: str = "/etc/nv_tegra_release") -> str | None:
     return f"{major}.{rev}" if rev else major
 
 
-def current_engine_key() -> str | None:
-    """This machine's engine key, or None when TensorRT or cuda-python (or a GPU) is missing."""
+def device_facts() -> dict[str, str] | None:
+    """This machine's GPU name, compute capability, TensorRT and JetPack (L4T) versions, or None when
+    TensorRT or cuda-python is missing or no GPU answers."""
     try:
         import tensorrt as trt
         from cuda.bindings import runtime as cudart
@@ -406,5 +407,18 @@ def current_engine_key() -> str | None:
         return None
     if int(err) != 0:
         return None
-    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
-    return engine_key(name, f"{props.major}.{props.minor}", trt.__version__, jetpack_version())
+    name = props.name.decode(errors="replace").rstrip("\x00") if isinstance(props.name, bytes) else str(props.name)
+    return {
+        "gpu": name,
+        "compute_capability": f"{props.major}.{props.minor}",
+        "tensorrt": str(trt.__version__),
+        "jetpack": jetpack_version() or "",
+    }
+
+
+def current_engine_key() -> str | None:
+    """This machine's engine key, or None when TensorRT or cuda-python (or a GPU) is missing."""
+    facts = device_facts()
+    if facts is None:
+        return None
+    return engine_key(facts["gpu"], facts["compute_capability"], facts["tensorrt"], facts["jetpack"] or None)

@@ -88,7 +88,7 @@ class PolicySession:
         """
         self.bundle = bundle if isinstance(bundle, B.Bundle) else B.Bundle.open(bundle, verify=verify)
         self.backend = backend if isinstance(backend, BackendSession) else load_backend(backend, self.bundle, **backend_options)
-        self._record = record_feeds
+        self.record_feeds = record_feeds
         m, p = self.bundle.model, self.bundle.prompt
         self.camera_order = self.bundle.camera_order
         self.image_size = self.bundle.image_size
@@ -187,8 +187,8 @@ class PolicySession:
     # --- stages --------------------------------------------------------------------------
 
     def _run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._record is not None:
-            self._record(graph, feeds)
+        if self.record_feeds is not None:
+            self.record_feeds(graph, feeds)
         return self.backend.run(graph, feeds)
 
     @contextmanager

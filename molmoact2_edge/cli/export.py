@@ -1,0 +1,145 @@
+"""``molmo-edge export`` / ``inspect`` / ``build-engines``: checkpoint -> verified bundle -> device engines.
+
+\b
+Examples:
+  molmo-edge export checkpoints/small -o bundles/small-fp16 --precision fp16
+  molmo-edge export CKPT -o bundles/int8 --precision int8 --calib data/so101_demo
+  molmo-edge export CKPT -o bundles/int4 --precision int4 --fp32-bundle bundles/small-fp32
+  molmo-edge inspect bundles/small-fp16 [--json]
+  molmo-edge build-engines bundles/small-fp16          (on the Jetson, with TensorRT)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+
+
+def _split(value: str | None) -> tuple[str, ...] | None:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
+
+
+@click.command("export")
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Bundle directory to write.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
+@click.option("--calib", type=click.Path(exists=True, path_type=Path), help="Calibration data: LeRobot dataset dir or observations .npz (needed by int8).")
+@click.option("--bucket", type=int, help="Prompt length in tokens (default: from the camera count and the prompt).")
+@click.option("--cameras", help="Camera order, comma-separated (default: the norm-stats tag's camera_keys).")
+@click.option("--tag", help="norm_stats.json embodiment tag (default: the only one).")
+@click.option("--target", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True, help="tensorrt also builds engines (needs TensorRT and a GPU here).")
+@click.option("--quantizer", type=click.Choice(["ort", "modelopt"]), default="ort", show_default=True, help="int8/int4 quantizer; modelopt needs the 'quant' extra.")
+@click.option("--fp32-bundle", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Reuse this fp32 bundle's graphs (same checkpoint) instead of exporting again.")
+@click.option("--allow-parity-failure", is_flag=True, help="Keep a bundle that fails the parity gate (the manifest says so).")
+def export(
+    checkpoint: Path,
+    out: Path,
+    precision: str,
+    calib: Path | None,
+    bucket: int | None,
+    cameras: str | None,
+    tag: str | None,
+    target: str,
+    quantizer: str,
+    fp32_bundle: Path | None,
+    allow_parity_failure: bool,
+) -> None:
+    """Export CHECKPOINT to a fixed-shape, quantized ONNX bundle checked for parity against PyTorch."""
+    from molmoact2_edge.errors import ParityError
+    from molmoact2_edge.export.pipeline import ExportOptions, export_bundle
+
+    options = ExportOptions(
+        precision=precision, calib=calib, bucket=bucket, cameras=_split(cameras), tag=tag, target=target,
+        quantizer=quantizer, allow_parity_failure=allow_parity_failure, fp32_bundle=fp32_bundle,
+    )  # fmt: skip
+    try:
+        manifest = export_bundle(checkpoint, out, options, progress=lambda msg: click.echo(f"  {msg}"))
+    except ParityError:
+        _print_parity(json.loads((out / "manifest.json").read_text()).get("parity"))
+        raise
+    _print_parity(manifest["parity"])
+    size = sum(int(f["bytes"]) for f in manifest["files"].values())
+    click.echo(f"bundle {out}: {len(manifest['artifacts'])} graphs, {size / 1e6:.1f} MB, {precision}")
+
+
+@click.command("inspect")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--no-verify", is_flag=True, help="Skip hashing the files (sizes and the file set are still checked).")
+def inspect(bundle: Path, as_json: bool, no_verify: bool) -> None:
+    """Show a bundle's graphs, shapes, precisions, parity report and engines (verifying its files)."""
+    from molmoact2_edge.runtimes.bundle import Bundle
+    from molmoact2_edge.runtimes.session import describe
+
+    summary = describe(Bundle.open(bundle, verify=not no_verify))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    m = summary["model"]
+    console.print(f"[bold]{bundle}[/] schema {summary['schema_version']}, {summary['bytes'] / 1e6:.1f} MB, from {summary['source']['checkpoint']}")
+    console.print(
+        f"mode {m['mode']}, chunk {m['chunk_length']} x {m['action_dim']}, flow steps {m['flow_steps']}, "
+        f"bucket {summary['prompt_bucket']}, cameras {summary['cameras']['order']} at {summary['cameras']['image_size']}"
+    )
+    table = Table(title="graphs")
+    for col in ("graph", "precision", "opset", "inputs", "outputs"):
+        table.add_column(col)
+    for name, art in summary["artifacts"].items():
+        table.add_row(name, art["precision"], str(art["opset"]), _io(art["inputs"]), _io(art["outputs"]))
+    console.print(table)
+    _print_parity(summary["parity"], console)
+    for key, engines in summary["engines"].items():
+        console.print(f"engines [bold]{key}[/]: {sorted(engines.get('graphs', {}))}")
+
+
+@click.command("build-engines")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--graph", "graphs", multiple=True, help="Only these graphs (repeatable; default all).")
+@click.option("--workspace-gib", type=float, default=4.0, show_default=True)
+def build_engines(bundle: Path, graphs: tuple[str, ...], workspace_gib: float) -> None:
+    """Build TensorRT engines for BUNDLE on this device and record them in its manifest."""
+    from molmoact2_edge.export.tensorrt_build import build_engines as build
+
+    key = build(bundle, list(graphs) or None, workspace_gib=workspace_gib)
+    click.echo(f"engines for {key} written to {bundle}/engines/{key}")
+
+
+def _io(specs: list[dict[str, Any]]) -> str:
+    return "\n".join(f"{s['name']} {tuple(s['shape'])} {s['dtype']}" for s in specs)
+
+
+def _print_parity(report: dict[str, Any] | None, console: Any = None) -> None:
+    """The parity report as a rich table (export and inspect)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    if not report:
+        console.print("parity: not run")
+        return
+    table = Table(title=f"parity ({report['backend']}, {report['observations']} obs, seeds {report['seeds']})")
+    for col in ("check", "precision", "value", "limit", "result"):
+        table.add_column(col)
+    for graph, r in report["graphs"].items():
+        table.add_row(graph, r["precision"], f"{r['rel_rms']:.3g} rel RMS", f"{r['limit']:.3g}", _verdict(r["passed"]))
+    e = report["end_to_end"]
+    table.add_row(
+        "end to end", "", f"{e['max_diff']:.3g} / spread {e['seed_spread']:.3g} = {e['ratio']:.3g}",
+        f"{e['limit']:.3g}", _verdict(e["passed"]),
+    )  # fmt: skip
+    console.print(table)
+    if report.get("allowed_failure"):
+        console.print("[yellow]parity FAILED; kept because of --allow-parity-failure[/]")
+
+
+def _verdict(ok: bool) -> str:
+    return "[green]pass[/]" if ok else "[red]FAIL[/]"
