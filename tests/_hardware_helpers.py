@@ -44,3 +44,13 @@ def goal_writes(emulator: FeetechEmulator, at_least: int = 0, timeout_s: float =
         if len(goals) >= at_least or time.monotonic() > deadline:
             return goals
         time.sleep(0.001)
+
+
+class FakeClock:
+    """A ``time.monotonic`` stand-in the test advances by hand (thousands of ticks without sleeping)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now

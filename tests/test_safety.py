@@ -7,15 +7,7 @@ import pytest
 
 from molmoact2_edge.errors import SafetyError
 from molmoact2_edge.hardware.safety import SafetyConfig, SafetyLayer
-from tests._hardware_helpers import emulated_so101, goal_writes
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests._hardware_helpers import FakeClock, emulated_so101, goal_writes
 
 
 def _config(**kw) -> SafetyConfig:

@@ -20,20 +20,12 @@ import pytest
 from molmoact2_edge.errors import SafetyError
 from molmoact2_edge.hardware.emulators.feetech import FeetechEmulator
 from molmoact2_edge.hardware.safety import SafetyConfig, SafetyLayer
-from tests._hardware_helpers import emulated_so101, goal_writes
+from tests._hardware_helpers import FakeClock, emulated_so101, goal_writes
 
 CYCLES = 10_000
 HZ = 30.0
 MAX_STEP = 2.0  # degrees (gripper: 0-100 units) per tick
 QUANTUM = {"deg": 360 / 4095, "pct": 100 / 2000}  # one servo step in each unit (ranges are 2000 steps wide)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _config(**kw) -> SafetyConfig:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from molmoact2_edge.hardware.buses.dynamixel import DynamixelBus
 from molmoact2_edge.hardware.buses.dynamixel_tables import HARDWARE_ERROR_FLAGS
-from molmoact2_edge.hardware.calibration import MotorCalibration, NormMode
+from molmoact2_edge.hardware.calibration import MotorCalibration
 from molmoact2_edge.hardware.cameras import Camera
-from molmoact2_edge.hardware.robots.serial_arm import Motor, SerialArm
+from molmoact2_edge.hardware.robots.serial_arm import SerialArm
 
 XL430_W250, XL330_M288 = 1060, 1200
 KOCH_MOTORS = (
@@ -32,7 +33,7 @@ KOCH_ELBOW_PID = {"Position_P_Gain": 1500, "Position_I_Gain": 0, "Position_D_Gai
 
 
 class Koch(SerialArm):
-    """Koch follower; arguments as ``SO101`` (calibration under ``koch_follower``)."""
+    """Koch follower on ``port``; calibration under LeRobot's ``koch_follower`` folder."""
 
     name = "koch"
     calibration_type = "koch_follower"
@@ -43,37 +44,21 @@ class Koch(SerialArm):
     status_register = "Hardware_Error_Status"
     status_flags = HARDWARE_ERROR_FLAGS
 
+    motor_models = KOCH_MOTORS
+
     def __init__(
         self,
         port: str,
         calibration: Mapping[str, MotorCalibration] | str | Path | None = None,
         cameras: dict[str, Camera] | None = None,
         *,
-        robot_id: str = "follower",
-        use_degrees: bool = True,
         baudrate: int | None = None,
         retries: int = 2,
-        max_step_deg: float = 3.0,
-        max_step_gripper: float = 5.0,
-        control_hz: float = 30.0,
-        disable_torque_on_disconnect: bool = True,
         bus: DynamixelBus | None = None,
+        **options: Any,
     ):
-        body = NormMode.DEGREES if use_degrees else NormMode.RANGE_M100_100
-        self.motors = {
-            name: Motor(i + 1, model, NormMode.RANGE_0_100 if name == "gripper" else body)
-            for i, (name, model) in enumerate(KOCH_MOTORS)
-        }
-        super().__init__(
-            bus or DynamixelBus(port, baudrate=baudrate, retries=retries),
-            calibration,
-            cameras,
-            robot_id=robot_id,
-            max_step_deg=max_step_deg,
-            max_step_gripper=max_step_gripper,
-            control_hz=control_hz,
-            disable_torque_on_disconnect=disable_torque_on_disconnect,
-        )
+        """``options``: the ``SerialArm`` keywords (robot_id, use_degrees, max_step_deg, ...)."""
+        super().__init__(bus or DynamixelBus(port, baudrate=baudrate, retries=retries), calibration, cameras, **options)
 
     def _torque_registers(self, enabled: bool) -> dict[str, int]:
         return {"Torque_Enable": int(enabled)}

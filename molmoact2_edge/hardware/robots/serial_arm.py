@@ -53,12 +53,14 @@ class SerialArm(Robot):
             ``None``: LeRobot's file for ``robot_id`` if it exists (else only
             ``connect_for_calibration`` works).
         robot_id: the LeRobot ``--robot.id`` naming the calibration file.
+        use_degrees: DEGREES for the arm joints (LeRobot's default since 2026-02); False =
+            RANGE_M100_100, for policies trained on older datasets. Grippers are RANGE_0_100.
         joint_frame: an optional change of frame between LeRobot's degrees and the policy's.
         max_step_deg: default per-tick step for the safety layer (arm joints); grippers use
             ``max_step_gripper`` (0-100 units).
     """
 
-    motors: Mapping[str, Motor]
+    motor_models: tuple[tuple[str, int], ...]  # (joint name, model number) in id order 1, 2, ...
     resolution: int = 4096
     homing_sign: int  # -1 Feetech (Present = Actual - Offset), +1 Dynamixel
     apply_drive_mode: bool  # Feetech applies drive_mode in software; Dynamixel has a register
@@ -76,6 +78,7 @@ class SerialArm(Robot):
         cameras: dict[str, Camera] | None = None,
         *,
         robot_id: str = "follower",
+        use_degrees: bool = True,
         joint_frame: JointFrame | None = None,
         max_step_deg: float = 3.0,
         max_step_gripper: float = 5.0,
@@ -83,6 +86,11 @@ class SerialArm(Robot):
         disable_torque_on_disconnect: bool = True,
     ):
         super().__init__(cameras, disable_torque_on_disconnect=disable_torque_on_disconnect)
+        body = NormMode.DEGREES if use_degrees else NormMode.RANGE_M100_100
+        self.motors: dict[str, Motor] = {
+            name: Motor(i + 1, model, NormMode.RANGE_0_100 if name == "gripper" else body)
+            for i, (name, model) in enumerate(self.motor_models)
+        }
         self.joint_names = tuple(self.motors)
         self.bus = bus
         self.robot_id = robot_id

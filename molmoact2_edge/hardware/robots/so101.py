@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from molmoact2_edge.errors import CalibrationError
 from molmoact2_edge.hardware.buses.feetech import FeetechBus
@@ -19,10 +20,9 @@ from molmoact2_edge.hardware.calibration import (
     SO100_101_LEGACY_FRAME,
     JointFrame,
     MotorCalibration,
-    NormMode,
 )
 from molmoact2_edge.hardware.cameras import Camera
-from molmoact2_edge.hardware.robots.serial_arm import Motor, SerialArm
+from molmoact2_edge.hardware.robots.serial_arm import SerialArm
 
 SO101_JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper")
 JOINT_FRAMES: dict[str, JointFrame | None] = {"lerobot": None, "so100_101_legacy": SO100_101_LEGACY_FRAME}
@@ -57,6 +57,7 @@ class SO101(SerialArm):
     full_turn_motors = ("wrist_roll",)
     status_register = "Status"
     status_flags = ERROR_FLAGS
+    motor_models = tuple((name, STS3215_MODEL_NUMBER) for name in SO101_JOINTS)
 
     def __init__(
         self,
@@ -64,39 +65,21 @@ class SO101(SerialArm):
         calibration: Mapping[str, MotorCalibration] | str | Path | None = None,
         cameras: dict[str, Camera] | None = None,
         *,
-        robot_id: str = "follower",
-        use_degrees: bool = True,
         joint_frame: str | JointFrame | None = "lerobot",
         baudrate: int | None = None,
         retries: int = 2,
-        max_step_deg: float = 3.0,
-        max_step_gripper: float = 5.0,
-        control_hz: float = 30.0,
-        disable_torque_on_disconnect: bool = True,
         bus: FeetechBus | None = None,
+        **options: Any,
     ):
-        body = NormMode.DEGREES if use_degrees else NormMode.RANGE_M100_100
-        self.motors = {
-            name: Motor(i + 1, STS3215_MODEL_NUMBER, NormMode.RANGE_0_100 if name == "gripper" else body)
-            for i, name in enumerate(SO101_JOINTS)
-        }
+        """``options``: the ``SerialArm`` keywords (robot_id, use_degrees, max_step_deg, ...)."""
         if isinstance(joint_frame, str):
             if joint_frame not in JOINT_FRAMES:
                 raise CalibrationError(f"unknown joint frame {joint_frame!r}; known: {sorted(JOINT_FRAMES)}")
             joint_frame = JOINT_FRAMES[joint_frame]
-        if joint_frame is not None and not use_degrees:
+        if joint_frame is not None and not options.get("use_degrees", True):
             raise CalibrationError("the SO100_101 joint-frame correction is in degrees; it needs use_degrees=True")
-        super().__init__(
-            bus or FeetechBus(port, baudrate=baudrate, retries=retries),
-            calibration,
-            cameras,
-            robot_id=robot_id,
-            joint_frame=joint_frame,
-            max_step_deg=max_step_deg,
-            max_step_gripper=max_step_gripper,
-            control_hz=control_hz,
-            disable_torque_on_disconnect=disable_torque_on_disconnect,
-        )
+        bus = bus or FeetechBus(port, baudrate=baudrate, retries=retries)
+        super().__init__(bus, calibration, cameras, joint_frame=joint_frame, **options)
 
     def _torque_registers(self, enabled: bool) -> dict[str, int]:
         # LeRobot: Lock = 1 with torque on (EEPROM protected), Lock = 0 with torque off
