@@ -20,6 +20,8 @@ Two deliberate departures from plain SDK use:
   2 x LATENCY_TIMER (16 ms) + 2 ms = 34 ms (``setPacketTimeout`` overridden in a subclass, not
   monkey-patched). The margin must cover N x Return_Delay_Time (factory 250 x 2 us = 500 us per
   servo; LeRobot writes 0) and USB latency (set FTDI ``latency_timer`` to 1 ms).
+- ``readPort`` waits in ``select`` for data instead of the SDK's busy loop of zero-timeout reads
+  (POSIX; the same subclass).
 
 ``dynamixel_sdk`` is imported inside the class, so importing this module never needs it.
 """
@@ -27,6 +29,8 @@ Two deliberate departures from plain SDK use:
 from __future__ import annotations
 
 import logging
+import os
+import select
 from collections.abc import Mapping
 from typing import Any
 
@@ -70,6 +74,14 @@ def _port_handler(sdk: Any, port: str, margin_ms: float) -> Any:
             # wire time of the expected bytes + our margin, not a fixed 2 x 16 ms latency timer
             self.packet_start_time = self.getCurrentTime()
             self.packet_timeout = self.tx_time_per_byte * packet_length + margin_ms
+
+        def readPort(self, length: int) -> bytes:  # noqa: N802 (SDK name)
+            # the SDK polls a zero-timeout read in a loop, burning a core the policy needs on a
+            # Jetson; wait in select() for the first byte (bounded by the packet deadline) instead
+            if os.name != "nt" and self.ser.in_waiting == 0:
+                remaining_ms = self.packet_timeout - self.getTimeSinceStart()
+                select.select([self.ser.fileno()], [], [], max(remaining_ms, 0.0) / 1e3)
+            return self.ser.read(length)
 
     return PortHandler(port)
 

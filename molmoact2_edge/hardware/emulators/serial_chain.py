@@ -111,6 +111,7 @@ class SerialServoChain(ABC):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._master = self._slave = -1
+        self._line_free_at = 0.0  # perf_counter time the emulated wire is idle again
         self.port = ""
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -369,8 +370,14 @@ class SerialServoChain(ABC):
         received = time.perf_counter()
         with self._lock:
             replies = self._handle(packet)
-        # the request itself occupied the line before any servo could start answering
-        t = received + (wire_time_s(len(packet), self.baudrate) if self.wire_time else 0.0)
+        # the request starts once the line is free (a SYNC_WRITE has no reply but still occupies
+        # it) and occupies it before any servo can start answering
+        t = max(received, self._line_free_at)
+        t += wire_time_s(len(packet), self.baudrate) if self.wire_time else 0.0
+        # Back-to-back replies go out as one burst when the last of them would have finished: a
+        # USB adapter delivers them in frames anyway, and one sleep per burst instead of one per
+        # servo keeps the timing honest on a loaded host. A fault delay starts a new burst.
+        bursts: list[tuple[float, bytes]] = []
         for motor_id, reply in replies:
             with self._lock:
                 servo = self._servos.get(motor_id)
@@ -379,11 +386,14 @@ class SerialServoChain(ABC):
             if faulted is None:
                 continue
             extra, data = faulted
-            t += delay + extra
-            _sleep_until(t)
-            if self.wire_time:
-                t += wire_time_s(len(data), self.baudrate)
-                _sleep_until(t)
+            t += delay + extra + (wire_time_s(len(data), self.baudrate) if self.wire_time else 0.0)
+            if bursts and not extra:
+                bursts[-1] = (t, bursts[-1][1] + data)
+            else:
+                bursts.append((t, data))
+        self._line_free_at = t
+        for when, data in bursts:
+            _sleep_until(when)
             try:
                 os.write(self._master, data)
             except OSError:
