@@ -69,8 +69,9 @@ def _to_dict(obj: Any) -> dict[str, Any]:
 def _build(cls: type[_T], data: Mapping[str, Any], where: str, **converted: Any) -> _T:
     known, extra = _split_known(cls, data, where)
     known.update(converted)
+    factory: Any = cls  # a dataclass with an ``extra`` field (mypy cannot see that through the TypeVar)
     try:
-        return cls(**known, extra=extra)
+        return factory(**known, extra=extra)
     except TypeError as err:  # a wrong type that the dataclass could not take
         raise ConfigError(f"{where}: {err}") from err
 
@@ -334,9 +335,9 @@ def token_layout(
     ids["depth_token_start_id"] = nxt + 3
     nxt += 3 + num_depth_tokens
     vocab_size = math.ceil(nxt / vocab_multiple) * vocab_multiple
-    for offset, name in enumerate(IMAGE_TOKENS):
-        if name is not None:
-            ids[name] = vocab_size + offset
+    for offset, image_field in enumerate(IMAGE_TOKENS):
+        if image_field is not None:
+            ids[image_field] = vocab_size + offset
     ids["vocab_size"] = vocab_size
     ids["num_state_tokens"], ids["num_action_tokens"], ids["num_depth_tokens"] = (
         num_state_tokens,
@@ -601,13 +602,13 @@ def get_preset(name: str) -> MolmoAct2Config:
     return _PRESETS[name]()
 
 
-def _special_ids(base_vocab_size: int) -> dict[str, int]:
+def _special_ids(base_vocab_size: int) -> dict[str, Any]:
     """bos/eos/pad for a base vocabulary laid out like Qwen's tail: <|endoftext|>, <|im_start|>, <|im_end|>."""
     return {"pad_token_id": base_vocab_size - 3, "bos_token_id": base_vocab_size - 1, "eos_token_id": base_vocab_size - 1}
 
 
-def _layout_fields(base_vocab_size: int, num_depth_tokens: int) -> tuple[int, dict[str, int]]:
-    ids = token_layout(base_vocab_size, num_depth_tokens=num_depth_tokens)
+def _layout_fields(base_vocab_size: int, num_depth_tokens: int) -> tuple[int, dict[str, Any]]:
+    ids: dict[str, Any] = dict(token_layout(base_vocab_size, num_depth_tokens=num_depth_tokens))
     vocab = ids.pop("vocab_size")
     return vocab, ids
 

@@ -20,7 +20,7 @@ def checkpoint_info(ckpt: Path) -> dict[str, Any]:
     import torch
     from safetensors import SafetensorError, safe_open
 
-    from molmoact2_edge.checkpoint import INDEX_FILE, SINGLE_FILE, weight_files, load_config, load_norm_stats
+    from molmoact2_edge.checkpoint import INDEX_FILE, SINGLE_FILE, load_config, load_norm_stats, weight_files
     from molmoact2_edge.errors import CheckpointError
     from molmoact2_edge.model.molmoact2 import MolmoAct2
 

@@ -136,7 +136,16 @@ class ExpertBlock(nn.Module):
         self.mlp = ExpertMLP(E, cfg.mlp_hidden)
         self.modulation = Modulation(E, 9)
 
-    def forward(self, x, c, ctx_k, ctx_v, cross_bias, cos, sin):  # type: ignore[no-untyped-def]
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        ctx_k: torch.Tensor,
+        ctx_v: torch.Tensor,
+        cross_bias: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
+    ) -> torch.Tensor:
         """x (b, ah, d), c (b, d), ctx (b, t, d), cross_bias (b, 1, 1, t) -> (b, ah, d)."""
         sh_sa, sc_sa, g_sa, sh_ca, sc_ca, g_ca, sh_mlp, sc_mlp, g_mlp = self.modulation(c)
         x = x + g_sa * self.self_attn(modulate(rms_norm(x, None, NORM_EPS), sh_sa, sc_sa), cos, sin)

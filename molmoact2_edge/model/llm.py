@@ -118,7 +118,16 @@ class LLMBlock(nn.Module):
         self.ff_norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_eps)
         self.mlp = LLMMLP(cfg)
 
-    def forward(self, x, cos, sin, bias, k_cache=None, v_cache=None, cache_position=None):  # type: ignore[no-untyped-def]
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        bias: torch.Tensor,
+        k_cache: torch.Tensor | None = None,
+        v_cache: torch.Tensor | None = None,
+        cache_position: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h, k, v = self.self_attn(self.attn_norm(x), cos, sin, bias, k_cache, v_cache, cache_position)
         x = x + h
         return x + self.mlp(self.ff_norm(x)), k, v

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from molmoact2_edge.config import MolmoAct2Config
-from molmoact2_edge.model.action_expert import ActionExpert
+from molmoact2_edge.model.action_expert import ActionExpert, Modulation
 from molmoact2_edge.model.connector import VisionBackbone
 from molmoact2_edge.model.flow import euler_sample
 from molmoact2_edge.model.layers import RMSNorm
@@ -110,9 +110,10 @@ class MolmoAct2(nn.Module):
         nn.init.normal_(self.model.vision_backbone.image_vit.positional_embedding, 0.0, std)
         if self.config.add_action_expert:
             expert = self.model.action_expert
-            for module in [b.modulation.linear for b in expert.blocks] + [expert.final_layer.modulation.linear]:
-                nn.init.zeros_(module.weight)
-                nn.init.zeros_(module.bias)
+            for module in expert.modules():
+                if isinstance(module, Modulation):  # every block's and the final layer's
+                    nn.init.zeros_(module.linear.weight)
+                    nn.init.zeros_(module.linear.bias)
             nn.init.zeros_(expert.final_layer.linear.weight)
             nn.init.zeros_(expert.final_layer.linear.bias)
             if self.config.action_expert_depth_gate:
