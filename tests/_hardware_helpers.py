@@ -18,7 +18,9 @@ CALIBRATION = {
 
 
 @contextmanager
-def emulated_so101(start_steps: int = 2048, bus_kwargs: dict | None = None, **robot_kwargs) -> Iterator[tuple[SO101, FeetechEmulator]]:
+def emulated_so101(
+    start_steps: int = 2048, bus_kwargs: dict | None = None, **robot_kwargs
+) -> Iterator[tuple[SO101, FeetechEmulator]]:
     """An SO-101 on an emulated chain; ``bus_kwargs`` go to its ``FeetechBus`` (timeouts, retries)."""
     emulator = FeetechEmulator(range(1, 7), seed=0)
     port = emulator.start()

@@ -30,7 +30,9 @@ JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_ro
 
 def test_golden_file_loads_and_saves_byte_identical(tmp_path) -> None:
     cal = load_calibration(GOLDEN, JOINTS)
-    assert cal["shoulder_pan"] == MotorCalibration(id=1, drive_mode=0, homing_offset=458, range_min=684, range_max=3294)
+    assert cal["shoulder_pan"] == MotorCalibration(
+        id=1, drive_mode=0, homing_offset=458, range_min=684, range_max=3294
+    )
     assert list(cal) == list(JOINTS)
     out = save_calibration(cal, tmp_path / "robots" / "so_follower" / "follower.json")
     assert out.read_bytes() == GOLDEN.read_bytes()
@@ -52,7 +54,9 @@ def test_calibration_location_follows_lerobot(monkeypatch, tmp_path) -> None:
     legacy.write_text("{}")
     assert default_calibration_path("so_follower", "arm1", ("so101_follower",)) == legacy
     monkeypatch.setenv("HF_LEROBOT_CALIBRATION", str(tmp_path / "cal"))
-    assert default_calibration_path("so_follower", "x") == tmp_path / "cal" / "robots" / "so_follower" / "x.json"
+    assert (
+        default_calibration_path("so_follower", "x") == tmp_path / "cal" / "robots" / "so_follower" / "x.json"
+    )
 
 
 @pytest.mark.parametrize(
@@ -60,8 +64,14 @@ def test_calibration_location_follows_lerobot(monkeypatch, tmp_path) -> None:
     [
         ("not json", "not valid JSON"),
         ('{"shoulder_pan": {"id": 1}}', "must have keys"),
-        ('{"shoulder_pan": {"id": 1, "drive_mode": 0, "homing_offset": 0.5, "range_min": 1, "range_max": 2}}', "must be integers"),
-        ('{"shoulder_pan": {"id": 1, "drive_mode": 0, "homing_offset": 0, "range_min": 9, "range_max": 2}}', "range_min 9 >= range_max 2"),
+        (
+            '{"shoulder_pan": {"id": 1, "drive_mode": 0, "homing_offset": 0.5, "range_min": 1, "range_max": 2}}',
+            "must be integers",
+        ),
+        (
+            '{"shoulder_pan": {"id": 1, "drive_mode": 0, "homing_offset": 0, "range_min": 9, "range_max": 2}}',
+            "range_min 9 >= range_max 2",
+        ),
     ],
     ids=["bad-json", "missing-keys", "float", "empty-range"],
 )
@@ -83,7 +93,9 @@ def test_normalization_values_match_lerobot_formulas() -> None:
     cal = MotorCalibration(1, 0, 0, 684, 3294)
     mid = (684 + 3294) / 2
     assert normalize(3000, cal, NormMode.DEGREES) == pytest.approx((3000 - mid) * 360 / 4095)
-    assert normalize(5000, cal, NormMode.DEGREES) == pytest.approx((5000 - mid) * 360 / 4095)  # DEGREES does not clamp
+    assert normalize(5000, cal, NormMode.DEGREES) == pytest.approx(
+        (5000 - mid) * 360 / 4095
+    )  # DEGREES does not clamp
     assert normalize(684, cal, NormMode.RANGE_M100_100) == -100.0
     assert normalize(0, cal, NormMode.RANGE_0_100) == 0.0  # RANGE modes clamp
     flipped = MotorCalibration(1, 1, 0, 684, 3294)

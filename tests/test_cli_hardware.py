@@ -28,7 +28,9 @@ def feetech():
 
 
 def test_motors_scan_finds_the_emulated_ids(feetech) -> None:
-    result = CliRunner().invoke(cli, ["motors", "scan", "--bus", "feetech", "--port", feetech.port, "--ids", "1-6"])
+    result = CliRunner().invoke(
+        cli, ["motors", "scan", "--bus", "feetech", "--port", feetech.port, "--ids", "1-6"]
+    )
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
     assert [line.split()[2] for line in lines] == ["1", "2", "3", "5"]
@@ -36,21 +38,42 @@ def test_motors_scan_finds_the_emulated_ids(feetech) -> None:
 
 
 def test_motors_scan_nothing_found_is_an_error(feetech) -> None:
-    result = CliRunner().invoke(cli, ["motors", "scan", "--bus", "feetech", "--port", feetech.port, "--ids", "7-8"])
+    result = CliRunner().invoke(
+        cli, ["motors", "scan", "--bus", "feetech", "--port", feetech.port, "--ids", "7-8"]
+    )
     assert result.exit_code == 4
     assert "no motor answered" in result.output
 
 
 def test_motors_read_and_write_registers_by_name(feetech) -> None:
     runner = CliRunner()
-    result = runner.invoke(cli, ["motors", "write", "--bus", "feetech", "--port", feetech.port, "--id", "2", "Goal_Position", "1234"])
+    result = runner.invoke(
+        cli,
+        ["motors", "write", "--bus", "feetech", "--port", feetech.port, "--id", "2", "Goal_Position", "1234"],
+    )
     assert result.exit_code == 0, result.output
     assert "Goal_Position <- 1234, reads 1234" in result.output
     assert feetech.get_register(2, "Goal_Position") == 1234
-    result = runner.invoke(cli, ["motors", "read", "--bus", "feetech", "--port", feetech.port, "--id", "1-3", "Model_Number", "Goal_Position"])
+    result = runner.invoke(
+        cli,
+        [
+            "motors",
+            "read",
+            "--bus",
+            "feetech",
+            "--port",
+            feetech.port,
+            "--id",
+            "1-3",
+            "Model_Number",
+            "Goal_Position",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "1:777  2:777  3:777" in result.output and "2:1234" in result.output
-    result = runner.invoke(cli, ["motors", "read", "--bus", "feetech", "--port", feetech.port, "Goal_Positon"])
+    result = runner.invoke(
+        cli, ["motors", "read", "--bus", "feetech", "--port", feetech.port, "Goal_Positon"]
+    )
     assert result.exit_code != 0 and "did you mean Goal_Position" in result.output
 
 
@@ -58,12 +81,57 @@ def test_motors_on_damiao_can() -> None:
     channel = f"cli-dm-{next(_channels)}"
     with DamiaoEmulator({1: "dm4340", 2: "dm4310"}, channel=channel):
         runner = CliRunner()
-        result = runner.invoke(cli, ["motors", "scan", "--bus", "damiao", "--interface", "virtual", "--port", channel, "--ids", "1-4"])
+        result = runner.invoke(
+            cli,
+            [
+                "motors",
+                "scan",
+                "--bus",
+                "damiao",
+                "--interface",
+                "virtual",
+                "--port",
+                channel,
+                "--ids",
+                "1-4",
+            ],
+        )
         assert result.exit_code == 0, result.output
         assert [line.split()[2] for line in result.output.strip().splitlines()] == ["1", "2"]
-        result = runner.invoke(cli, ["motors", "write", "--bus", "damiao", "--interface", "virtual", "--port", channel, "--id", "2", "Timeout", "4000"])
+        result = runner.invoke(
+            cli,
+            [
+                "motors",
+                "write",
+                "--bus",
+                "damiao",
+                "--interface",
+                "virtual",
+                "--port",
+                channel,
+                "--id",
+                "2",
+                "Timeout",
+                "4000",
+            ],
+        )
         assert result.exit_code == 0 and "reads 4000" in result.output, result.output
-        result = runner.invoke(cli, ["motors", "read", "--bus", "damiao", "--interface", "virtual", "--port", channel, "--id", "1-2", "Timeout"])
+        result = runner.invoke(
+            cli,
+            [
+                "motors",
+                "read",
+                "--bus",
+                "damiao",
+                "--interface",
+                "virtual",
+                "--port",
+                channel,
+                "--id",
+                "1-2",
+                "Timeout",
+            ],
+        )
         assert "1:8000  2:4000" in result.output, result.output
 
 
@@ -82,7 +150,11 @@ def test_calibrate_so101_writes_a_lerobot_file(tmp_path) -> None:
     mover = threading.Thread(target=sweep)
     mover.start()
     try:
-        result = CliRunner().invoke(cli, ["calibrate", "so101", "--port", emulator.port, "--output", str(out), "--duration", "1.2"], input="\n")
+        result = CliRunner().invoke(
+            cli,
+            ["calibrate", "so101", "--port", emulator.port, "--output", str(out), "--duration", "1.2"],
+            input="\n",
+        )
         mover.join()
         assert result.exit_code == 0, result.output
         assert "calibration saved" in result.output
@@ -92,7 +164,9 @@ def test_calibrate_so101_writes_a_lerobot_file(tmp_path) -> None:
         assert (cal["wrist_roll"].range_min, cal["wrist_roll"].range_max) == (0, 4095)
         assert emulator.get_register(1, "Homing_Offset") == -147
         # a second run offers to reuse the file
-        result = CliRunner().invoke(cli, ["calibrate", "so101", "--port", emulator.port, "--output", str(out)], input="\n")
+        result = CliRunner().invoke(
+            cli, ["calibrate", "so101", "--port", emulator.port, "--output", str(out)], input="\n"
+        )
         assert result.exit_code == 0 and "wrote" in result.output, result.output
     finally:
         mover.join()
@@ -100,13 +174,19 @@ def test_calibrate_so101_writes_a_lerobot_file(tmp_path) -> None:
 
 
 def test_emulate_so101_prints_a_port_the_driver_can_open() -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "molmoact2_edge.cli.main", "emulate", "so101", "--seconds", "20"], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "molmoact2_edge.cli.main", "emulate", "so101", "--seconds", "20"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert line.startswith("emulated so101 running: --port /dev/"), line
         port = line.split("--port ")[1].strip()
-        result = CliRunner().invoke(cli, ["motors", "scan", "--bus", "feetech", "--port", port, "--ids", "1-7"])
+        result = CliRunner().invoke(
+            cli, ["motors", "scan", "--bus", "feetech", "--port", port, "--ids", "1-7"]
+        )
         assert result.exit_code == 0, result.output
         assert len(result.output.strip().splitlines()) == 6
     finally:
@@ -117,14 +197,50 @@ def test_emulate_so101_prints_a_port_the_driver_can_open() -> None:
 def test_emulate_yam_over_udp_multicast() -> None:
     pytest.importorskip("msgpack")
     group = "239.74.163.9"
-    proc = subprocess.Popen([sys.executable, "-m", "molmoact2_edge.cli.main", "emulate", "yam", "--channel", group, "--seconds", "20"], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "molmoact2_edge.cli.main",
+            "emulate",
+            "yam",
+            "--channel",
+            group,
+            "--seconds",
+            "20",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert line.strip().endswith(f"--bus damiao --interface udp_multicast --port {group}"), line
-        result = CliRunner().invoke(cli, ["motors", "scan", "--bus", "damiao", "--interface", "udp_multicast", "--port", group, "--ids", "1-8"])
+        result = CliRunner().invoke(
+            cli,
+            [
+                "motors",
+                "scan",
+                "--bus",
+                "damiao",
+                "--interface",
+                "udp_multicast",
+                "--port",
+                group,
+                "--ids",
+                "1-8",
+            ],
+        )
         assert result.exit_code == 0, result.output
-        assert [line.split()[2] for line in result.output.strip().splitlines()] == ["1", "2", "3", "4", "5", "6", "7"]
+        assert [line.split()[2] for line in result.output.strip().splitlines()] == [
+            "1",
+            "2",
+            "3",
+            "4",
+            "5",
+            "6",
+            "7",
+        ]
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -42,7 +42,9 @@ GOLDEN_MIT = [
 ]
 
 
-@pytest.mark.parametrize(("cmd", "model", "expected"), GOLDEN_MIT, ids=["zero", "extremes", "yam-gains", "clamped"])
+@pytest.mark.parametrize(
+    ("cmd", "model", "expected"), GOLDEN_MIT, ids=["zero", "extremes", "yam-gains", "clamped"]
+)
 def test_mit_frame_goldens(cmd: MitCommand, model, expected: str) -> None:
     assert pack_mit(cmd, model).hex() == expected
 
@@ -71,7 +73,9 @@ def test_special_and_parameter_frames() -> None:
     kd=st.floats(0, 5),
     t=st.floats(-28, 28),
 )
-def test_mit_round_trip_within_one_quantization_step(p: float, v: float, kp: float, kd: float, t: float) -> None:
+def test_mit_round_trip_within_one_quantization_step(
+    p: float, v: float, kp: float, kd: float, t: float
+) -> None:
     back = unpack_mit(pack_mit(MitCommand(p, v, kp, kd, t), DM4340), DM4340)
     assert abs(back.position - p) <= 25 / 65535 + 1e-9
     assert abs(back.velocity - v) <= 20 / 4095 + 1e-9

@@ -25,7 +25,11 @@ def test_so101_connect_applies_lerobot_servo_setup_and_calibration() -> None:
             for i in range(1, 7):
                 assert emu.get_register(i, "Return_Delay_Time") == 0
                 assert emu.get_register(i, "Acceleration") == 254
-                assert (emu.get_register(i, "P_Coefficient"), emu.get_register(i, "I_Coefficient"), emu.get_register(i, "D_Coefficient")) == (16, 0, 32)
+                assert (
+                    emu.get_register(i, "P_Coefficient"),
+                    emu.get_register(i, "I_Coefficient"),
+                    emu.get_register(i, "D_Coefficient"),
+                ) == (16, 0, 32)
                 assert emu.get_register(i, "Homing_Offset") == 100 + i
                 assert emu.get_register(i, "Min_Position_Limit") == 900 + i
                 assert emu.torque_enabled(i) and emu.get_register(i, "Lock") == 1
@@ -117,3 +121,20 @@ def test_make_robot_by_name() -> None:
     register_robot("so101", "molmoact2_edge.hardware.robots.so101:SO101")  # same target: fine
     with pytest.raises(HardwareError, match="already registered"):
         register_robot("so101", "elsewhere:Robot")
+
+
+def test_get_observation_has_state_and_latest_camera_frames() -> None:
+    from molmoact2_edge.hardware.cameras import ReplayCamera
+
+    frames = np.zeros((3, 8, 12, 3), np.uint8)
+    cams = {
+        "front": ReplayCamera("front", frames, realtime=False),
+        "wrist": ReplayCamera("wrist", frames + 1, realtime=False),
+    }
+    with emulated_so101(start_steps=2000, cameras=cams) as (robot, _), robot:
+        obs = robot.get_observation("pick up the cube", max_camera_age_ms=1000)
+        obs.validate(["front", "wrist"], 6)
+        assert obs.task == "pick up the cube"
+        np.testing.assert_allclose(obs.state, [0, 0, 0, 0, 0, 50], atol=1e-3)
+        assert int(obs.images["wrist"][0, 0, 0]) == 1
+    assert not cams["front"].is_connected  # cameras disconnect with the robot

@@ -115,7 +115,10 @@ def test_exit_policy_on_exception(policy: str) -> None:
     with emulated_so101() as (robot, emu):
         robot.connect()
         emu.write_log.clear()
-        with pytest.raises(RuntimeError, match="policy crashed"), SafetyLayer(robot, _config(on_exit=policy)) as safety:
+        with (
+            pytest.raises(RuntimeError, match="policy crashed"),
+            SafetyLayer(robot, _config(on_exit=policy)) as safety,
+        ):
             safety.send(safety.last_commanded + 2.0)
             sent_goals = goal_writes(emu, 12)[6:]
             raise RuntimeError("policy crashed")

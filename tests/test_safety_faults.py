@@ -29,7 +29,9 @@ QUANTUM = {"deg": 360 / 4095, "pct": 100 / 2000}  # one servo step in each unit 
 
 
 def _config(**kw) -> SafetyConfig:
-    return SafetyConfig(**{"watchdog_thread": False, "handle_signals": False, "max_step": MAX_STEP, "watchdog_s": 0.2, **kw})
+    return SafetyConfig(
+        **{"watchdog_thread": False, "handle_signals": False, "max_step": MAX_STEP, "watchdog_s": 0.2, **kw}
+    )
 
 
 def _policy_targets(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -51,7 +53,9 @@ def _policy_targets(rng: np.random.Generator, n: int) -> np.ndarray:
     return walk
 
 
-def _wire_check(emulator: FeetechEmulator, start_steps: dict[int, int], limits_steps: tuple[int, int]) -> None:
+def _wire_check(
+    emulator: FeetechEmulator, start_steps: dict[int, int], limits_steps: tuple[int, int]
+) -> None:
     """Every goal written on the wire stays in the envelope and within one step limit of the previous one."""
     previous = dict(start_steps)
     max_steps = {i: MAX_STEP * 4095 / 360 + 1 for i in range(1, 6)} | {6: MAX_STEP / 100 * 2000 + 1}
@@ -59,7 +63,10 @@ def _wire_check(emulator: FeetechEmulator, start_steps: dict[int, int], limits_s
         if record.register != "Goal_Position":
             continue
         assert limits_steps[0] <= record.value <= limits_steps[1], record
-        assert abs(record.value - previous[record.motor_id]) <= max_steps[record.motor_id], (record, previous[record.motor_id])
+        assert abs(record.value - previous[record.motor_id]) <= max_steps[record.motor_id], (
+            record,
+            previous[record.motor_id],
+        )
         previous[record.motor_id] = record.value
 
 
@@ -69,7 +76,10 @@ def test_ten_thousand_cycles_with_transient_bus_faults() -> None:
     clock = FakeClock()
     # generous deadlines: on a loaded 2-core CI box the emulator thread itself can miss 11 ms,
     # which would count as a fault this test did not inject
-    with emulated_so101(start_steps=2048, bus_kwargs={"timeout_margin_s": 0.05, "retries": 3}) as (robot, emu):
+    with emulated_so101(start_steps=2048, bus_kwargs={"timeout_margin_s": 0.05, "retries": 3}) as (
+        robot,
+        emu,
+    ):
         robot.connect()
         emu.write_log.clear()
         # transient faults that the driver's retries absorb: lost, corrupted, late and truncated replies
@@ -90,7 +100,9 @@ def test_ten_thousand_cycles_with_transient_bus_faults() -> None:
                 sent = safety.send(targets[k])
                 step = np.abs(sent - previous)
                 assert np.all(step <= MAX_STEP + QUANTUM["deg"]), (k, step)
-                assert np.all(sent >= safety.lower - QUANTUM["deg"]) and np.all(sent <= safety.upper + QUANTUM["deg"])
+                assert np.all(sent >= safety.lower - QUANTUM["deg"]) and np.all(
+                    sent <= safety.upper + QUANTUM["deg"]
+                )
                 previous = sent
         elapsed = time.perf_counter() - t0
         telemetry = safety.telemetry()
@@ -99,7 +111,11 @@ def test_ten_thousand_cycles_with_transient_bus_faults() -> None:
         time.sleep(0.05)  # let the emulator apply the last SYNC_WRITEs
         _wire_check(emu, dict.fromkeys(range(1, 7), 2048), (1000, 3000))
     assert telemetry["ticks"] > 0.9 * CYCLES
-    assert telemetry["clipped_step"] > 0 and telemetry["clipped_limits"] > 0 and telemetry["refused_nonfinite"] > 0
+    assert (
+        telemetry["clipped_step"] > 0
+        and telemetry["clipped_limits"] > 0
+        and telemetry["refused_nonfinite"] > 0
+    )
     assert telemetry["watchdog_holds"] > 0
     assert telemetry["faults"] == 0 and telemetry["stopped"] == "closed (on_exit=hold)"
     print(f"{CYCLES} cycles in {elapsed:.1f} s ({CYCLES / elapsed:.0f} Hz), telemetry {telemetry}")
@@ -166,7 +182,13 @@ def test_signal_mid_run_leaves_the_configured_torque_state(policy: str, sig: sig
     port = emulator.start()
     emulator.set_present_positions(dict.fromkeys(range(1, 7), 2048))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), port, policy], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), port, policy],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "running", proc.stderr.read() if proc.stderr else ""

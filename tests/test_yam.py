@@ -19,7 +19,9 @@ _channels = itertools.count()
 
 
 def _emulated_arm(**kw) -> DamiaoEmulator:
-    emulator = DamiaoEmulator(MOTORS, channel=f"test-yam-{next(_channels)}", hard_limits={GRIPPER_ID: (-0.2, 1.8)}, **kw)
+    emulator = DamiaoEmulator(
+        MOTORS, channel=f"test-yam-{next(_channels)}", hard_limits={GRIPPER_ID: (-0.2, 1.8)}, **kw
+    )
     emulator.start()
     emulator.set_positions({2: 0.5, 3: 0.4})
     return emulator
@@ -69,7 +71,9 @@ def test_drive_timeout_without_watchdog_is_a_safe_stop() -> None:
     try:
         arm = YAM(emu.channel, interface="virtual", gripper_range=(-0.2, 1.8))
         arm.connect()
-        with SafetyLayer(arm, SafetyConfig(watchdog_thread=False, handle_signals=False, on_exit="disable")) as safety:
+        with SafetyLayer(
+            arm, SafetyConfig(watchdog_thread=False, handle_signals=False, on_exit="disable")
+        ) as safety:
             time.sleep(0.15)
             with pytest.raises(SafetyError, match="LOST_COMMUNICATION"):
                 safety.send(safety.last_commanded)
@@ -82,7 +86,9 @@ def test_bimanual_state_is_left_then_right() -> None:
     left, right = _emulated_arm(), _emulated_arm()
     right.set_positions({1: -0.7})
     try:
-        robot = BimanualYAM.on_channels(left.channel, right.channel, interface="virtual", gripper_range=(-0.2, 1.8))
+        robot = BimanualYAM.on_channels(
+            left.channel, right.channel, interface="virtual", gripper_range=(-0.2, 1.8)
+        )
         with robot:
             state = robot.read_state()
             assert state.shape == (14,)

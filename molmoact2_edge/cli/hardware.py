@@ -57,10 +57,21 @@ def _baud_table(bus: str) -> dict[int, int]:
     return dict(BAUD_RATES)
 
 
-bus_option = click.option("--bus", "bus_kind", type=click.Choice(BUSES), required=True, help="Servo family on the port.")
-port_option = click.option("--port", required=True, help="Serial device (/dev/ttyACM0) or CAN channel (can0).")
-interface_option = click.option("--interface", default="socketcan", show_default=True, help="python-can interface for --bus damiao (socketcan, slcan, udp_multicast).")
-baud_option = click.option("--baudrate", type=int, default=None, help="Bus speed (default: the family's 1 Mbps).")
+bus_option = click.option(
+    "--bus", "bus_kind", type=click.Choice(BUSES), required=True, help="Servo family on the port."
+)
+port_option = click.option(
+    "--port", required=True, help="Serial device (/dev/ttyACM0) or CAN channel (can0)."
+)
+interface_option = click.option(
+    "--interface",
+    default="socketcan",
+    show_default=True,
+    help="python-can interface for --bus damiao (socketcan, slcan, udp_multicast).",
+)
+baud_option = click.option(
+    "--baudrate", type=int, default=None, help="Bus speed (default: the family's 1 Mbps)."
+)
 
 
 @click.group()
@@ -81,7 +92,11 @@ def motors() -> None:
 @port_option
 @interface_option
 @click.option("--ids", default="1-20", show_default=True, help="Ids to ping.")
-@click.option("--all-baudrates/--default-baudrate", default=False, help="Try every baud rate the family supports (slow).")
+@click.option(
+    "--all-baudrates/--default-baudrate",
+    default=False,
+    help="Try every baud rate the family supports (slow).",
+)
 def scan(bus_kind: str, port: str, interface: str, ids: str, all_baudrates: bool) -> None:
     """Ping ids (at one or every baud rate) and list what answers."""
     id_list = _parse_ids(ids)
@@ -90,7 +105,9 @@ def scan(bus_kind: str, port: str, interface: str, ids: str, all_baudrates: bool
     with bus:
         found = bus.scan(id_list, rates)
     if not found:
-        raise HardwareError(f"no motor answered on {port} (ids {ids}, baud rates {rates}); check power, cabling and --bus")
+        raise HardwareError(
+            f"no motor answered on {port} (ids {ids}, baud rates {rates}); check power, cabling and --bus"
+        )
     for baud, motors_found in found.items():
         for motor_id, model in sorted(motors_found.items()):
             name = bus.model_numbers.get(model, "damiao drive" if bus_kind == "damiao" else f"model {model}")
@@ -104,7 +121,9 @@ def scan(bus_kind: str, port: str, interface: str, ids: str, all_baudrates: bool
 @baud_option
 @click.option("--id", "ids", default="1", show_default=True, help="Motor ids, e.g. 1-6.")
 @click.argument("registers", nargs=-1)
-def read(bus_kind: str, port: str, interface: str, baudrate: int | None, ids: str, registers: tuple[str, ...]) -> None:
+def read(
+    bus_kind: str, port: str, interface: str, baudrate: int | None, ids: str, registers: tuple[str, ...]
+) -> None:
     """Read registers by name (default: every register of the control table)."""
     id_list = _parse_ids(ids)
     bus = _open_bus(bus_kind, port, baudrate, interface, id_list)
@@ -113,7 +132,10 @@ def read(bus_kind: str, port: str, interface: str, baudrate: int | None, ids: st
         for name in names:
             reg = bus.control_table.resolve(name)
             values = [str(bus.read(reg, i)) for i in id_list]
-            click.echo(f"{reg.name:<28} @{reg.address:<4} " + "  ".join(f"{i}:{v}" for i, v in zip(id_list, values, strict=True)))
+            click.echo(
+                f"{reg.name:<28} @{reg.address:<4} "
+                + "  ".join(f"{i}:{v}" for i, v in zip(id_list, values, strict=True))
+            )
 
 
 @motors.command()
@@ -124,7 +146,9 @@ def read(bus_kind: str, port: str, interface: str, baudrate: int | None, ids: st
 @click.option("--id", "ids", required=True, help="Motor ids, e.g. 6 or 1-6.")
 @click.argument("register")
 @click.argument("value", type=int)
-def write(bus_kind: str, port: str, interface: str, baudrate: int | None, ids: str, register: str, value: int) -> None:
+def write(
+    bus_kind: str, port: str, interface: str, baudrate: int | None, ids: str, register: str, value: int
+) -> None:
     """Write one register of one or more motors and read it back.
 
     EEPROM registers (ID, Baud_Rate, limits, offsets) need torque off first (and Lock 0 on Feetech).
@@ -136,7 +160,9 @@ def write(bus_kind: str, port: str, interface: str, baudrate: int | None, ids: s
         for motor_id in id_list:
             bus.write(reg, motor_id, value)
             if reg.name in ("ID", "CAN_ID", "Baud_Rate"):
-                click.echo(f"motor {motor_id}: {reg.name} <- {value} (the motor now answers at its new setting)")
+                click.echo(
+                    f"motor {motor_id}: {reg.name} <- {value} (the motor now answers at its new setting)"
+                )
                 continue
             click.echo(f"motor {motor_id}: {reg.name} <- {value}, reads {bus.read(reg, motor_id)}")
 
@@ -153,11 +179,25 @@ def _range_table(mins: Mapping[str, int], maxes: Mapping[str, int], current: Map
 @click.command()
 @click.argument("robot_kind", type=click.Choice(["so101", "koch"]))
 @port_option
-@click.option("--robot-id", default="follower", show_default=True, help="LeRobot --robot.id: names the calibration file.")
-@click.option("--output", type=click.Path(dir_okay=False), default=None, help="Where to save (default: LeRobot's calibration folder).")
-@click.option("--duration", type=float, default=None, help="Record ranges for this many seconds instead of until Enter.")
+@click.option(
+    "--robot-id",
+    default="follower",
+    show_default=True,
+    help="LeRobot --robot.id: names the calibration file.",
+)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Where to save (default: LeRobot's calibration folder).",
+)
+@click.option(
+    "--duration", type=float, default=None, help="Record ranges for this many seconds instead of until Enter."
+)
 @click.option("--force", is_flag=True, help="Recalibrate even if a calibration file exists.")
-def calibrate(robot_kind: str, port: str, robot_id: str, output: str | None, duration: float | None, force: bool) -> None:
+def calibrate(
+    robot_kind: str, port: str, robot_id: str, output: str | None, duration: float | None, force: bool
+) -> None:
     """Calibrate an SO-101 (or Koch) follower, LeRobot-compatible.
 
     \b
@@ -179,15 +219,26 @@ def calibrate(robot_kind: str, port: str, robot_id: str, output: str | None, dur
     robot.connect_for_calibration()
     try:
         if path.exists() and not force:
-            answer = click.prompt(f"{path} exists. Enter to write it to the motors, or 'c' to recalibrate", default="", show_default=False)
+            answer = click.prompt(
+                f"{path} exists. Enter to write it to the motors, or 'c' to recalibrate",
+                default="",
+                show_default=False,
+            )
             if answer.strip().lower() != "c":
                 robot.write_calibration(load_calibration(path, robot.joint_names))
                 click.echo(f"wrote {path} to the motors on {port}")
                 return
-        click.prompt(f"Move {robot_kind} to the middle of its range of motion, then press Enter", default="", show_default=False, prompt_suffix="")
+        click.prompt(
+            f"Move {robot_kind} to the middle of its range of motion, then press Enter",
+            default="",
+            show_default=False,
+            prompt_suffix="",
+        )
         offsets = robot.set_half_turn_homings()
         swept = [n for n in robot.joint_names if n not in robot.full_turn_motors]
-        click.echo(f"Move every joint except {', '.join(robot.full_turn_motors) or 'none'} through its full range ({', '.join(swept)}).")
+        click.echo(
+            f"Move every joint except {', '.join(robot.full_turn_motors) or 'none'} through its full range ({', '.join(swept)})."
+        )
         stop = threading.Event()
         if duration is None:
             click.echo("Press Enter to stop recording.")
@@ -212,7 +263,12 @@ def _set_on_enter(event: threading.Event) -> None:
 
 @click.command()
 @click.argument("robot_kind", type=click.Choice(["so101", "koch", "yam"]))
-@click.option("--channel", default="239.74.163.2", show_default=True, help="yam: udp_multicast group used as the CAN channel.")
+@click.option(
+    "--channel",
+    default="239.74.163.2",
+    show_default=True,
+    help="yam: udp_multicast group used as the CAN channel.",
+)
 @click.option("--seconds", type=float, default=None, help="Stop after this long (default: until Ctrl-C).")
 def emulate(robot_kind: str, channel: str, seconds: float | None) -> None:
     """Start an emulated bus with the robot's motors and print where to connect.
@@ -242,7 +298,9 @@ def emulate(robot_kind: str, channel: str, seconds: float | None) -> None:
 
         _require_msgpack()
         motors_map = {i + 1: m for i, m in enumerate(ARM_MODELS)} | {GRIPPER_ID: "dm4310"}
-        emulator = DamiaoEmulator(motors_map, channel=channel, interface="udp_multicast", hard_limits={GRIPPER_ID: (-0.2, 1.8)})
+        emulator = DamiaoEmulator(
+            motors_map, channel=channel, interface="udp_multicast", hard_limits={GRIPPER_ID: (-0.2, 1.8)}
+        )
         where = f"--bus damiao --interface udp_multicast --port {emulator.start()}"
     click.echo(f"emulated {robot_kind} running: {where}", nl=True)
     click.echo("Ctrl-C to stop.")
@@ -262,4 +320,6 @@ def _require_msgpack() -> None:
     except ImportError as err:
         from molmoact2_edge.errors import DependencyError
 
-        raise DependencyError("an emulated CAN bus other processes can reach uses python-can's udp_multicast: pip install msgpack") from err
+        raise DependencyError(
+            "an emulated CAN bus other processes can reach uses python-can's udp_multicast: pip install msgpack"
+        ) from err

@@ -88,34 +88,46 @@ def default_calibration_path(robot_type: str, robot_id: str, legacy_types: tuple
     return path
 
 
-def load_calibration(path: str | Path, motor_names: tuple[str, ...] | None = None) -> dict[str, MotorCalibration]:
+def load_calibration(
+    path: str | Path, motor_names: tuple[str, ...] | None = None
+) -> dict[str, MotorCalibration]:
     """Read a LeRobot calibration JSON; with ``motor_names``, every motor must be present."""
     path = Path(path)
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CalibrationError(f"no calibration file at {path}; run `molmo-edge calibrate` (or lerobot-calibrate) first") from None
+        raise CalibrationError(
+            f"no calibration file at {path}; run `molmo-edge calibrate` (or lerobot-calibrate) first"
+        ) from None
     except json.JSONDecodeError as err:
         raise CalibrationError(f"calibration file {path} is not valid JSON: {err}") from err
     if not isinstance(raw, dict):
-        raise CalibrationError(f"calibration file {path}: expected an object of motor entries, got {type(raw).__name__}")
+        raise CalibrationError(
+            f"calibration file {path}: expected an object of motor entries, got {type(raw).__name__}"
+        )
     fields = tuple(MotorCalibration.__dataclass_fields__)
     calibration: dict[str, MotorCalibration] = {}
     for name, entry in raw.items():
         if not isinstance(entry, dict) or set(entry) != set(fields):
             got = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
-            raise CalibrationError(f"calibration file {path}: motor '{name}' must have keys {list(fields)}, got {got}")
+            raise CalibrationError(
+                f"calibration file {path}: motor '{name}' must have keys {list(fields)}, got {got}"
+            )
         bad = [k for k in fields if not isinstance(entry[k], int) or isinstance(entry[k], bool)]
         if bad:
             raise CalibrationError(f"calibration file {path}: motor '{name}' fields {bad} must be integers")
         cal = MotorCalibration(**{k: entry[k] for k in fields})
         if cal.range_min >= cal.range_max:
-            raise CalibrationError(f"calibration file {path}: motor '{name}' has range_min {cal.range_min} >= range_max {cal.range_max}; recalibrate")
+            raise CalibrationError(
+                f"calibration file {path}: motor '{name}' has range_min {cal.range_min} >= range_max {cal.range_max}; recalibrate"
+            )
         calibration[name] = cal
     if motor_names is not None:
         missing = [n for n in motor_names if n not in calibration]
         if missing:
-            raise CalibrationError(f"calibration file {path} lacks motors {missing} (has {sorted(calibration)})")
+            raise CalibrationError(
+                f"calibration file {path} lacks motors {missing} (has {sorted(calibration)})"
+            )
     return calibration
 
 
@@ -134,7 +146,14 @@ def save_calibration(calibration: Mapping[str, MotorCalibration], path: str | Pa
 # --- normalization -----------------------------------------------------------------------------
 
 
-def normalize(raw: float, cal: MotorCalibration, mode: NormMode, resolution: int = 4096, *, apply_drive_mode: bool = True) -> float:
+def normalize(
+    raw: float,
+    cal: MotorCalibration,
+    mode: NormMode,
+    resolution: int = 4096,
+    *,
+    apply_drive_mode: bool = True,
+) -> float:
     """Servo steps -> normalized units (LeRobot ``_normalize``)."""
     lo, hi = cal.range_min, cal.range_max
     drive = apply_drive_mode and bool(cal.drive_mode)
@@ -148,7 +167,14 @@ def normalize(raw: float, cal: MotorCalibration, mode: NormMode, resolution: int
     return 100.0 - norm if drive else norm
 
 
-def unnormalize(value: float, cal: MotorCalibration, mode: NormMode, resolution: int = 4096, *, apply_drive_mode: bool = True) -> int:
+def unnormalize(
+    value: float,
+    cal: MotorCalibration,
+    mode: NormMode,
+    resolution: int = 4096,
+    *,
+    apply_drive_mode: bool = True,
+) -> int:
     """Normalized units -> servo steps (LeRobot ``_unnormalize``, rounded instead of truncated)."""
     lo, hi = cal.range_min, cal.range_max
     drive = apply_drive_mode and bool(cal.drive_mode)
@@ -182,13 +208,19 @@ class JointFrame:
 
     def __post_init__(self) -> None:
         if len(self.signs) != len(self.offsets) or any(s not in (1, -1) for s in self.signs):
-            raise CalibrationError(f"JointFrame: signs must be +-1 and match offsets, got {self.signs} / {self.offsets}")
+            raise CalibrationError(
+                f"JointFrame: signs must be +-1 and match offsets, got {self.signs} / {self.offsets}"
+            )
 
     def to_policy(self, robot_values: np.ndarray) -> np.ndarray:
-        return (np.asarray(self.signs, np.float32) * robot_values + np.asarray(self.offsets, np.float32)).astype(np.float32)
+        return (
+            np.asarray(self.signs, np.float32) * robot_values + np.asarray(self.offsets, np.float32)
+        ).astype(np.float32)
 
     def to_robot(self, policy_values: np.ndarray) -> np.ndarray:
-        return ((policy_values - np.asarray(self.offsets, np.float32)) * np.asarray(self.signs, np.float32)).astype(np.float32)
+        return (
+            (policy_values - np.asarray(self.offsets, np.float32)) * np.asarray(self.signs, np.float32)
+        ).astype(np.float32)
 
 
 SO100_101_LEGACY_FRAME = JointFrame(signs=(1, -1, 1, 1, 1, 1), offsets=(0, 90, 90, 0, 0, 0))
@@ -198,7 +230,10 @@ SO100_101_LEGACY_FRAME = JointFrame(signs=(1, -1, 1, 1, 1, 1), offsets=(0, 90, 9
 
 
 def half_turn_homing_offsets(
-    positions: Mapping[str, int], resolution: int = 4096, homing_sign: int = -1, max_magnitude: int | None = 2047
+    positions: Mapping[str, int],
+    resolution: int = 4096,
+    homing_sign: int = -1,
+    max_magnitude: int | None = 2047,
 ) -> dict[str, int]:
     """Offsets that make the current (middle) pose read half a turn (2047).
 
@@ -214,7 +249,9 @@ def half_turn_homing_offsets(
     offsets: dict[str, int] = {}
     for name, pos in positions.items():
         if max_magnitude is not None and not 0 <= pos < resolution:
-            raise CalibrationError(f"motor '{name}' reads {pos}, outside 0..{resolution - 1}; is multi-turn (Phase bit 4) mode on?")
+            raise CalibrationError(
+                f"motor '{name}' reads {pos}, outside 0..{resolution - 1}; is multi-turn (Phase bit 4) mode on?"
+            )
         offset = (pos - half) if homing_sign < 0 else (half - pos)
         if max_magnitude is not None:
             offset = max(-max_magnitude, min(max_magnitude, offset))
@@ -250,5 +287,7 @@ def record_ranges(
         time.sleep(period_s)
     same = [n for n in mins if mins[n] == maxes[n]]
     if same:
-        raise CalibrationError(f"joints {same} did not move during range recording; sweep each joint end to end")
+        raise CalibrationError(
+            f"joints {same} did not move during range recording; sweep each joint end to end"
+        )
     return mins, maxes

@@ -64,7 +64,9 @@ class Camera(ABC):
 
     def __init__(self, name: str, width: int, height: int, fps: float):
         if width <= 0 or height <= 0 or fps <= 0:
-            raise CameraError(f"camera '{name}': width, height and fps must be positive, got {width}x{height} @ {fps}")
+            raise CameraError(
+                f"camera '{name}': width, height and fps must be positive, got {width}x{height} @ {fps}"
+            )
         self.name = name
         self.width = width
         self.height = height
@@ -172,16 +174,28 @@ class OpenCVCamera(Camera):
         if isinstance(source, str) and source.isdigit():
             source = int(source)
         if isinstance(source, str) and not Path(source).exists():
-            raise CameraError(f"camera '{self.name}': no device at {source} (list them with `ls /dev/video*` or `molmo-edge doctor`)")
-        capture = cv2.VideoCapture(source, cv2.CAP_V4L2) if isinstance(source, int) or source.startswith("/dev/") else cv2.VideoCapture(source)
+            raise CameraError(
+                f"camera '{self.name}': no device at {source} (list them with `ls /dev/video*` or `molmo-edge doctor`)"
+            )
+        capture = (
+            cv2.VideoCapture(source, cv2.CAP_V4L2)
+            if isinstance(source, int) or source.startswith("/dev/")
+            else cv2.VideoCapture(source)
+        )
         if not capture.isOpened():
-            raise CameraError(f"camera '{self.name}': could not open {self.device} (busy, missing, or no permission: is the user in group 'video'?)")
+            raise CameraError(
+                f"camera '{self.name}': could not open {self.device} (busy, missing, or no permission: is the user in group 'video'?)"
+            )
         if self.fourcc:
             capture.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter_fourcc(*self.fourcc))
         capture.set(cv2.CAP_PROP_FRAME_WIDTH, self.width)
         capture.set(cv2.CAP_PROP_FRAME_HEIGHT, self.height)
         capture.set(cv2.CAP_PROP_FPS, self.fps)
-        got = (int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)), float(capture.get(cv2.CAP_PROP_FPS)))
+        got = (
+            int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
+            int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+            float(capture.get(cv2.CAP_PROP_FPS)),
+        )
         if got[:2] != (self.width, self.height) or abs(got[2] - self.fps) > self.fps_tolerance:
             capture.release()
             raise CameraError(
@@ -214,7 +228,9 @@ class OpenCVCamera(Camera):
 
     def _wait_first_frame(self) -> None:
         with self._cond:
-            self._cond.wait_for(lambda: self._latest is not None or self._failure is not None, self.first_frame_timeout_s)
+            self._cond.wait_for(
+                lambda: self._latest is not None or self._failure is not None, self.first_frame_timeout_s
+            )
         if self._latest is None:
             reason = self._failure or f"no frame within {self.first_frame_timeout_s:.1f} s"
             self.disconnect()
@@ -225,7 +241,9 @@ class OpenCVCamera(Camera):
             raise CameraError(f"camera '{self.name}' ({self.device}) is not connected; call connect() first")
         with self._cond:
             if self._latest is None:
-                self._cond.wait_for(lambda: self._latest is not None or self._failure is not None, self.first_frame_timeout_s)
+                self._cond.wait_for(
+                    lambda: self._latest is not None or self._failure is not None, self.first_frame_timeout_s
+                )
             frame, failure = self._latest, self._failure
         if failure is not None:
             raise CameraError(f"camera '{self.name}': {failure}")
@@ -267,7 +285,9 @@ def _decode_with_opencv(path: Path) -> list[np.ndarray]:
     try:
         cv2 = _import_cv2()
     except DependencyError as err:
-        raise DependencyError(f"reading {path} needs PyAV or OpenCV: pip install av (or opencv-python-headless)") from err
+        raise DependencyError(
+            f"reading {path} needs PyAV or OpenCV: pip install av (or opencv-python-headless)"
+        ) from err
     capture = cv2.VideoCapture(str(path))
     frames = []
     while True:
@@ -308,7 +328,9 @@ class ReplayCamera(Camera):
             height = width = 1  # known after decoding at connect()
         super().__init__(name, int(width), int(height), fps)
         if depth is not None and (self._frames is None or depth.shape != self._frames.shape[:3]):
-            raise CameraError(f"camera '{name}': depth must be (k, h, w) matching the frames, got {depth.shape}")
+            raise CameraError(
+                f"camera '{name}': depth must be (k, h, w) matching the frames, got {depth.shape}"
+            )
         self.realtime = realtime
         self.loop = loop
         self._depth = depth
@@ -318,7 +340,9 @@ class ReplayCamera(Camera):
     @staticmethod
     def _check_frames(name: str, frames: np.ndarray) -> np.ndarray:
         if frames.ndim != 4 or frames.shape[3] != 3 or frames.dtype != np.uint8 or frames.shape[0] == 0:
-            raise CameraError(f"camera '{name}': frames must be (k, h, w, 3) uint8 with k > 0, got {frames.shape} {frames.dtype}")
+            raise CameraError(
+                f"camera '{name}': frames must be (k, h, w, 3) uint8 with k > 0, got {frames.shape} {frames.dtype}"
+            )
         return frames
 
     @property
@@ -346,7 +370,11 @@ class ReplayCamera(Camera):
             self._next += 1
         count = len(self._frames)
         if index >= count and not self.loop:
-            raise CameraError(f"replay camera '{self.name}': all {count} frames played (pass loop=True to wrap)")
+            raise CameraError(
+                f"replay camera '{self.name}': all {count} frames played (pass loop=True to wrap)"
+            )
         i = index % count
         depth = None if self._depth is None else self._depth[i]
-        return self._check_age(Frame(rgb=self._frames[i], timestamp=timestamp, depth=depth, index=index), max_age_ms)
+        return self._check_age(
+            Frame(rgb=self._frames[i], timestamp=timestamp, depth=depth, index=index), max_age_ms
+        )

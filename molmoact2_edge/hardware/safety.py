@@ -65,7 +65,9 @@ class SafetyConfig:
         if self.on_exit not in ("hold", "disable"):
             raise SafetyError(f"on_exit must be 'hold' or 'disable', got {self.on_exit!r}")
         if self.margin < 0 or self.watchdog_s <= 0:
-            raise SafetyError(f"margin must be >= 0 and watchdog_s > 0 (got margin={self.margin}, watchdog_s={self.watchdog_s})")
+            raise SafetyError(
+                f"margin must be >= 0 and watchdog_s > 0 (got margin={self.margin}, watchdog_s={self.watchdog_s})"
+            )
 
 
 class _Terminated(KeyboardInterrupt):
@@ -79,17 +81,25 @@ class SafetyLayer:
     ticks without sleeping.
     """
 
-    def __init__(self, robot: Robot, config: SafetyConfig | None = None, *, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, robot: Robot, config: SafetyConfig | None = None, *, clock: Callable[[], float] = time.monotonic
+    ):
         self.robot = robot
         self.config = config or SafetyConfig()
         self.clock = clock
         limits = robot.limits()
         self.limits = limits
         self.lower, self.upper = self._envelope(limits, self.config.margin)
-        step = limits.max_step if self.config.max_step is None else np.broadcast_to(np.asarray(self.config.max_step, np.float32), limits.lower.shape)
+        step = (
+            limits.max_step
+            if self.config.max_step is None
+            else np.broadcast_to(np.asarray(self.config.max_step, np.float32), limits.lower.shape)
+        )
         self.max_step = np.asarray(step, np.float32)
         if np.any(self.max_step <= 0):
-            raise SafetyError(f"max_step must be positive for every joint of {robot.name}, got {self.max_step}")
+            raise SafetyError(
+                f"max_step must be positive for every joint of {robot.name}, got {self.max_step}"
+            )
         self.last_commanded: np.ndarray | None = None
         self.stopped: str | None = None  # reason, once stopped
         self._last_action_time = 0.0
@@ -98,7 +108,9 @@ class SafetyLayer:
         self._watchdog: threading.Thread | None = None
         self._watchdog_stop = threading.Event()
         self._old_handlers: dict[int, object] = {}
-        self.counts = dict.fromkeys(("ticks", "clipped_limits", "clipped_step", "refused_nonfinite", "watchdog_holds", "faults"), 0)
+        self.counts = dict.fromkeys(
+            ("ticks", "clipped_limits", "clipped_step", "refused_nonfinite", "watchdog_holds", "faults"), 0
+        )
 
     @staticmethod
     def _envelope(limits: JointLimits, margin: float) -> tuple[np.ndarray, np.ndarray]:
@@ -106,7 +118,9 @@ class SafetyLayer:
         upper = np.asarray(limits.upper, np.float32) - margin
         narrow = [n for n, lo, hi in zip(limits.names, lower, upper, strict=True) if lo >= hi]
         if narrow:
-            raise SafetyError(f"margin {margin} leaves no room for joints {narrow} (limits {limits.lower} .. {limits.upper})")
+            raise SafetyError(
+                f"margin {margin} leaves no room for joints {narrow} (limits {limits.lower} .. {limits.upper})"
+            )
         return lower, upper
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -115,9 +129,16 @@ class SafetyLayer:
         self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if exc is not None:
-            logger.warning("safety layer exiting on %s: %s; applying on_exit=%s", exc_type.__name__ if exc_type else "?", exc, self.config.on_exit)
+            logger.warning(
+                "safety layer exiting on %s: %s; applying on_exit=%s",
+                exc_type.__name__ if exc_type else "?",
+                exc,
+                self.config.on_exit,
+            )
         self.close()
 
     def start(self) -> None:
@@ -132,7 +153,13 @@ class SafetyLayer:
             self._watchdog_stop.clear()
             self._watchdog = threading.Thread(target=self._watchdog_loop, name="safety-watchdog", daemon=True)
             self._watchdog.start()
-        logger.info("safety layer on %s: start pose %s, step %s, on_exit=%s", self.robot.name, np.round(measured, 2).tolist(), self.max_step.tolist(), self.config.on_exit)
+        logger.info(
+            "safety layer on %s: start pose %s, step %s, on_exit=%s",
+            self.robot.name,
+            np.round(measured, 2).tolist(),
+            self.max_step.tolist(),
+            self.config.on_exit,
+        )
 
     def close(self) -> None:
         """Stop the watchdog, apply the exit policy, restore signal handlers. Safe to call twice."""
@@ -154,7 +181,9 @@ class SafetyLayer:
             assert self.last_commanded is not None
             target = np.asarray(target, np.float32)
             if target.shape != self.last_commanded.shape:
-                raise SafetyError(f"{self.robot.name}: action shape {target.shape} != state shape {self.last_commanded.shape}")
+                raise SafetyError(
+                    f"{self.robot.name}: action shape {target.shape} != state shape {self.last_commanded.shape}"
+                )
             self.counts["ticks"] += 1
             if not np.all(np.isfinite(target)):
                 self.counts["refused_nonfinite"] += 1
@@ -193,7 +222,9 @@ class SafetyLayer:
         """``robot.get_observation`` with the same dead-bus and fault handling as ``send``."""
         with self._lock:
             self._require_running()
-            return self._guarded(lambda: self.robot.get_observation(task, max_camera_age_ms), "reading an observation")
+            return self._guarded(
+                lambda: self.robot.get_observation(task, max_camera_age_ms), "reading an observation"
+            )
 
     def hold(self) -> np.ndarray:
         """Re-send the last commanded target (refreshes CAN drives' command timeout)."""

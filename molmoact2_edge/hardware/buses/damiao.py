@@ -133,7 +133,18 @@ def pack_mit(cmd: MitCommand, model: DamiaoModel) -> bytes:
     kp = float_to_uint(cmd.kp, 0.0, KP_MAX, 12)
     kd = float_to_uint(cmd.kd, 0.0, KD_MAX, 12)
     t = float_to_uint(cmd.torque, -model.t_max, model.t_max, 12)
-    return bytes([p >> 8, p & 0xFF, v >> 4, ((v & 0xF) << 4) | (kp >> 8), kp & 0xFF, kd >> 4, ((kd & 0xF) << 4) | (t >> 8), t & 0xFF])
+    return bytes(
+        [
+            p >> 8,
+            p & 0xFF,
+            v >> 4,
+            ((v & 0xF) << 4) | (kp >> 8),
+            kp & 0xFF,
+            kd >> 4,
+            ((kd & 0xF) << 4) | (t >> 8),
+            t & 0xFF,
+        ]
+    )
 
 
 def unpack_mit(data: bytes, model: DamiaoModel) -> MitCommand:
@@ -169,7 +180,18 @@ def pack_feedback(fb: MotorFeedback, model: DamiaoModel) -> bytes:
     p = float_to_uint(fb.position, -model.p_max, model.p_max, 16)
     v = float_to_uint(fb.velocity, -model.v_max, model.v_max, 12)
     t = float_to_uint(fb.torque, -model.t_max, model.t_max, 12)
-    return bytes([(int(fb.state) << 4) | (fb.motor_id & 0xF), p >> 8, p & 0xFF, v >> 4, ((v & 0xF) << 4) | (t >> 8), t & 0xFF, fb.t_mos & 0xFF, fb.t_rotor & 0xFF])
+    return bytes(
+        [
+            (int(fb.state) << 4) | (fb.motor_id & 0xF),
+            p >> 8,
+            p & 0xFF,
+            v >> 4,
+            ((v & 0xF) << 4) | (t >> 8),
+            t & 0xFF,
+            fb.t_mos & 0xFF,
+            fb.t_rotor & 0xFF,
+        ]
+    )
 
 
 def decode_feedback(data: bytes, model: DamiaoModel) -> MotorFeedback:
@@ -179,7 +201,11 @@ def decode_feedback(data: bytes, model: DamiaoModel) -> MotorFeedback:
     try:
         state = MotorState(state_code)
     except ValueError:
-        raise ServoError(f"unknown Damiao state code 0x{state_code:X}", motor_id=data[0] & 0xF, flags=(f"state_0x{state_code:X}",)) from None
+        raise ServoError(
+            f"unknown Damiao state code 0x{state_code:X}",
+            motor_id=data[0] & 0xF,
+            flags=(f"state_0x{state_code:X}",),
+        ) from None
     return MotorFeedback(
         motor_id=data[0] & 0xF,
         state=state,
@@ -250,8 +276,14 @@ class DamiaoBus(Bus):
         try:
             self._can = can.Bus(**kwargs)
         except (can.CanError, OSError, ValueError) as err:
-            hint = f"`sudo ip link set {self.port} up type can bitrate {self.baudrate}`" if self.interface == "socketcan" else "the adapter and its serial port"
-            raise PortError(f"could not open CAN channel {self.port} ({self.interface}): {err}. Check {hint}") from err
+            hint = (
+                f"`sudo ip link set {self.port} up type can bitrate {self.baudrate}`"
+                if self.interface == "socketcan"
+                else "the adapter and its serial port"
+            )
+            raise PortError(
+                f"could not open CAN channel {self.port} ({self.interface}): {err}. Check {hint}"
+            ) from err
 
     def _disconnect_internal(self) -> None:
         if self._can is not None:
@@ -262,7 +294,9 @@ class DamiaoBus(Bus):
 
     def _set_baudrate_internal(self, baudrate: int) -> None:
         if baudrate != self.baudrate:
-            raise PortError(f"the CAN bitrate of {self.port} is set on the interface (ip link / adapter), not by the driver")
+            raise PortError(
+                f"the CAN bitrate of {self.port} is set on the interface (ip link / adapter), not by the driver"
+            )
 
     def _ping_internal(self, motor_id: int) -> int:
         """Damiao drives report no model number: a ping reads the drive's CAN id parameter (RID 8)."""
@@ -277,7 +311,9 @@ class DamiaoBus(Bus):
             raise BusTimeoutError(f"motor {motor_id} echoed a different value for {reg.name}")
 
     def _sync_read_internal(self, reg: Register, motor_ids: list[int]) -> dict[int, int]:
-        return {i: self._param_read_raw(i, reg.address) for i in motor_ids}  # CAN has no group read of parameters
+        return {
+            i: self._param_read_raw(i, reg.address) for i in motor_ids
+        }  # CAN has no group read of parameters
 
     def _sync_write_internal(self, reg: Register, raw: Mapping[int, int]) -> None:
         for motor_id, value in raw.items():
@@ -319,7 +355,9 @@ class DamiaoBus(Bus):
     def read_param_float(self, motor_id: int, name: str) -> float:
         if name not in FLOAT_PARAMS:
             raise RegisterError(f"unknown Damiao float parameter {name!r}; known: {sorted(FLOAT_PARAMS)}")
-        raw = self._run("read", None, [motor_id], lambda: self._param_exchange(motor_id, PARAM_READ, FLOAT_PARAMS[name]))
+        raw = self._run(
+            "read", None, [motor_id], lambda: self._param_exchange(motor_id, PARAM_READ, FLOAT_PARAMS[name])
+        )
         return float(struct.unpack("<f", raw)[0])
 
     def set_command_timeout(self, motor_id: int, seconds: float) -> None:
@@ -338,18 +376,27 @@ class DamiaoBus(Bus):
         try:
             return self.models[motor_id]
         except KeyError:
-            raise RegisterError(f"motor {motor_id} is not on the {self.port} chain (motors {sorted(self.models)})") from None
+            raise RegisterError(
+                f"motor {motor_id} is not on the {self.port} chain (motors {sorted(self.models)})"
+            ) from None
 
-    def _special(self, op: str, code: int, motor_ids: Iterable[int] | None, raise_on_fault: bool = True) -> dict[int, MotorFeedback]:
+    def _special(
+        self, op: str, code: int, motor_ids: Iterable[int] | None, raise_on_fault: bool = True
+    ) -> dict[int, MotorFeedback]:
         ids = self._ids(motor_ids if motor_ids is not None else self.models)
         frames = {i: (i, special_command(code)) for i in ids}
         return self._run(op, None, ids, lambda: self._exchange_feedback(frames, raise_on_fault))
 
     def _send(self, arbitration_id: int, data: bytes) -> None:
         try:
-            self._can.send(can.Message(arbitration_id=arbitration_id, data=data, is_extended_id=False), timeout=self.reply_timeout_s)
+            self._can.send(
+                can.Message(arbitration_id=arbitration_id, data=data, is_extended_id=False),
+                timeout=self.reply_timeout_s,
+            )
         except (can.CanError, OSError) as err:
-            raise PortError(f"CAN send on {self.port} failed: {err} (bus off, adapter unplugged, or channel down)") from err
+            raise PortError(
+                f"CAN send on {self.port} failed: {err} (bus off, adapter unplugged, or channel down)"
+            ) from err
 
     def _recv(self, deadline: float) -> can.Message | None:
         remaining = deadline - time.monotonic()
@@ -360,7 +407,9 @@ class DamiaoBus(Bus):
         except (can.CanError, OSError) as err:
             raise PortError(f"CAN receive on {self.port} failed: {err}") from err
 
-    def _exchange_feedback(self, frames: Mapping[int, tuple[int, bytes]], raise_on_fault: bool = True) -> dict[int, MotorFeedback]:
+    def _exchange_feedback(
+        self, frames: Mapping[int, tuple[int, bytes]], raise_on_fault: bool = True
+    ) -> dict[int, MotorFeedback]:
         """Send every frame, then collect one feedback frame per motor from its master id."""
         self._drain()
         for arbitration_id, data in frames.values():
@@ -372,7 +421,9 @@ class DamiaoBus(Bus):
             msg = self._recv(deadline)
             if msg is None:
                 missing = sorted(set(frames) - set(replies))
-                raise BusTimeoutError(f"no feedback from motor(s) {missing} within {self.reply_timeout_s * 1000:.0f} ms")
+                raise BusTimeoutError(
+                    f"no feedback from motor(s) {missing} within {self.reply_timeout_s * 1000:.0f} ms"
+                )
             motor_id = by_master.get(msg.arbitration_id)
             if motor_id is None or len(msg.data) != 8 or self._is_param_reply(msg.data, motor_id):
                 continue
@@ -383,7 +434,9 @@ class DamiaoBus(Bus):
             if faults:
                 first = min(faults)
                 detail = ", ".join(f"motor {i}: {s.name}" for i, s in sorted(faults.items()))
-                raise ServoError(f"drive fault ({detail})", motor_id=first, flags=tuple(s.name for s in faults.values()))
+                raise ServoError(
+                    f"drive fault ({detail})", motor_id=first, flags=tuple(s.name for s in faults.values())
+                )
         return replies
 
     @staticmethod
@@ -400,9 +453,17 @@ class DamiaoBus(Bus):
         while True:
             msg = self._recv(deadline)
             if msg is None:
-                raise BusTimeoutError(f"no parameter reply (RID {rid}) from motor {motor_id} within {self.reply_timeout_s * 1000:.0f} ms")
+                raise BusTimeoutError(
+                    f"no parameter reply (RID {rid}) from motor {motor_id} within {self.reply_timeout_s * 1000:.0f} ms"
+                )
             data = bytes(msg.data)
-            if msg.arbitration_id == master and len(data) == 8 and data[2] == op and data[3] == rid and data[0] | (data[1] << 8) == motor_id:
+            if (
+                msg.arbitration_id == master
+                and len(data) == 8
+                and data[2] == op
+                and data[3] == rid
+                and data[0] | (data[1] << 8) == motor_id
+            ):
                 return data[4:8]
 
     def _param_read_raw(self, motor_id: int, rid: int) -> int:

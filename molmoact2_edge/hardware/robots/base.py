@@ -49,10 +49,14 @@ class JointLimits:
         for field_name in ("lower", "upper", "max_step"):
             value = getattr(self, field_name)
             if np.shape(value) != (s,):
-                raise HardwareError(f"JointLimits.{field_name}: expected shape ({s},) for joints {self.names}, got {np.shape(value)}")
+                raise HardwareError(
+                    f"JointLimits.{field_name}: expected shape ({s},) for joints {self.names}, got {np.shape(value)}"
+                )
         bad = [n for n, lo, hi in zip(self.names, self.lower, self.upper, strict=True) if not lo < hi]
         if bad:
-            raise HardwareError(f"JointLimits: lower must be below upper for {bad} (lower={self.lower}, upper={self.upper})")
+            raise HardwareError(
+                f"JointLimits: lower must be below upper for {bad} (lower={self.lower}, upper={self.upper})"
+            )
         if np.any(self.max_step <= 0):
             raise HardwareError(f"JointLimits.max_step must be positive, got {self.max_step}")
 
@@ -67,7 +71,9 @@ class Robot(ABC):
     name: str = "robot"
     joint_names: tuple[str, ...] = ()
 
-    def __init__(self, cameras: dict[str, Camera] | None = None, *, disable_torque_on_disconnect: bool = True):
+    def __init__(
+        self, cameras: dict[str, Camera] | None = None, *, disable_torque_on_disconnect: bool = True
+    ):
         self.cameras: dict[str, Camera] = dict(cameras or {})
         for key, cam in self.cameras.items():
             if key != cam.name:
@@ -140,7 +146,11 @@ class Robot(ABC):
         for cam in self.cameras.values():
             cam.disconnect()
         self._disconnect_bus(disable_torque=self.disable_torque_on_disconnect)
-        logger.info("%s disconnected (torque %s)", self.name, "off" if self.disable_torque_on_disconnect else "left on")
+        logger.info(
+            "%s disconnected (torque %s)",
+            self.name,
+            "off" if self.disable_torque_on_disconnect else "left on",
+        )
 
     def __enter__(self) -> Robot:
         self.connect()
@@ -155,7 +165,9 @@ class Robot(ABC):
         """Command (s,) absolute joint targets; returns the (s,) float32 targets actually sent."""
         target = np.asarray(target, dtype=np.float32)
         if target.shape != (self.state_dim,):
-            raise HardwareError(f"{self.name}: action must have shape ({self.state_dim},) for joints {self.joint_names}, got {target.shape}")
+            raise HardwareError(
+                f"{self.name}: action must have shape ({self.state_dim},) for joints {self.joint_names}, got {target.shape}"
+            )
         if not np.all(np.isfinite(target)):
             raise HardwareError(f"{self.name}: refusing non-finite action {target.tolist()}")
         return np.asarray(self._write_targets(target), dtype=np.float32)

@@ -58,7 +58,9 @@ class Koch(SerialArm):
         **options: Any,
     ):
         """``options``: the ``SerialArm`` keywords (robot_id, use_degrees, max_step_deg, ...)."""
-        super().__init__(bus or DynamixelBus(port, baudrate=baudrate, retries=retries), calibration, cameras, **options)
+        super().__init__(
+            bus or DynamixelBus(port, baudrate=baudrate, retries=retries), calibration, cameras, **options
+        )
 
     def _torque_registers(self, enabled: bool) -> dict[str, int]:
         return {"Torque_Enable": int(enabled)}
@@ -67,6 +69,8 @@ class Koch(SerialArm):
         """LeRobot's setup: no return delay (factory 500 us per servo), modes, elbow gains."""
         for name, m in self.motors.items():
             self.bus.write("Return_Delay_Time", m.id, 0)
-            self.bus.write("Operating_Mode", m.id, CURRENT_BASED_POSITION if name == "gripper" else EXTENDED_POSITION)
+            self.bus.write(
+                "Operating_Mode", m.id, CURRENT_BASED_POSITION if name == "gripper" else EXTENDED_POSITION
+            )
         for register, value in KOCH_ELBOW_PID.items():
             self.bus.write(register, self.motors["elbow_flex"].id, value)

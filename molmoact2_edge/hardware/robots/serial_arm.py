@@ -99,9 +99,13 @@ class SerialArm(Robot):
             calibration = found if found.exists() else None
         if isinstance(calibration, (str, Path)):
             calibration = load_calibration(calibration, self.joint_names)
-        self.calibration: dict[str, MotorCalibration] | None = dict(calibration) if calibration is not None else None
+        self.calibration: dict[str, MotorCalibration] | None = (
+            dict(calibration) if calibration is not None else None
+        )
         if joint_frame is not None and len(joint_frame.signs) != len(self.joint_names):
-            raise CalibrationError(f"{self.name}: joint frame has {len(joint_frame.signs)} joints, the arm {len(self.joint_names)}")
+            raise CalibrationError(
+                f"{self.name}: joint frame has {len(joint_frame.signs)} joints, the arm {len(self.joint_names)}"
+            )
         self.joint_frame = joint_frame
         self.max_step_deg = max_step_deg
         self.max_step_gripper = max_step_gripper
@@ -123,12 +127,13 @@ class SerialArm(Robot):
     def _torque_registers(self, enabled: bool) -> dict[str, int]:
         """Register -> value to write to every motor to enable/disable torque (in order)."""
 
-
     # --- connection -------------------------------------------------------------------------
 
     def _connect_bus(self, require_calibration: bool = True) -> None:
         if require_calibration and self.calibration is None:
-            raise CalibrationError(f"{self.name} on {self.bus.port} has no calibration; run `molmo-edge calibrate {self.name} --port {self.bus.port}`")
+            raise CalibrationError(
+                f"{self.name} on {self.bus.port} has no calibration; run `molmo-edge calibrate {self.name} --port {self.bus.port}`"
+            )
         self.bus.connect()
         try:
             self.bus.verify_models({m.id: m.model_number for m in self.motors.values()})
@@ -177,7 +182,12 @@ class SerialArm(Robot):
         cal = self._cal()
         raw = self.read_raw()
         values = np.array(
-            [normalize(raw[n], cal[n], m.norm_mode, self.resolution, apply_drive_mode=self.apply_drive_mode) for n, m in self.motors.items()],
+            [
+                normalize(
+                    raw[n], cal[n], m.norm_mode, self.resolution, apply_drive_mode=self.apply_drive_mode
+                )
+                for n, m in self.motors.items()
+            ],
             np.float32,
         )
         return self.joint_frame.to_policy(values) if self.joint_frame else values
@@ -190,7 +200,19 @@ class SerialArm(Robot):
         for k, (name, m) in enumerate(self.motors.items()):
             c = cal[name]
             # the servo clamps goals to its EEPROM limits anyway; clamping here makes the return value true
-            raw = min(c.range_max, max(c.range_min, unnormalize(float(robot_frame[k]), c, m.norm_mode, self.resolution, apply_drive_mode=self.apply_drive_mode)))
+            raw = min(
+                c.range_max,
+                max(
+                    c.range_min,
+                    unnormalize(
+                        float(robot_frame[k]),
+                        c,
+                        m.norm_mode,
+                        self.resolution,
+                        apply_drive_mode=self.apply_drive_mode,
+                    ),
+                ),
+            )
             steps[m.id] = raw
             sent[k] = normalize(raw, c, m.norm_mode, self.resolution, apply_drive_mode=self.apply_drive_mode)
         self.bus.sync_write("Goal_Position", steps)
@@ -211,7 +233,14 @@ class SerialArm(Robot):
                     if enabled:
                         errors.append(err)
                     else:
-                        logger.warning("%s: motor %d took %s=%d but reports %s", self.name, motor_id, register, value, err.flags)
+                        logger.warning(
+                            "%s: motor %d took %s=%d but reports %s",
+                            self.name,
+                            motor_id,
+                            register,
+                            value,
+                            err.flags,
+                        )
                 except BusError as err:
                     errors.append(err)
         if errors:
@@ -222,7 +251,11 @@ class SerialArm(Robot):
         for name, m in self.motors.items():
             flags = tuple(flag for bit, flag in self.status_flags.items() if status[m.id] & (1 << bit))
             if flags:
-                raise ServoError(f"{self.name} on {self.bus.port}: motor {m.id} ({name}) reports {', '.join(flags)}", motor_id=m.id, flags=flags)
+                raise ServoError(
+                    f"{self.name} on {self.bus.port}: motor {m.id} ({name}) reports {', '.join(flags)}",
+                    motor_id=m.id,
+                    flags=flags,
+                )
 
     def limits(self) -> JointLimits:
         cal = self._cal()
@@ -244,7 +277,11 @@ class SerialArm(Robot):
         """Write homing offsets and position limits to EEPROM (torque must be off), when they differ."""
         for name, m in self.motors.items():
             c = calibration[name]
-            wanted = {"Homing_Offset": c.homing_offset, "Min_Position_Limit": c.range_min, "Max_Position_Limit": c.range_max}
+            wanted = {
+                "Homing_Offset": c.homing_offset,
+                "Min_Position_Limit": c.range_min,
+                "Max_Position_Limit": c.range_max,
+            }
             for register, value in wanted.items():
                 if self.bus.read(register, m.id) != value:
                     self.bus.write(register, m.id, value)
@@ -256,12 +293,19 @@ class SerialArm(Robot):
             self.bus.write("Homing_Offset", m.id, 0)
             self.bus.write("Min_Position_Limit", m.id, 0)
             self.bus.write("Max_Position_Limit", m.id, self.resolution - 1)
-        offsets = half_turn_homing_offsets(self.read_raw(), self.resolution, self.homing_sign, self.max_homing_offset)
+        offsets = half_turn_homing_offsets(
+            self.read_raw(), self.resolution, self.homing_sign, self.max_homing_offset
+        )
         for name, offset in offsets.items():
             self.bus.write("Homing_Offset", self.motors[name].id, offset)
         return offsets
 
-    def record_ranges(self, should_stop: Callable[[], bool], on_update: Callable[..., None] | None = None, period_s: float = 0.02) -> tuple[dict[str, int], dict[str, int]]:
+    def record_ranges(
+        self,
+        should_stop: Callable[[], bool],
+        on_update: Callable[..., None] | None = None,
+        period_s: float = 0.02,
+    ) -> tuple[dict[str, int], dict[str, int]]:
         """Record min/max while the user sweeps every joint except the full-turn ones."""
         swept = [n for n in self.motors if n not in self.full_turn_motors]
 
@@ -274,10 +318,22 @@ class SerialArm(Robot):
             mins[name], maxes[name] = 0, self.resolution - 1
         return mins, maxes
 
-    def finish_calibration(self, offsets: Mapping[str, int], mins: Mapping[str, int], maxes: Mapping[str, int], path: str | Path | None = None) -> dict[str, MotorCalibration]:
+    def finish_calibration(
+        self,
+        offsets: Mapping[str, int],
+        mins: Mapping[str, int],
+        maxes: Mapping[str, int],
+        path: str | Path | None = None,
+    ) -> dict[str, MotorCalibration]:
         """Build the calibration, write it to the motors and (optionally) to a LeRobot JSON file."""
         calibration = {
-            name: MotorCalibration(id=m.id, drive_mode=0, homing_offset=int(offsets[name]), range_min=int(mins[name]), range_max=int(maxes[name]))
+            name: MotorCalibration(
+                id=m.id,
+                drive_mode=0,
+                homing_offset=int(offsets[name]),
+                range_min=int(mins[name]),
+                range_max=int(maxes[name]),
+            )
             for name, m in self.motors.items()
         }
         self.write_calibration(calibration)

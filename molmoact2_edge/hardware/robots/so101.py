@@ -77,7 +77,9 @@ class SO101(SerialArm):
                 raise CalibrationError(f"unknown joint frame {joint_frame!r}; known: {sorted(JOINT_FRAMES)}")
             joint_frame = JOINT_FRAMES[joint_frame]
         if joint_frame is not None and not options.get("use_degrees", True):
-            raise CalibrationError("the SO100_101 joint-frame correction is in degrees; it needs use_degrees=True")
+            raise CalibrationError(
+                "the SO100_101 joint-frame correction is in degrees; it needs use_degrees=True"
+            )
         bus = bus or FeetechBus(port, baudrate=baudrate, retries=retries)
         super().__init__(bus, calibration, cameras, joint_frame=joint_frame, **options)
 

@@ -106,7 +106,11 @@ class YAM(Robot):
             self.bus.refresh(self._ids)  # every drive answers, none in a fault state
             for motor_id in self._ids:
                 if self.bus.read("Timeout", motor_id) == 0:
-                    logger.warning("%s motor %d has its CAN command timeout disabled; a hung host leaves it holding torque", self.bus.port, motor_id)
+                    logger.warning(
+                        "%s motor %d has its CAN command timeout disabled; a hung host leaves it holding torque",
+                        self.bus.port,
+                        motor_id,
+                    )
             if self.gripper_range is None:
                 self.gripper_range = self.find_gripper_range()
             self._hold(self.bus.refresh(self._ids))
@@ -128,9 +132,16 @@ class YAM(Robot):
     def _hold(self, feedback: dict[int, MotorFeedback]) -> None:
         """Enable and command the measured pose with full gains: torque on without a jump."""
         self.bus.enable(self._ids)
-        self.bus.mit({i: MitCommand(position=feedback[i].position, kp=float(self.kp[k]), kd=float(self.kd[k])) for k, i in enumerate(self._ids)})
+        self.bus.mit(
+            {
+                i: MitCommand(position=feedback[i].position, kp=float(self.kp[k]), kd=float(self.kd[k]))
+                for k, i in enumerate(self._ids)
+            }
+        )
 
-    def find_gripper_range(self, torque_nm: float = 0.5, timeout_s: float = 2.0, still_s: float = 0.1) -> tuple[float, float]:
+    def find_gripper_range(
+        self, torque_nm: float = 0.5, timeout_s: float = 2.0, still_s: float = 0.1
+    ) -> tuple[float, float]:
         """Drive the gripper to each jaw stop with a small torque (kp = kd = 0) and return (closed, open).
 
         The closing direction is taken as negative motor rotation (unverified on hardware: pass
@@ -152,7 +163,9 @@ class YAM(Robot):
         self.bus.mit({GRIPPER_ID: MitCommand(position=stops[1], kp=float(self.kp[6]), kd=float(self.kd[6]))})
         closed, opened = stops
         if opened - closed < 0.05:
-            raise CalibrationError(f"{self.bus.port}: gripper moved only {opened - closed:.3f} rad between its stops; check the gripper")
+            raise CalibrationError(
+                f"{self.bus.port}: gripper moved only {opened - closed:.3f} rad between its stops; check the gripper"
+            )
         logger.info("%s: gripper stops closed=%.3f open=%.3f rad", self.bus.port, closed, opened)
         return closed, opened
 
@@ -160,7 +173,9 @@ class YAM(Robot):
 
     def _gripper(self) -> tuple[float, float]:
         if self.gripper_range is None:
-            raise CalibrationError(f"{self.name} on {self.bus.port}: gripper range unknown; connect() first or pass gripper_range")
+            raise CalibrationError(
+                f"{self.name} on {self.bus.port}: gripper range unknown; connect() first or pass gripper_range"
+            )
         return self.gripper_range
 
     def _to_state(self, feedback: dict[int, MotorFeedback]) -> np.ndarray:
@@ -180,7 +195,14 @@ class YAM(Robot):
         if self.feedforward is not None:
             tau[:6] = self.feedforward(sent[:6])
         positions = [*sent[:6].tolist(), closed + float(sent[6]) * (opened - closed)]
-        self.bus.mit({i: MitCommand(position=positions[k], kp=float(self.kp[k]), kd=float(self.kd[k]), torque=float(tau[k])) for k, i in enumerate(self._ids)})
+        self.bus.mit(
+            {
+                i: MitCommand(
+                    position=positions[k], kp=float(self.kp[k]), kd=float(self.kd[k]), torque=float(tau[k])
+                )
+                for k, i in enumerate(self._ids)
+            }
+        )
         return sent
 
     def set_torque(self, enabled: bool) -> None:
@@ -191,10 +213,18 @@ class YAM(Robot):
 
     def check_faults(self) -> None:
         feedback = self.bus.refresh(self._ids)  # a drive fault state raises ServoError here
-        hot = {i: max(fb.t_mos, fb.t_rotor) for i, fb in feedback.items() if max(fb.t_mos, fb.t_rotor) >= self.max_temperature_c}
+        hot = {
+            i: max(fb.t_mos, fb.t_rotor)
+            for i, fb in feedback.items()
+            if max(fb.t_mos, fb.t_rotor) >= self.max_temperature_c
+        }
         if hot:
             first = min(hot)
-            raise ServoError(f"{self.name} on {self.bus.port}: motor temperature at or above {self.max_temperature_c:.0f} degC: {hot}", motor_id=first, flags=("over_temperature",))
+            raise ServoError(
+                f"{self.name} on {self.bus.port}: motor temperature at or above {self.max_temperature_c:.0f} degC: {hot}",
+                motor_id=first,
+                flags=("over_temperature",),
+            )
 
     def limits(self) -> JointLimits:
         return JointLimits(
@@ -211,13 +241,26 @@ class BimanualYAM(Robot):
 
     name = "bimanual-yam"
 
-    def __init__(self, left: YAM, right: YAM, cameras: dict[str, Camera] | None = None, *, disable_torque_on_disconnect: bool = True):
+    def __init__(
+        self,
+        left: YAM,
+        right: YAM,
+        cameras: dict[str, Camera] | None = None,
+        *,
+        disable_torque_on_disconnect: bool = True,
+    ):
         super().__init__(cameras, disable_torque_on_disconnect=disable_torque_on_disconnect)
         self.left, self.right = left, right
         self.joint_names = left.joint_names + right.joint_names
 
     @classmethod
-    def on_channels(cls, left_channel: str = "can_left", right_channel: str = "can_right", cameras: dict[str, Camera] | None = None, **arm_kwargs: object) -> BimanualYAM:
+    def on_channels(
+        cls,
+        left_channel: str = "can_left",
+        right_channel: str = "can_right",
+        cameras: dict[str, Camera] | None = None,
+        **arm_kwargs: object,
+    ) -> BimanualYAM:
         """Two arms with the same settings, joints named ``left_joint_1`` ... ``right_gripper``."""
         return cls(
             YAM(left_channel, joint_prefix="left_", **arm_kwargs),  # type: ignore[arg-type]
