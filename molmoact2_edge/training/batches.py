@@ -112,7 +112,8 @@ class BatchMaker:
         cfg, b, k = self.config, self.batch.batch_size, self.batch.flow_samples
         rng = np.random.default_rng([self.batch.seed, step])
         index = rng.integers(len(self.frames), size=b)
-        noise = rng.standard_normal((b, k, cfg.max_action_horizon, cfg.max_action_dim)).astype(np.float32)
+        ah = self.frames.chunks.shape[1]  # the expert runs on the tag's horizon, not max_action_horizon (§4.10)
+        noise = rng.standard_normal((b, k, ah, cfg.max_action_dim)).astype(np.float32)
         beta = rng.beta(cfg.flow_matching_beta_alpha, cfg.flow_matching_beta_beta, size=(b, k))
         span = min(cfg.flow_matching_cutoff - cfg.flow_matching_time_offset, cfg.flow_matching_time_scale)
         t = (cfg.flow_matching_time_offset + span * beta).astype(np.float32)
@@ -141,10 +142,10 @@ class BatchMaker:
         types = masks.token_type_ids(input_ids, cfg) * valid
         context = masks.cross_attention_valid(input_ids, context, cfg)
         ah, ad = f.chunks.shape[1:]
-        actions = np.zeros((b, cfg.max_action_horizon, cfg.max_action_dim), dtype=np.float32)
-        actions[:, :ah, :ad] = f.chunks[index]
+        actions = np.zeros((b, ah, cfg.max_action_dim), dtype=np.float32)  # action dims zero-padded
+        actions[:, :, :ad] = f.chunks[index]
         action_mask = np.zeros_like(actions, dtype=bool)  # horizon mask x action-dim padding mask
-        action_mask[:, :ah, :ad] = f.chunk_valid[index][:, :, None]
+        action_mask[:, :, :ad] = f.chunk_valid[index][:, :, None]
         return {
             "input_ids": torch.from_numpy(input_ids),
             "labels": torch.from_numpy(labels),

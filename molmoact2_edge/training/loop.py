@@ -46,7 +46,6 @@ class LoopConfig:
     grad_clip: float = 1.0
     save_every: int = 200  # steps between checkpoints; a killed run loses at most this many
     log_every: int = 10
-    seed: int = 0
     progress: bool = True  # tqdm bar on rank 0
 
     def __post_init__(self) -> None:

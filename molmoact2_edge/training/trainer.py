@@ -73,7 +73,6 @@ class TrainConfig:
             warmup=min(self.warmup, max(1, steps // 10)),
             save_every=self.save_every,
             log_every=self.log_every,
-            seed=self.seed + 1000 * stage,  # stage 2 draws different batches from stage 1
             progress=self.progress,
         )
 
