@@ -18,6 +18,7 @@ import threading
 import time
 import tty
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, TypeVar
@@ -76,6 +77,8 @@ class SerialServoChain(ABC):
             ``max_speed_steps_s``; False leaves positions to ``set_present_positions`` (an outside
             simulator).
         seed: seeds the fault-probability RNG.
+        write_log_limit: newest write records kept in ``write_log`` (a long simulated run must
+            not grow without bound).
     """
 
     control_table: ControlTable
@@ -96,13 +99,14 @@ class SerialServoChain(ABC):
         follow_goal: bool = True,
         max_speed_steps_s: float = 3000.0,
         seed: int = 0,
+        write_log_limit: int = 100_000,
     ):
         self.motor_ids = [int(i) for i in motor_ids]
         self.baudrate = baudrate
         self.wire_time = wire_time
         self.follow_goal = follow_goal
         self.max_speed_steps_s = max_speed_steps_s
-        self.write_log: list[WriteRecord] = []
+        self.write_log: deque[WriteRecord] = deque(maxlen=write_log_limit)
         self._by_address = {reg.address: reg for reg in self.control_table.values()}
         self._servos = {i: self._new_servo(i) for i in self.motor_ids}
         self._faults: list[Fault] = []
