@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from molmoact2_edge.errors import (
+    BusError,
     BusTimeoutError,
     ChecksumError,
     PortError,
@@ -220,6 +221,14 @@ def test_response_status_level_zero(emu: FeetechEmulator) -> None:
         bus.ack_writes = False
         bus.write("Acceleration", 1, 20)
         assert bus.read("Acceleration", 1) == 20  # reads are still answered
+
+
+def test_verify_models_names_the_wrong_servo(bus: FeetechBus) -> None:
+    bus.verify_models(dict.fromkeys(IDS, 777))
+    with pytest.raises(
+        BusError, match=r"motor 2 is a sts3215 \(model 777\), expected scs0009 \(model 1284\)"
+    ):
+        bus.verify_models({1: 777, 2: 1284})
 
 
 def test_scan_finds_ids_and_restores_baud(bus: FeetechBus) -> None:
