@@ -79,8 +79,12 @@ class ScriptedExpert:
                 return np.array([cube[0], cube[1], LIFT_Z]), CLOSED, True
             return self._carry(grasp, cube), CLOSED, grasp[2] < LIFT_Z - 0.02
 
-        near = xy_err < XY_TOL and abs(grasp[2] - at_grasp[2]) < Z_TOL
-        if near and opening > HELD_RANGE[0]:
+        z_err = abs(grasp[2] - at_grasp[2])
+        near = xy_err < XY_TOL and z_err < Z_TOL
+        # Once the jaw has started closing, a wider tolerance keeps it closing: hysteresis through the
+        # (observable) jaw opening, so a perturbed arm does not let go halfway.
+        closing = opening < OPEN - 5.0 and xy_err < 2 * XY_TOL and z_err < 2 * Z_TOL
+        if (near or closing) and opening > HELD_RANGE[0]:
             return at_grasp, CLOSED, True  # close on the cube (keeps closing until it is held)
         if opening < OPEN - 15.0:
             # Jaw closed on nothing, or still opening: open it up away from the cube first.
