@@ -80,13 +80,17 @@ def test_stage2_leaves_backbone_untouched(dataset: Path, tmp_path: Path) -> None
     run = build_run(cfg, CPU)
     trainer_mod._set_trainable(run.model, 2, finetune_backbone=False)
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
-    run_stage(Stage(2, run.objective(2), run.batches, run.save, run.load_model), cfg.loop(2), CPU, tmp_path, False)
+    run_stage(
+        Stage(2, run.objective(2), run.batches, run.save, run.load_model), cfg.loop(2), CPU, tmp_path, False
+    )
     after = run.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("model.action_expert.") for k in changed), sorted(changed)[:5]
 
 
-def test_killed_run_resumes_to_the_same_weights(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_killed_run_resumes_to_the_same_weights(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     whole = train(_config(dataset, tmp_path / "whole"))
     calls = {"n": 0}
     original = BatchMaker.__call__
@@ -111,7 +115,12 @@ def test_killed_run_resumes_to_the_same_weights(dataset: Path, tmp_path: Path, m
     a, b = read_tensors(whole), read_tensors(resumed)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
-    for name in ("config.json", "norm_stats.json", "tokenizer.json", "action_tokenizer/processor_config.json"):
+    for name in (
+        "config.json",
+        "norm_stats.json",
+        "tokenizer.json",
+        "action_tokenizer/processor_config.json",
+    ):
         assert (resumed / name).is_file(), name
 
 
@@ -172,7 +181,17 @@ def test_depth_codebook_round_trip(tmp_path: Path) -> None:
 
 def test_eval_cli_runs_a_trained_tiny_checkpoint(dataset: Path, tmp_path: Path) -> None:
     ckpt = train(_config(dataset, tmp_path / "ckpt", steps=2))
-    args = ["eval", str(ckpt), "--task", "touch", "--episodes", "1", "--json", "--videos", str(tmp_path / "v")]
+    args = [
+        "eval",
+        str(ckpt),
+        "--task",
+        "touch",
+        "--episodes",
+        "1",
+        "--json",
+        "--videos",
+        str(tmp_path / "v"),
+    ]
     result = CliRunner().invoke(cli_main.cli, args)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output[result.output.index("{") :])

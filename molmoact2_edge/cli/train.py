@@ -37,6 +37,12 @@ import click
     "--n-action-steps", type=int, default=None, help="Steps a policy executes per chunk [default: ah]."
 )
 @click.option(
+    "--camera",
+    "cameras",
+    multiple=True,
+    help="Train on these cameras only, in this order (repeat) [default: all].",
+)
+@click.option(
     "--think", is_flag=True, help="MolmoAct2-Think: depth codebook + depth tokens (dataset needs depth)."
 )
 @click.option(
@@ -61,6 +67,7 @@ def train(
     flow_samples: int,
     action_horizon: int,
     n_action_steps: int | None,
+    cameras: tuple[str, ...],
     think: bool,
     finetune_backbone: bool,
     save_every: int,
@@ -99,6 +106,7 @@ def train(
         flow_samples=flow_samples,
         action_horizon=action_horizon,
         n_action_steps=n_action_steps,
+        cameras=cameras or None,
         think=think,
         finetune_backbone=finetune_backbone,
         save_every=save_every,

@@ -112,7 +112,9 @@ class BatchMaker:
         cfg, b, k = self.config, self.batch.batch_size, self.batch.flow_samples
         rng = np.random.default_rng([self.batch.seed, step])
         index = rng.integers(len(self.frames), size=b)
-        ah = self.frames.chunks.shape[1]  # the expert runs on the tag's horizon, not max_action_horizon (§4.10)
+        ah = self.frames.chunks.shape[
+            1
+        ]  # the expert runs on the tag's horizon, not max_action_horizon (§4.10)
         noise = rng.standard_normal((b, k, ah, cfg.max_action_dim)).astype(np.float32)
         beta = rng.beta(cfg.flow_matching_beta_alpha, cfg.flow_matching_beta_beta, size=(b, k))
         span = min(cfg.flow_matching_cutoff - cfg.flow_matching_time_offset, cfg.flow_matching_time_scale)

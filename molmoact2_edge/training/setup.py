@@ -83,6 +83,12 @@ def read_dataset(cfg: TrainConfig, config: MolmoAct2Config) -> tuple[Frames, Nor
     if not dataset.camera_keys:
         raise DatasetError(f"{cfg.data}: the dataset has no camera features")
     cameras = list(dataset.camera_keys)
+    if cfg.cameras is not None:
+        by_name = {camera_name(key): key for key in cameras}
+        unknown = [c for c in cfg.cameras if c not in by_name]
+        if unknown:
+            raise DatasetError(f"{cfg.data} has no camera(s) {unknown}; it has {sorted(by_name)}")
+        cameras = [by_name[c] for c in cfg.cameras]
     stats = dataset_norm_stats(dataset, tag=cfg.tag, action_horizon=cfg.action_horizon)
     meta = stats.tag(cfg.tag)
     meta = dataclasses.replace(

@@ -50,6 +50,9 @@ class TrainConfig:
     think: bool = False  # MolmoAct2-Think: depth codebook + depth tokens before the action
     action_horizon: int = 10  # ah: chunk length (steps at the dataset's fps)
     n_action_steps: int | None = None  # steps a policy executes per chunk (norm_stats metadata); None = ah
+    cameras: tuple[str, ...] | None = (
+        None  # camera names to train on, in prompt order; None = all in the dataset
+    )
     tag: str = "so100_so101_molmoact2"  # norm_stats.json tag, also the prompt's setup/control text
     save_every: int = 200
     log_every: int = 10
