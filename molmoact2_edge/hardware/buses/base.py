@@ -51,6 +51,10 @@ from molmoact2_edge.hardware.buses.registers import ControlTable, Register
 
 logger = logging.getLogger(__name__)
 
+PORT_HINT = (
+    "Check the cable and the device path, that the user is in the 'dialout' group and that no other "
+    "process holds the port"
+)
 BITS_PER_BYTE = 10  # 8N1 framing: start bit + 8 data bits + stop bit
 
 T = TypeVar("T")
@@ -119,8 +123,7 @@ class Bus(ABC):
                 raise
             except OSError as err:
                 raise PortError(
-                    f"could not open {self.port} at {self.baudrate} baud: {err}. Check the cable, that "
-                    "the user is in the 'dialout' group and that no other process holds the port"
+                    f"could not open {self.port} at {self.baudrate} baud: {err}. {PORT_HINT}"
                 ) from err
             self._connected = True
             logger.info("%s bus connected on %s at %d baud", self.protocol, self.port, self.baudrate)

@@ -41,7 +41,7 @@ from molmoact2_edge.errors import (
     PortError,
     ServoError,
 )
-from molmoact2_edge.hardware.buses.base import Bus, serial_io_errors
+from molmoact2_edge.hardware.buses.base import PORT_HINT, Bus, serial_io_errors
 from molmoact2_edge.hardware.buses.dynamixel_tables import (
     HARDWARE_ALERT,
     MODEL_NUMBERS,
@@ -118,7 +118,9 @@ class DynamixelBus(Bus):
         try:
             opened = self._port.setBaudRate(self.baudrate)  # opens the port
         except serial_io_errors() as err:
-            raise PortError(f"could not open {self.port} at {self.baudrate} baud: {err}") from err
+            raise PortError(
+                f"could not open {self.port} at {self.baudrate} baud: {err}. {PORT_HINT}"
+            ) from err
         if not opened:
             raise PortError(f"{self.port}: baud rate {self.baudrate} is not supported by dynamixel_sdk")
 

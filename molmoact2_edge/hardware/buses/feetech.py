@@ -29,7 +29,7 @@ from enum import IntEnum
 from typing import Any
 
 from molmoact2_edge.errors import BusTimeoutError, ChecksumError, PortError, ServoError
-from molmoact2_edge.hardware.buses.base import Bus, serial_io_errors, wire_time_s
+from molmoact2_edge.hardware.buses.base import PORT_HINT, Bus, serial_io_errors, wire_time_s
 from molmoact2_edge.hardware.buses.feetech_tables import (
     ERROR_FLAGS,
     MODEL_NUMBERS,
@@ -190,7 +190,9 @@ class FeetechBus(Bus):
         try:
             self._serial = serial.Serial(self.port, self.baudrate, timeout=0, write_timeout=1.0)
         except (serial.SerialException, ValueError) as err:
-            raise PortError(f"could not open {self.port} at {self.baudrate} baud: {err}") from err
+            raise PortError(
+                f"could not open {self.port} at {self.baudrate} baud: {err}. {PORT_HINT}"
+            ) from err
 
     def _disconnect_internal(self) -> None:
         if self._serial is not None:
