@@ -197,16 +197,30 @@ class MolmoAct2(nn.Module):
         logits = self.lm_head(hidden)
         expert_k = expert_v = None
         if self.config.add_action_expert:
-            ctx_k, ctx_v = k, v
-            if self.config.action_expert_depth_gate:
-                assert context_valid is not None and depth_mask is not None, "the depth gate needs context_valid and depth_mask"
-                scale = self._depth_gate(v, context_valid, depth_mask)  # (l or 1, b, 1, t, 1)
-                ctx_k, ctx_v = k * scale, v * scale
-            expert_k, expert_v = self.model.action_expert.project_context(ctx_k, ctx_v)
+            expert_k, expert_v = self.expert_context(k, v, context_valid, depth_mask)
         if cache_len is not None and cache_len > T:
             pad = (0, 0, 0, cache_len - T)  # zeros after the prompt along the cache axis
             k, v = F.pad(k, pad), F.pad(v, pad)
         return PrefillOutput(logits, hidden, k, v, expert_k, expert_v)
+
+    def expert_context(
+        self,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        context_valid: torch.Tensor | None = None,
+        depth_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """LLM K/V (l, b, kh, t, hd) -> the expert's projected context (l, b, t, d), depth gate included.
+
+        With ``action_expert_depth_gate`` the raw K and V at valid depth-token positions are scaled
+        by the gate BEFORE the shared projection (as the release's training code does); then
+        ``context_valid`` (b, t) bool and ``depth_mask`` (b, t) bool are required.
+        """
+        if self.config.action_expert_depth_gate:
+            assert context_valid is not None and depth_mask is not None, "the depth gate needs context_valid and depth_mask"
+            scale = self._depth_gate(v_cache, context_valid, depth_mask)  # (l or 1, b, 1, t, 1)
+            k_cache, v_cache = k_cache * scale, v_cache * scale
+        return self.model.action_expert.project_context(k_cache, v_cache)
 
     def _depth_gate(self, values: torch.Tensor, valid: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
         """Scale (l or 1, b, 1, t, 1) for the LLM K/V handed to the expert: the gate at depth tokens, else 1.
