@@ -64,6 +64,7 @@ def render(report: dict[str, Any]) -> str:
     "--loop-seconds", default=5.0, show_default=True, help="How long to run the control loop for jitter."
 )
 @click.option("--hz", default=30.0, show_default=True, help="Control rate for the jitter measurement.")
+@click.option("--threads", type=int, help="CPU threads for every backend (default: each backend's own).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--plots", type=click.Path(file_okay=False, path_type=Path), help="Write PNG plots here.")
 @click.option("--telemetry", type=click.Path(dir_okay=False, path_type=Path), help="JSONL of the loop run.")
@@ -73,6 +74,7 @@ def bench(
     iterations: int,
     loop_seconds: float,
     hz: float,
+    threads: int | None,
     as_json: bool,
     plots: Path | None,
     telemetry: Path | None,
@@ -88,7 +90,9 @@ def bench(
     """
     from molmoact2_edge.runtimes.benchmark import run_benchmark
 
-    report = run_benchmark(bundle, list(backends) or ["auto"], iterations, loop_seconds, hz, telemetry)
+    report = run_benchmark(
+        bundle, list(backends) or ["auto"], iterations, loop_seconds, hz, telemetry, threads
+    )
     if plots is not None:
         from molmoact2_edge.runtimes.plots import benchmark_plots
 

@@ -86,6 +86,14 @@ def compare_backends(
             session.close()
 
 
+def thread_options(threads: int | None) -> dict[str, dict[str, Any]]:
+    """Per-backend options that pin CPU threads to ``threads`` (None: each backend's own default)."""
+    if threads is None:
+        return {}
+    ort = {"intra_op_threads": threads}
+    return {"onnxruntime": ort, "auto": ort, "torch": {"threads": threads}}
+
+
 def loop_jitter(
     bundle: str | Path,
     backend: str,
@@ -93,9 +101,10 @@ def loop_jitter(
     hz: float = 30.0,
     telemetry_path: str | Path | None = None,
     power: PowerMonitor | None = None,
+    backend_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the control loop at ``hz`` for ``seconds`` on a DryRunGate with ``backend`` inferring; the summary."""
-    with PolicySession(bundle, backend) as session:
+    with PolicySession(bundle, backend, **(backend_options or {})) as session:
         obs = synthetic_observation(session)
 
         def observe(task: str) -> Observation:
@@ -121,12 +130,17 @@ def run_benchmark(
     loop_seconds: float = 5.0,
     hz: float = 30.0,
     telemetry_path: str | Path | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Everything ``molmo-edge bench`` reports, as one JSON-able dict."""
+    """Everything ``molmo-edge bench`` reports, as one JSON-able dict. threads: CPU threads per backend."""
+    options = thread_options(threads)
     monitor = PowerMonitor(detect_power_sampler()).start()
     try:
-        report = compare_backends(bundle, backends, iterations)
-        report["loop"] = loop_jitter(bundle, backends[0], loop_seconds, hz, telemetry_path, monitor)
+        report = compare_backends(bundle, backends, iterations, backend_options=options)
+        report["threads"] = threads
+        report["loop"] = loop_jitter(
+            bundle, backends[0], loop_seconds, hz, telemetry_path, monitor, options.get(backends[0])
+        )
         report["power"] = report["loop"].pop("power")
         report["power_trace"] = monitor.trace()
     finally:
