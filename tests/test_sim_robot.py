@@ -74,3 +74,17 @@ def test_torque_off_makes_the_arm_limp(sim_robot):
     finally:
         robot.set_torque(True)
     assert _wait_until(lambda: sim.scene.model.actuator_gainprm[sim.scene.ctrl_ids[0], 0] > 0.0, 10.0)
+
+
+def test_make_robot_builds_the_sim_kind():
+    import molmoact2_edge.sim  # noqa: F401  (registers sim-so101)
+    from molmoact2_edge.hardware.robots import make_robot
+    from molmoact2_edge.sim.robot import SimSO101Robot
+
+    robot = make_robot("sim-so101", task="lift", seed=0, size=32, cameras=("wrist",))
+    try:
+        assert isinstance(robot, SimSO101Robot) and robot.instruction == "pick up the red cube and lift it"
+        assert not robot.success()
+    finally:
+        robot.disconnect()  # never connected: still stops the simulation thread and the pty
+    assert not robot.sim.running

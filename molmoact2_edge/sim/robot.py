@@ -6,6 +6,8 @@
         handle.robot.send_action(obs.state)       # the FeetechBus -> pty -> emulator -> MuJoCo
         handle.success()
 
+``SimSO101Robot`` is the same robot as a ``make_robot("sim-so101", task=..., seed=...)`` kind.
+
 The arm's six servos are a ``FeetechEmulator`` (``follow_goal=False``); the physics loop copies
 each servo's Goal_Position (raw steps) to the MuJoCo actuator targets and each MuJoCo joint
 position back to Present_Position. Raw steps and joint angles are related through a LeRobot
@@ -23,12 +25,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
 import numpy as np
 
 from molmoact2_edge.errors import CameraError, SimulationError
 from molmoact2_edge.hardware.calibration import MotorCalibration, NormMode, normalize, unnormalize
 from molmoact2_edge.hardware.cameras import Camera, Frame
+from molmoact2_edge.hardware.robots.so101 import SO101
 from molmoact2_edge.sim.env import DEFAULT_CONTROL_HZ
 from molmoact2_edge.sim.scene import CAMERA_NAMES, JOINT_NAMES, RenderConfig, Scene
 from molmoact2_edge.sim.tasks import SuccessTracker, get_task
@@ -162,6 +166,10 @@ class SimSO101:
             self._thread = None
         self.emulator.stop()
 
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
     def cameras(self) -> dict[str, SimCamera]:
         w, h = self.render_config.width, self.render_config.height
         return {name: SimCamera(name, self, w, h, self.camera_fps) for name in self.camera_names}
@@ -286,22 +294,75 @@ class SimSO101:
         self._first_frame.set()
 
 
-class SimSO101Handle:
-    """What the ``sim-so101`` factory returns: the connected robot, the sim, and the task."""
+class SimSO101Robot(SO101):
+    """Robot kind ``sim-so101``: the real ``SO101`` class on a simulated arm's pty.
 
-    def __init__(self, robot, sim: SimSO101):
-        self.robot = robot
-        self.sim = sim
-        self.instruction = sim.task.instruction
+    Constructing it starts the simulation (physics thread + emulator); ``connect()`` opens the
+    bus as on hardware; ``disconnect()`` also stops the simulation (it cannot be reconnected).
+    ``max_step_*`` are the default per-tick safety steps: the sim's experts move up to ~8 degrees
+    per 10 Hz tick, more than a 30 Hz real arm's default of 3.
+    """
+
+    name = "sim-so101"
+
+    def __init__(
+        self,
+        task: str = "lift",
+        seed: int = 0,
+        *,
+        size: int = 128,
+        cameras: tuple[str, ...] = CAMERA_NAMES,
+        control_hz: float = DEFAULT_CONTROL_HZ,
+        max_step_deg: float = 10.0,
+        max_step_gripper: float = 25.0,
+    ):
+        from molmoact2_edge.hardware.buses.feetech import FeetechBus
+
+        self.sim = SimSO101(
+            task, seed, render=RenderConfig(width=size, height=size), cameras=cameras, camera_fps=control_hz
+        )
+        port = self.sim.start()
+        try:
+            super().__init__(
+                port,
+                # The emulator shares the CPU (and the GIL) with physics and rendering; a real
+                # adapter answers within a millisecond, this one within tens at worst.
+                bus=FeetechBus(port, timeout_margin_s=SIM_BUS_TIMEOUT_S),
+                calibration=self.sim.calibration,
+                cameras=dict(self.sim.cameras()),
+                max_step_deg=max_step_deg,
+                max_step_gripper=max_step_gripper,
+                control_hz=control_hz,
+            )
+        except BaseException:
+            self.sim.stop()
+            raise
+        self.instruction = self.sim.task.instruction
 
     def success(self) -> bool:
+        """Whether the task has succeeded at any point since the simulation started."""
         return self.sim.success()
 
-    def close(self) -> None:
+    def disconnect(self) -> None:
         try:
-            self.robot.disconnect()
+            super().disconnect()
         finally:
             self.sim.stop()
+
+
+class SimSO101Handle:
+    """What ``make_sim_so101`` returns: the connected robot, its sim, and the task."""
+
+    def __init__(self, robot: SimSO101Robot):
+        self.robot = robot
+        self.sim = robot.sim
+        self.instruction = robot.instruction
+
+    def success(self) -> bool:
+        return self.robot.success()
+
+    def close(self) -> None:
+        self.robot.disconnect()
 
     def __enter__(self) -> SimSO101Handle:
         return self
@@ -310,42 +371,12 @@ class SimSO101Handle:
         self.close()
 
 
-def make_sim_so101(
-    task: str = "lift",
-    seed: int = 0,
-    *,
-    size: int = 128,
-    cameras: tuple[str, ...] = CAMERA_NAMES,
-    control_hz: float = DEFAULT_CONTROL_HZ,
-    max_step_deg: float = 10.0,
-    max_step_gripper: float = 25.0,
-) -> SimSO101Handle:
-    """Robot kind ``sim-so101``: start the sim, connect the real ``SO101`` class to its pty.
-
-    ``max_step_*`` are the robot's default per-tick safety steps; the sim's experts move up to
-    ~8 degrees per 10 Hz tick, more than a 30 Hz real arm's default of 3.
-    """
-    from molmoact2_edge.hardware.buses.feetech import FeetechBus
-    from molmoact2_edge.hardware.robots.so101 import SO101
-
-    sim = SimSO101(
-        task, seed, render=RenderConfig(width=size, height=size), cameras=cameras, camera_fps=control_hz
-    )
-    port = sim.start()
+def make_sim_so101(task: str = "lift", seed: int = 0, **kwargs: Any) -> SimSO101Handle:
+    """Start a simulated SO-101 and connect the real ``SO101`` driver to it (kwargs: see ``SimSO101Robot``)."""
+    robot = SimSO101Robot(task, seed, **kwargs)
     try:
-        robot = SO101(
-            port,
-            # The emulator shares the CPU (and the GIL) with physics and rendering; a real adapter
-            # answers within a millisecond, this one within tens at worst.
-            bus=FeetechBus(port, timeout_margin_s=SIM_BUS_TIMEOUT_S),
-            calibration=sim.calibration,
-            cameras=dict(sim.cameras()),
-            max_step_deg=max_step_deg,
-            max_step_gripper=max_step_gripper,
-            control_hz=control_hz,
-        )
         robot.connect()
     except BaseException:
-        sim.stop()
+        robot.sim.stop()
         raise
-    return SimSO101Handle(robot, sim)
+    return SimSO101Handle(robot)
