@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from fractions import Fraction
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -48,7 +49,8 @@ class VideoEncoder:
         options = {"crf": str(crf), "g": "2"}  # LeRobot's defaults: keyframe every 2 frames for seeking
         if self.codec == "libsvtav1":
             options["preset"] = "10"  # fast; the frames are small
-        self._stream = self._container.add_stream(self.codec, rate=fps, options=options)
+        # Any: PyAV types add_stream() as a video/audio/subtitle union; this codec is a video one.
+        self._stream: Any = cast(Any, self._container.add_stream(self.codec, rate=fps, options=options))
         self._stream.width = width
         self._stream.height = height
         self._stream.pix_fmt = "yuv420p"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 
 def main() -> None:
@@ -25,7 +26,7 @@ def main() -> None:
     out = Path(__file__).parent / "meshes"
     out.mkdir(exist_ok=True)
     for stl in sorted(source.glob("*.stl")):
-        mesh = trimesh.load(stl)
+        mesh: Any = trimesh.load(stl, force="mesh")
         reduction = max(0.0, 1.0 - args.faces / len(mesh.faces))
         # agg=9: the CAD meshes have many small features; the default aggressiveness stops early.
         points, faces = fast_simplification.simplify(
