@@ -19,8 +19,10 @@ exception the configured ``on_exit`` policy runs: ``"hold"`` re-sends the last c
 target and leaves torque on, ``"disable"`` turns torque off. Neither ever sends a new
 position. A servo fault or a dead bus (a transaction that fails after its retries)
 stops the layer: no further command is sent, the exit policy is attempted, and
-``SafetyError`` is raised, all within the bus timeout (well under 100 ms with the
-default drivers).
+``SafetyError`` is raised. Serial goal writes get no reply, so ``send`` and ``hold`` also
+read the state whenever no read succeeded for ``heartbeat_s`` (30 ms): with the loop
+ticking at 30 Hz, a dead bus is caught within one tick plus the read's retries
+(33 + ~35 ms on the default Feetech driver; an unplugged adapter fails at once).
 
 Counts of clipped, held and refused commands are exposed by ``telemetry()``.
 """
@@ -58,6 +60,9 @@ class SafetyConfig:
     watchdog_thread: bool = True  # False: the caller runs poll_watchdog() itself (tests, single-thread loops)
     on_exit: ExitPolicy = "hold"
     fault_check_every: int = 30  # ticks between check_faults() reads (1 s at 30 Hz); 0 = never
+    # a serial SYNC_WRITE has no reply, so a bus whose servos lost power only shows on a read:
+    # read the state when no read succeeded for this long (bounds dead-bus detection); 0 = never
+    heartbeat_s: float = 0.03  # at 30 Hz: one read per tick unless the loop observed in between
     preserve_direction: bool = True  # scale the whole step vector instead of clamping joints one by one
     handle_signals: bool = True  # turn SIGTERM into the same orderly exit as Ctrl-C (main thread only)
 
@@ -103,6 +108,7 @@ class SafetyLayer:
         self.last_commanded: np.ndarray | None = None
         self.stopped: str | None = None  # reason, once stopped
         self._last_action_time = 0.0
+        self._last_read_time = 0.0
         self._tick = 0
         self._lock = threading.RLock()  # the control loop and the watchdog thread share the robot
         self._watchdog: threading.Thread | None = None
@@ -144,6 +150,7 @@ class SafetyLayer:
     def start(self) -> None:
         """Command the measured pose (no motion), then start the watchdog and signal handling."""
         measured = self._guarded(self.robot.read_state, "reading the start pose")
+        self._last_read_time = self.clock()
         start = np.asarray(measured, np.float32).copy()
         self.last_commanded = start
         self._guarded(lambda: self.robot.send_action(start), "commanding the start pose")
@@ -197,6 +204,8 @@ class SafetyLayer:
             self._tick += 1
             if self.config.fault_check_every and self._tick % self.config.fault_check_every == 0:
                 self._guarded(self.robot.check_faults, "checking servo status")
+            else:
+                self._heartbeat()
             return self.last_commanded
 
     def clamp(self, target: np.ndarray) -> np.ndarray:
@@ -222,9 +231,11 @@ class SafetyLayer:
         """``robot.get_observation`` with the same dead-bus and fault handling as ``send``."""
         with self._lock:
             self._require_running()
-            return self._guarded(
+            observation = self._guarded(
                 lambda: self.robot.get_observation(task, max_camera_age_ms), "reading an observation"
             )
+            self._last_read_time = self.clock()
+            return observation
 
     def hold(self) -> np.ndarray:
         """Re-send the last commanded target (refreshes CAN drives' command timeout)."""
@@ -234,7 +245,14 @@ class SafetyLayer:
             held = self.last_commanded
             self._guarded(lambda: self.robot.send_action(held), "holding position")
             self._last_action_time = self.clock()
+            self._heartbeat()
             return held
+
+    def _heartbeat(self) -> None:
+        """Read the state if no read succeeded for ``heartbeat_s`` (writes alone cannot see a dead bus)."""
+        if self.config.heartbeat_s and self.clock() - self._last_read_time > self.config.heartbeat_s:
+            self._guarded(self.robot.read_state, "checking that the bus is alive")
+            self._last_read_time = self.clock()
 
     def poll_watchdog(self) -> bool:
         """Hold if no action arrived within ``watchdog_s``; returns True when it held."""
