@@ -385,15 +385,10 @@ class Policy:
     @torch.no_grad()
     def expert_context(self, state: DecodeState) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected expert context (l, 1, L, d) over every cache slot (prompt + generated tokens)."""
-        expert = self.model.model.action_expert
-        k, v = expert.project_context(state.k_cache, state.v_cache)
-        if self.config.action_expert_depth_gate:
-            gate_inputs = self._gate_inputs(state.ids, state.valid)
-            gate = self.model._depth_gate(
-                state.v_cache, gate_inputs["context_valid"], gate_inputs["depth_mask"]
-            )
-            k, v = k * gate, v * gate
-        return k, v
+        gate = self._gate_inputs(state.ids, state.valid)
+        return self.model.expert_context(
+            state.k_cache, state.v_cache, gate.get("context_valid"), gate.get("depth_mask")
+        )
 
     def postprocess(self, normalized: np.ndarray) -> np.ndarray:
         """(ah, ad) normalized -> (n_action_steps, action_dim) float32 robot units."""
