@@ -96,7 +96,7 @@ def test_sim_record_cli_writes_a_loadable_dataset(tmp_path):
     result = CliRunner().invoke(
         cli,
         ["sim", "record", "--task", "touch", "--task", "lift", "--episodes", "2", "--size", "32",
-         "--noise", "1.0", "--codec", "libx264", "--out", str(out)],
+         "--noise", "1.0", "--codec", "libx264", "--depth-camera", "front", "--out", str(out)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "wrote 2 episodes" in result.output
@@ -106,6 +106,9 @@ def test_sim_record_cli_writes_a_loadable_dataset(tmp_path):
     sample = ds.sample(0, action_horizon=30)
     assert sample.images["observation.images.wrist"].shape == (32, 32, 3)
     assert sample.actions.shape == (30, 6)
+    depth = ds.columns["observation.depth.front"]  # flattened [h, w] maps, metres
+    assert ds.features["observation.depth.front"]["shape"] == [32, 32] and depth.shape == (len(ds), 32 * 32)
+    assert 0.05 < depth.min() < depth.max() <= 5.0
 
 
 def test_sim_record_cli_rejects_odd_size(tmp_path):

@@ -38,6 +38,13 @@ def sim() -> None:
     "--size", type=int, default=128, show_default=True, help="Camera width = height (pixels, even)."
 )
 @click.option("--codec", default=None, help="Video codec (default libsvtav1 as LeRobot, else libx264).")
+@click.option(
+    "--depth-camera",
+    "depth_cameras",
+    multiple=True,
+    type=click.Choice(["front", "wrist"]),
+    help="Also store this camera's depth map (metres) as observation.depth.<camera> (MolmoAct2-Think).",
+)
 def record(
     tasks: tuple[str, ...],
     episodes: int,
@@ -47,13 +54,15 @@ def record(
     fps: int,
     size: int,
     codec: str | None,
+    depth_cameras: tuple[str, ...],
 ) -> None:
     """Record scripted-expert demos as a LeRobotDataset v3.0 (front + wrist video, 6-D state and action).
 
     \b
     Examples:
       molmo-edge sim record --task lift --episodes 50 --out data/lift
-      molmo-edge sim record --task touch --task lift --episodes 100 --noise 2 --out data/mix
+      molmo-edge sim record --task touch --task lift --episodes 100 --noise 1 --out data/mix
+      molmo-edge sim record --task lift --episodes 50 --depth-camera front --out data/lift_depth
     """
     from rich.progress import Progress
 
@@ -76,6 +85,7 @@ def record(
             control_hz=fps,
             size=size,
             codec=codec,
+            depth_cameras=depth_cameras,
             progress=lambda n: progress.advance(bar, n),
         )
     click.echo(

@@ -67,8 +67,17 @@ def video_feature(height: int, width: int, fps: int, codec: str) -> dict:
     }
 
 
-def so101_features(cameras: dict[str, tuple[int, int]], fps: int, codec: str) -> dict[str, dict]:
-    """Features of a LeRobot SO-101 recording: 6-joint state and action (``<joint>.pos`` names), cameras as video."""
+DEPTH_PREFIX = "observation.depth."  # + camera name: per-frame depth map (metres), a float column
+
+
+def so101_features(
+    cameras: dict[str, tuple[int, int]], fps: int, codec: str, depth_cameras: tuple[str, ...] = ()
+) -> dict[str, dict]:
+    """Features of a LeRobot SO-101 recording: 6-joint state and action (``<joint>.pos`` names), cameras as video.
+
+    ``depth_cameras`` add ``observation.depth.<camera>`` float32 [h, w] features (metres, stored
+    flattened in the data parquet; not a LeRobot convention, used for MolmoAct2-Think depth codes).
+    """
     names = [f"{j}.pos" for j in SO101_JOINTS]
     features = {
         "action": {"dtype": "float32", "shape": [len(names)], "names": names},
@@ -76,6 +85,9 @@ def so101_features(cameras: dict[str, tuple[int, int]], fps: int, codec: str) ->
     }
     for cam, (h, w) in cameras.items():
         features[f"observation.images.{cam}"] = video_feature(h, w, fps, codec)
+    for cam in depth_cameras:
+        h, w = cameras[cam]
+        features[DEPTH_PREFIX + cam] = {"dtype": "float32", "shape": [h, w], "names": ["height", "width"]}
     return features
 
 

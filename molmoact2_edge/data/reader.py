@@ -181,7 +181,9 @@ class LeRobotDataset:
         self.columns: dict[str, np.ndarray] = {}
         for key in self.vector_keys:
             col = table[key].combine_chunks()
-            if (
+            if pa.types.is_fixed_size_list(col.type) and col.null_count == 0:
+                values = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), -1)
+            elif (
                 pa.types.is_list(col.type)
                 or pa.types.is_fixed_size_list(col.type)
                 or pa.types.is_large_list(col.type)

@@ -98,7 +98,12 @@ class LeRobotWriter:
             k: np.stack([np.asarray(f[k], dtype=np.float32).reshape(-1) for f in self._frames])
             for k in self.vector_keys
         }
-        stats = {k: vector_stats(v) for k, v in columns.items()}
+        # Maps ([h, w] features such as depth) get stats over all their values, not per pixel.
+        stats = {}
+        for k, v in columns.items():
+            is_map = len(self.features[k]["shape"]) > 1
+            stats[k] = vector_stats(v.reshape(-1, 1)) if is_map else vector_stats(v)
+            stats[k]["count"] = np.array([n])  # frames, as LeRobot counts
         row = {
             "episode_index": ep,
             "tasks": sorted(set(self._frame_tasks), key=self._frame_tasks.index),

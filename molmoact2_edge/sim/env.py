@@ -39,14 +39,20 @@ class SimEnv:
         cameras: tuple[str, ...] = CAMERA_NAMES,
         control_hz: float = DEFAULT_CONTROL_HZ,
         max_steps: int | None = None,
+        depth_cameras: tuple[str, ...] | None = None,
     ):
         self.task = get_task(task)
         self.seed = seed
         self.scene = Scene(render)
-        unknown = [c for c in cameras if c not in CAMERA_NAMES]
+        unknown = [c for c in (*cameras, *(depth_cameras or ())) if c not in CAMERA_NAMES]
         if unknown:
             raise SimulationError(f"unknown sim camera(s) {unknown}; cameras are {list(CAMERA_NAMES)}")
         self.cameras = tuple(cameras)
+        # Depth maps (metres) in Observation.depth: these cameras, or all of them when the render
+        # config asks for depth.
+        if depth_cameras is None:
+            depth_cameras = self.cameras if self.scene.render_config.depth else ()
+        self.depth_cameras = tuple(depth_cameras)
         if not 1 <= control_hz <= 100:
             raise SimulationError(f"control_hz must be in [1, 100], got {control_hz}")
         self.control_hz = control_hz
@@ -91,9 +97,7 @@ class SimEnv:
 
     def observe(self) -> Observation:
         images = {cam: self.scene.render(cam) for cam in self.cameras}
-        depth = None
-        if self.scene.render_config.depth:
-            depth = {cam: self.scene.render_depth(cam) for cam in self.cameras}
+        depth = {cam: self.scene.render_depth(cam) for cam in self.depth_cameras} or None
         return Observation(
             images=images,
             state=self.scene.joint_positions().astype(np.float32),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from molmoact2_edge.data.lerobot_format import so101_features
+from molmoact2_edge.data.lerobot_format import DEPTH_PREFIX, so101_features
 from molmoact2_edge.data.video import pick_codec
 from molmoact2_edge.data.writer import LeRobotWriter
 from molmoact2_edge.errors import SimulationError
@@ -45,6 +45,7 @@ def record_demos(
     size: int = 128,
     cameras: tuple[str, ...] = CAMERA_NAMES,
     codec: str | None = None,
+    depth_cameras: tuple[str, ...] = (),
     max_attempts_factor: int = 3,
     progress: Callable[[int], None] | None = None,
 ) -> RecordReport:
@@ -54,10 +55,16 @@ def record_demos(
     if episodes < 1:
         raise SimulationError(f"--episodes must be >= 1, got {episodes}")
     codec = pick_codec(codec)
-    features = so101_features({cam: (size, size) for cam in cameras}, control_hz, codec)
+    missing = [c for c in depth_cameras if c not in cameras]
+    if missing:
+        raise SimulationError(f"depth camera(s) {missing} are not recorded cameras {list(cameras)}")
+    features = so101_features({cam: (size, size) for cam in cameras}, control_hz, codec, depth_cameras)
     writer = LeRobotWriter(out, fps=control_hz, features=features, codec=codec)
     render = RenderConfig(width=size, height=size)
-    envs = {name: SimEnv(name, render=render, cameras=cameras, control_hz=control_hz) for name in tasks}
+    envs = {
+        name: SimEnv(name, render=render, cameras=cameras, control_hz=control_hz, depth_cameras=depth_cameras)
+        for name in tasks
+    }
     rng = np.random.default_rng(seed)
     saved = attempted = frames = 0
     start = time.perf_counter()
@@ -97,6 +104,8 @@ def _record_episode(
         frame = {"observation.state": obs.state, "action": action.astype(np.float32)}
         for cam in env.cameras:
             frame[f"observation.images.{cam}"] = obs.images[cam]
+        for cam in env.depth_cameras:
+            frame[DEPTH_PREFIX + cam] = obs.depth[cam]  # type: ignore[index]
         writer.add_frame(frame, env.instruction)
         executed = action.copy()
         if noise > 0:
