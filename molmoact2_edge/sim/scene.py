@@ -71,11 +71,20 @@ def _build_spec() -> mujoco.MjSpec:
         raise SimulationError(f"scene file {SCENE_XML} is missing; reinstall molmoact2-edge")
     spec = mujoco.MjSpec.from_file(str(SCENE_XML))
     gripper = spec.body("gripper")
-    gripper.add_camera(name="wrist", pos=list(WRIST_CAMERA_POS), fovy=75.0)
-    cam = spec.camera("wrist")
-    cam.alt.type = mujoco.mjtOrientation.mjORIENTATION_XYAXES
-    cam.alt.xyaxes = list(WRIST_CAMERA_XYAXES)
+    gripper.add_camera(
+        name="wrist", pos=list(WRIST_CAMERA_POS), quat=list(_xyaxes_quat(WRIST_CAMERA_XYAXES)), fovy=75.0
+    )
     return spec
+
+
+def _xyaxes_quat(xyaxes: tuple[float, ...]) -> np.ndarray:
+    """MJCF ``xyaxes`` (camera x and y axes in the parent frame) -> (w, x, y, z) quaternion."""
+    x = np.array(xyaxes[:3]) / np.linalg.norm(xyaxes[:3])
+    y = np.array(xyaxes[3:]) - (np.dot(xyaxes[3:], x)) * x
+    y /= np.linalg.norm(y)
+    quat = np.zeros(4)
+    mujoco.mju_mat2Quat(quat, np.column_stack([x, y, np.cross(x, y)]).reshape(-1))
+    return quat
 
 
 class Scene:
