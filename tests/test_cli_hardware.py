@@ -244,3 +244,24 @@ def test_emulate_yam_over_udp_multicast() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_motors_setup_gives_a_new_servo_its_joint_id() -> None:
+    emulator = FeetechEmulator([1], seed=0)  # a servo out of the box answers at id 1
+    emulator.start()
+    try:
+        result = CliRunner().invoke(
+            cli,
+            ["motors", "setup", "so101", "--port", emulator.port, "--motor", "gripper", "--ids", "1-3"],
+            input="\n",
+        )
+        assert result.exit_code == 0, result.output
+        assert "'gripper' motor: id 1 @ 1000000 -> id 6 @ 1000000" in result.output
+        assert emulator.motor_ids == [6]
+        assert emulator.get_register(6, "Lock") == 0  # EEPROM writable while it was renumbered
+        result = CliRunner().invoke(
+            cli, ["motors", "setup", "so101", "--port", emulator.port, "--motor", "elbow", "--ids", "1-3"]
+        )
+        assert result.exit_code != 0 and "unknown joint 'elbow'" in result.output
+    finally:
+        emulator.stop()

@@ -84,6 +84,7 @@ def motors() -> None:
       molmo-edge motors read --bus feetech --port /dev/ttyACM0 --id 1-6 Present_Position Status
       molmo-edge motors write --bus feetech --port /dev/ttyACM0 --id 6 Torque_Enable 0
       molmo-edge motors read --bus damiao --port can0 --id 1-7 Timeout
+      molmo-edge motors setup so101 --port /dev/ttyACM0
     """
 
 
@@ -165,6 +166,52 @@ def write(
                 )
                 continue
             click.echo(f"motor {motor_id}: {reg.name} <- {value}, reads {bus.read(reg, motor_id)}")
+
+
+@motors.command()
+@click.argument("robot_kind", type=click.Choice(["so101", "koch"]))
+@port_option
+@click.option("--motor", "only", default=None, help="Set up this joint only (default: all, gripper first).")
+@click.option("--ids", default="1-20", show_default=True, help="Ids to look for the connected motor at.")
+def setup(robot_kind: str, port: str, only: str | None, ids: str) -> None:
+    """Give each motor of an arm its id and the bus baud rate, one motor connected at a time.
+
+    
+    What lerobot-setup-motors does: a new servo answers at id 1 (or anything); it is found by
+    scanning ids and baud rates, then gets the joint's id and 1 Mbps.
+      molmo-edge motors setup so101 --port /dev/ttyACM0
+    """
+    from molmoact2_edge.hardware.robots import make_robot
+    from molmoact2_edge.hardware.robots.serial_arm import SerialArm
+
+    robot = make_robot(robot_kind, port=port, calibration={})
+    assert isinstance(robot, SerialArm)
+    names = [only] if only else list(reversed(robot.joint_names))
+    unknown = [n for n in names if n not in robot.motors]
+    if unknown:
+        raise click.BadParameter(
+            f"unknown joint {unknown[0]!r}; {robot_kind} has {', '.join(robot.joint_names)}"
+        )
+    # the bus's own rate first (a motor set up before), then the others, fastest first
+    rates = [robot.bus.baudrate] + sorted(
+        set(_baud_table(_bus_of(robot_kind)).values()) - {robot.bus.baudrate}, reverse=True
+    )
+    for name in names:
+        click.prompt(
+            f"Connect the controller board to the '{name}' motor only and press Enter",
+            default="",
+            show_default=False,
+            prompt_suffix="",
+        )
+        found_id, found_baud = robot.find_lone_motor(_parse_ids(ids), rates)
+        robot.assign_motor(name, found_id, found_baud)
+        click.echo(
+            f"'{name}' motor: id {found_id} @ {found_baud} -> id {robot.motors[name].id} @ {robot.bus.baudrate}"
+        )
+
+
+def _bus_of(robot_kind: str) -> str:
+    return {"so101": "feetech", "koch": "dynamixel"}[robot_kind]
 
 
 # --- calibrate ------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ class Koch(SerialArm):
     apply_drive_mode = False
     max_homing_offset = None
     full_turn_motors = ("shoulder_pan", "wrist_roll")
+    baud_rate_index = 3  # 1 Mbps
     status_register = "Hardware_Error_Status"
     status_flags = HARDWARE_ERROR_FLAGS
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 from abc import abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from molmoact2_edge.errors import BusError, CalibrationError, ServoError
+from molmoact2_edge.errors import BusError, BusTimeoutError, CalibrationError, ServoError
 from molmoact2_edge.hardware.buses.base import Bus
 from molmoact2_edge.hardware.calibration import (
     JointFrame,
@@ -69,6 +69,7 @@ class SerialArm(Robot):
     status_register: str  # read by check_faults in one sync read
     status_flags: Mapping[int, str]  # bit -> fault name
     calibration_type: str  # LeRobot's folder: robots/<calibration_type>/<robot_id>.json
+    baud_rate_index: int  # Baud_Rate register value for the bus's default rate (1 Mbps)
     legacy_calibration_types: tuple[str, ...] = ()  # older folder names still searched
 
     def __init__(
@@ -270,6 +271,50 @@ class SerialArm(Robot):
             a, b = self.joint_frame.to_policy(lo_arr), self.joint_frame.to_policy(hi_arr)
             lo_arr, hi_arr = np.minimum(a, b), np.maximum(a, b)
         return JointLimits(self.joint_names, lo_arr, hi_arr, np.array(step, np.float32), self.control_hz)
+
+    # --- motor setup (LeRobot's lerobot-setup-motors, one motor on the bus at a time) -------
+
+    def find_lone_motor(self, ids: Iterable[int], baudrates: Iterable[int]) -> tuple[int, int]:
+        """(id, baud rate) of the only motor on the bus, trying the rates in order and stopping at the
+        first one where something answers (as LeRobot does); raises if there is none or several."""
+        id_list = list(ids)
+        with self.bus:
+            for baud in baudrates:
+                found = self.bus.scan(id_list, [baud]).get(baud, {})
+                if len(found) == 1:
+                    return next(iter(found)), baud
+                if found:
+                    raise BusError(
+                        f"{self.bus.port}: found motors {sorted(found)} at {baud} baud; connect only the one to set up"
+                    )
+        raise BusError(
+            f"{self.bus.port}: no motor answered at ids {id_list[0]}..{id_list[-1]} on any baud rate; check power and cable"
+        )
+
+    def assign_motor(self, name: str, found_id: int, found_baudrate: int) -> None:
+        """Give the lone motor the id of joint ``name`` and the bus's default baud rate, then verify it."""
+        target = self.motors[name]
+        with type(self.bus)(self.bus.port, baudrate=found_baudrate) as bus:
+            for register, value in self._torque_registers(False).items():
+                bus.write(register, found_id, value)
+            # a servo may acknowledge an id or baud change under its new id / at its new rate, which
+            # reads as a timeout here; the ping below is what verifies the change
+            if found_id != target.id:
+                try:
+                    bus.write("ID", found_id, target.id)
+                except BusTimeoutError:
+                    logger.debug("no acknowledgement of the id change from id %d", found_id)
+            if found_baudrate != self.bus.baudrate:
+                try:
+                    bus.write("Baud_Rate", target.id, self.baud_rate_index)
+                except BusTimeoutError:
+                    logger.debug("no acknowledgement of the baud change at the old rate")
+        with self.bus:
+            model = self.bus.ping(target.id)
+        if model != target.model_number:
+            raise BusError(
+                f"{self.bus.port}: motor {target.id} ({name}) answers as model {model}, expected {target.model_number}"
+            )
 
     # --- calibration ------------------------------------------------------------------------
 

@@ -55,6 +55,7 @@ class SO101(SerialArm):
     apply_drive_mode = True
     max_homing_offset = 2047
     full_turn_motors = ("wrist_roll",)
+    baud_rate_index = 0  # 1 Mbps
     status_register = "Status"
     status_flags = ERROR_FLAGS
     motor_models = tuple((name, STS3215_MODEL_NUMBER) for name in SO101_JOINTS)
