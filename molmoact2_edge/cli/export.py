@@ -59,8 +59,8 @@ def export(
     )  # fmt: skip
     try:
         manifest = export_bundle(checkpoint, out, options, progress=lambda msg: click.echo(f"  {msg}"))
-    except ParityError:
-        _print_parity(json.loads((out / "manifest.json").read_text()).get("parity"))
+    except ParityError as err:
+        _print_parity(getattr(err, "report", None))
         raise
     _print_parity(manifest["parity"])
     size = sum(int(f["bytes"]) for f in manifest["files"].values())

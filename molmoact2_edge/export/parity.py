@@ -156,4 +156,6 @@ def enforce(report: Mapping[str, Any], allow_failure: bool, where: str) -> None:
     if allow_failure:
         log.warning("%s (allowed by --allow-parity-failure; the manifest records it)", message)
         return
-    raise ParityError(message + ". Use a higher precision, or --allow-parity-failure to keep the bundle anyway")
+    error = ParityError(message + ". Use a higher precision, or --allow-parity-failure to keep the bundle anyway")
+    error.report = dict(report)  # type: ignore[attr-defined]
+    raise error

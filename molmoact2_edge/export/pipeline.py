@@ -84,13 +84,21 @@ def export_bundle(
 ) -> dict[str, Any]:
     """Export ``checkpoint`` to the bundle directory ``out``; returns the manifest.
 
-    Raises ExportError / OpsetError / ParityError / PromptTooLongError naming what failed.
+    Raises ExportError / OpsetError / ParityError / PromptTooLongError naming what failed; on any failure
+    ``out`` is removed (a ParityError carries the report as ``.report``).
     """
-    from molmoact2_edge.model.policy import Policy
-
-    say = progress or (lambda msg: log.info("%s", msg))
     checkpoint, out = Path(checkpoint), Path(out)
     _prepare_out(out)
+    try:
+        return _export(checkpoint, out, options, progress or (lambda msg: log.info("%s", msg)))
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # a half-written or failing bundle must not look like a bundle
+        raise
+
+
+def _export(checkpoint: Path, out: Path, options: ExportOptions, say: Progress) -> dict[str, Any]:
+    from molmoact2_edge.model.policy import Policy
+
     start = time.perf_counter()
     say(f"loading {checkpoint}")
     policy = Policy.from_checkpoint(checkpoint, tag=options.tag)

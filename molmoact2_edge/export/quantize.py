@@ -139,8 +139,14 @@ def quantize_int4(src: Path, dst: Path, block_size: int = INT4_BLOCK) -> dict[st
     weighted, _ = weight_matmuls(model)
     config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, quant_format=QuantFormat.QDQ)
     quantizer = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=True, algo_config=config)
-    quantizer.process()
-    out = quantizer.model.model
+    nbits_log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = nbits_log.level
+    nbits_log.setLevel(logging.WARNING)  # it logs every node it visits at INFO
+    try:
+        quantizer.process()
+    finally:
+        nbits_log.setLevel(level)
+    out = _dedupe_shared_weights(quantizer.model.model)
     blocked = sum(1 for n in out.graph.node if n.op_type == "DequantizeLinear")
     if blocked == 0:
         raise ExportError(f"{src.name}: int4 quantizer rewrote no MatMul (weights too small for block {block_size}?)")
@@ -148,6 +154,36 @@ def quantize_int4(src: Path, dst: Path, block_size: int = INT4_BLOCK) -> dict[st
     check_graph(dst, allow_int4=True)
     log.info("int4 %s: %d of %d weight MatMuls as blocked INT4 DQ", src.name, blocked, len(weighted))
     return {"quantized": blocked, "excluded": len(weighted) - blocked}
+
+
+def _dedupe_shared_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """One DequantizeLinear per shared weight.
+
+    The flow graph's unrolled Euler steps reuse the expert's weights, and the quantizer emits a DQ (and
+    its initializers) per MatMul under the same names, which breaks SSA. Identical duplicates are dropped;
+    the first copy precedes every consumer because it was emitted for the first consumer.
+    """
+    seen_outputs: dict[str, list[str]] = {}
+    keep = []
+    for node in model.graph.node:
+        out = node.output[0] if node.output else ""
+        if node.op_type == "DequantizeLinear" and out in seen_outputs:
+            if seen_outputs[out] != list(node.input):
+                raise ExportError(f"int4: two different DequantizeLinear nodes write '{out}'")
+            continue
+        seen_outputs[out] = list(node.input)
+        keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    names: set[str] = set()
+    inits = []
+    for init in model.graph.initializer:
+        if init.name not in names:
+            names.add(init.name)
+            inits.append(init)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inits)
+    return model
 
 
 def quantize_modelopt(

@@ -1,0 +1,366 @@
+"""Export on the tiny preset: bundles in every precision pass the parity gate; broken graphs, corrupted bundles
+and forbidden ops are refused; ``molmo-edge inspect`` reads a bundle.
+
+One fp32 export (the slow part) is shared by the module; fp16/int8/int4 bundles derive from it with
+``fp32_bundle`` (no second export, except fp16's flow graph, which is re-exported with an fp16 expert).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from molmoact2_edge.checkpoint import save_checkpoint
+from molmoact2_edge.cli import main as cli_main
+from molmoact2_edge.config import get_preset
+from molmoact2_edge.errors import (
+    BundleError,
+    DependencyError,
+    ExportError,
+    OpsetError,
+    ParityError,
+    PromptTooLongError,
+)
+from molmoact2_edge.export import opset_check, parity
+from molmoact2_edge.export.calibration import save_observations, synthetic_observations
+from molmoact2_edge.export.graphs import build_graphs
+from molmoact2_edge.export.pipeline import ExportOptions, export_bundle
+from molmoact2_edge.model.molmoact2 import MolmoAct2
+from molmoact2_edge.model.policy import Policy
+from molmoact2_edge.normalization import NormStats
+from molmoact2_edge.runtimes import bundle as B
+from molmoact2_edge.runtimes.depth_cache import DepthCache
+from molmoact2_edge.runtimes.session import STAGES, PolicySession
+from molmoact2_edge.tokenizers.text import train_small_tokenizer
+
+CAMERAS = ("front", "wrist")
+CORPUS = ["The task is to pick up the red cube. The setup is so101 arm. The current state of the robot is"] * 20
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The shared 2-core machine: one torch thread is several times faster than two fighting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_checkpoint(path: Path, **changes) -> Path:
+    """tiny preset with ``changes``, every weight perturbed so the adaLN-Zero expert is not trivially zero;
+    norm stats and a small tokenizer beside it."""
+    torch.manual_seed(0)
+    config = get_preset("tiny").with_changes(**changes)
+    model = MolmoAct2.from_config(config, seed=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    rng = np.random.default_rng(0)
+    norm = NormStats.compute(
+        "so101", rng.normal(size=(200, 6)) * 30, rng.normal(size=(200, 6)) * 30,
+        setup_type="so101 arm", control_mode="absolute joint pose", action_horizon=8, n_action_steps=6,
+    )  # fmt: skip
+    save_checkpoint(model, config, path, norm_stats=norm)
+    train_small_tokenizer(CORPUS).save(path / "tokenizer.json")
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2 flow steps: export time grows with the unrolled steps."""
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", flow_matching_num_steps=2)
+
+
+@pytest.fixture(scope="module")
+def calib(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("calib") / "obs.npz"
+    meta = NormStats.load(checkpoint / "norm_stats.json").tag()
+    save_observations(path, synthetic_observations(CAMERAS, meta, 4, seed=7))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bundles(checkpoint: Path, calib: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Lazily exported bundles by precision (fp32 first, the others reuse its graphs)."""
+    root = tmp_path_factory.mktemp("bundles")
+    made: dict[str, Path] = {}
+
+    class Lazy(dict):
+        def __missing__(self, precision: str) -> Path:
+            if "fp32" not in made:
+                made["fp32"] = root / "fp32"
+                export_bundle(checkpoint, made["fp32"], ExportOptions(cameras=CAMERAS))
+            if precision not in made:
+                made[precision] = root / precision
+                options = ExportOptions(
+                    precision=precision, cameras=CAMERAS, fp32_bundle=made["fp32"],
+                    calib=calib if precision == "int8" else None,
+                )  # fmt: skip
+                export_bundle(checkpoint, made[precision], options)
+            return made[precision]
+
+    return Lazy()
+
+
+def _onnx(bundle: Path, graph: str) -> onnx.ModelProto:
+    return onnx.load(str(bundle / f"{graph}.onnx"), load_external_data=False)
+
+
+# --- export + parity ------------------------------------------------------------------------
+
+
+def test_fp32_bundle_manifest_parity_and_session(bundles, checkpoint: Path) -> None:
+    path = bundles["fp32"]
+    bundle = B.Bundle.open(path)
+    m = bundle.manifest
+    assert m["schema_version"] == B.SCHEMA_VERSION and len(m["source"]["sha256"]) == 64
+    assert set(bundle.graph_names) == {"vision", "prefill", "flow"}  # nothing is decoded: no decode_step
+    assert m["model"]["chunk_length"] == 8 and m["model"]["flow_steps"] == 2 and m["cameras"]["order"] == list(CAMERAS)
+    assert {"config.json", "norm_stats.json", "tokenizer.json"} <= set(m["files"])
+    for name, art in m["artifacts"].items():
+        assert [t["name"] for t in art["inputs"]] == list(B.GRAPHS[name].inputs)
+        assert art["opset"] == 20 and art["precision"] == "fp32"
+        assert opset_check.check_file(str(path / art["file"]))  # the allow-list accepts what export wrote
+    report = m["parity"]
+    assert report["passed"] and report["end_to_end"]["ratio"] < 1e-3
+    assert all(g["rel_rms"] < 1e-5 for g in report["graphs"].values())
+
+    policy = Policy.from_checkpoint(checkpoint, camera_order=list(CAMERAS), bucket=m["prompt"]["bucket"])
+    obs = synthetic_observations(CAMERAS, policy.meta, 1, seed=3)[0]
+    with PolicySession(path, "onnxruntime", providers=("CPUExecutionProvider",)) as session:
+        chunk = session.act(obs, seed=5)
+        assert set(chunk.timings) == set(STAGES) and chunk.timings["total"] >= chunk.timings["flow"] > 0
+        np.testing.assert_allclose(chunk.actions, policy.act(obs, seed=5).actions, atol=1e-3)
+        assert np.abs(session.act(obs, seed=6).actions - chunk.actions).max() > 1e-2
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int4"])
+def test_quantized_bundles_pass_the_gate(bundles, precision: str) -> None:
+    path = bundles[precision]
+    m = B.Bundle.open(path).manifest
+    report = m["parity"]
+    assert report["passed"], report
+    assert report["end_to_end"]["ratio"] <= parity.SEED_SPREAD_FRACTION
+    precisions = {g: a["precision"] for g, a in m["artifacts"].items()}
+    if precision == "fp16":
+        assert precisions == {"vision": "fp16", "prefill": "fp32", "flow": "fp16"}  # LLM kept fp32 (overflow)
+        flow = _onnx(path, "flow")
+        assert any(i.data_type == TensorProto.FLOAT16 for i in flow.graph.initializer)
+        assert flow.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT  # fp32 accumulator out
+    elif precision == "int8":
+        prefill = _onnx(path, "prefill")
+        ops = {n.op_type for n in prefill.graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+        assert m["artifacts"]["prefill"]["quantization"]["excluded"] > 0  # attention MatMuls stay float
+        opset_check.check_file(str(path / "prefill.onnx"))  # zero points all 0
+    else:
+        model = _onnx(path, "flow")
+        assert opset_check.default_opset(model) == 21
+        blocked = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+        assert blocked and all(any(a.name == "block_size" for a in n.attribute) for n in blocked)
+        with pytest.raises(OpsetError, match="opset 21"):
+            opset_check.check_model(model)  # only allowed for int4 graphs
+
+
+def test_gate_fails_on_a_broken_graph(bundles, checkpoint: Path, tmp_path: Path) -> None:
+    path = tmp_path / "broken"
+    shutil.copytree(bundles["fp32"], path)
+    model = onnx.load(str(path / "flow.onnx"))
+    weights = [i for i in model.graph.initializer if i.data_type == TensorProto.FLOAT and len(i.dims) == 2]
+    target = max(weights, key=lambda i: int(np.prod(i.dims)))
+    array = numpy_helper.to_array(target) * 3.0 + 0.05  # a "wrong" weight the exporter could have written
+    target.CopyFrom(numpy_helper.from_array(array.astype(np.float32), target.name))
+    onnx.save_model(model, str(path / "flow.onnx"), save_as_external_data=True, location="flow.onnx.data")
+    manifest = json.loads((path / B.MANIFEST).read_text())
+    for rel in ("flow.onnx", "flow.onnx.data"):  # re-hash: a consistent bundle whose numbers are wrong
+        manifest["files"][rel] = B.file_entry(path / rel)
+    B.write_manifest(path, manifest)
+
+    policy = Policy.from_checkpoint(checkpoint, camera_order=list(CAMERAS), bucket=manifest["prompt"]["bucket"])
+    bundle = B.Bundle.open(path)
+    shapes_graphs = _reference_graphs(policy, bundle)
+    obs = synthetic_observations(CAMERAS, policy.meta, 1, seed=1)
+    with PolicySession(bundle, "onnxruntime", providers=("CPUExecutionProvider",)) as session:
+        report = parity.run_parity(policy, session, shapes_graphs, obs, dict.fromkeys(bundle.graph_names, "fp32"))
+    assert not report["passed"] and not report["graphs"]["flow"]["passed"] and report["graphs"]["vision"]["passed"]
+    with pytest.raises(ParityError, match="flow rel RMS"):
+        parity.enforce(report, allow_failure=False, where=str(path))
+    parity.enforce(report, allow_failure=True, where=str(path))  # logged, not raised
+
+
+def _reference_graphs(policy: Policy, bundle: B.Bundle):
+    from molmoact2_edge.runtimes.backends.torch import graph_shapes
+
+    return build_graphs(policy.model, graph_shapes(bundle), with_decode=False)
+
+
+def test_export_refuses_bad_requests(checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="--calib"):
+        ExportOptions(precision="int8")
+    with pytest.raises(PromptTooLongError, match="never truncated"):
+        export_bundle(checkpoint, tmp_path / "b", ExportOptions(cameras=CAMERAS, bucket=16))
+    with pytest.raises(ExportError, match="--cameras"):
+        export_bundle(checkpoint, tmp_path / "b", ExportOptions())  # tag has no camera_keys
+    (tmp_path / "notabundle").mkdir()
+    (tmp_path / "notabundle" / "x.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="not a bundle"):
+        export_bundle(checkpoint, tmp_path / "notabundle", ExportOptions(cameras=CAMERAS))
+
+
+def test_think_bundle_decodes_depth_codes_with_the_cache(tmp_path: Path) -> None:
+    """A MolmoAct2-Think bundle (2 x 2 depth grid to keep it small): decode_step is exported, depth codes are
+    decoded on the device, an unchanged frame replays every code and gives the same chunk."""
+    ckpt = write_checkpoint(tmp_path / "think", flow_matching_num_steps=1, enable_depth_reasoning=True, num_depth_codes=4)
+    manifest = export_bundle(ckpt, tmp_path / "bundle", ExportOptions(cameras=CAMERAS, parity_observations=1))
+    assert "decode_step" in manifest["artifacts"] and manifest["parity"]["passed"], manifest["parity"]
+    assert manifest["model"]["context_length"] == manifest["model"]["cache_length"] > manifest["prompt"]["bucket"]
+    policy = Policy.from_checkpoint(ckpt, camera_order=list(CAMERAS), bucket=manifest["prompt"]["bucket"])
+    obs = synthetic_observations(CAMERAS, policy.meta, 1, seed=2)[0]
+    with PolicySession(tmp_path / "bundle", "onnxruntime", providers=("CPUExecutionProvider",)) as session:
+        first = session.act(obs, seed=0)
+        assert first.info["depth_cells_repredicted"] == 4 and first.timings["depth"] > 0
+        np.testing.assert_allclose(first.actions, policy.act(obs, seed=0).actions, atol=1e-3)
+        again = session.act(obs, seed=0)
+        assert again.info["depth_cells_repredicted"] == 0
+        np.testing.assert_allclose(again.actions, first.actions, atol=1e-4)
+
+
+# --- bundle integrity -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["missing", "altered", "extra", "schema"])
+def test_corrupted_bundles_are_refused(bundles, tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "b"
+    shutil.copytree(bundles["fp32"], path)
+    if damage == "missing":
+        (path / "tokenizer.json").unlink()
+        match = "tokenizer.json.*missing"
+    elif damage == "altered":
+        data = bytearray((path / "flow.onnx.data").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (path / "flow.onnx.data").write_bytes(bytes(data))
+        match = "flow.onnx.data.*altered"
+    elif damage == "extra":
+        (path / "notes.txt").write_text("hello")
+        match = "notes.txt.*not listed"
+    else:
+        manifest = json.loads((path / B.MANIFEST).read_text())
+        manifest["schema_version"] = 99
+        (path / B.MANIFEST).write_text(json.dumps(manifest))
+        match = "schema_version 99"
+    with pytest.raises(BundleError, match=match):
+        B.Bundle.open(path)
+    with pytest.raises(BundleError, match=match):
+        PolicySession(path, "onnxruntime")
+
+
+def test_engine_sets_are_appended_and_verified(bundles, tmp_path: Path) -> None:
+    path = tmp_path / "b"
+    shutil.copytree(bundles["fp32"], path)
+    bundle = B.Bundle.open(path)
+    key = B.engine_key("Orin", "8.7", "10.3.0.30", "R36.4.3")
+    assert key == "Orin_sm87_trt10.3.0.30_jpR36.4.3"
+    engine_dir = path / B.ENGINES_DIR / key
+    engine_dir.mkdir(parents=True)
+    (engine_dir / "flow.engine").write_bytes(b"plan bytes")
+    bundle.add_engines(key, {"graphs": {"flow": f"{B.ENGINES_DIR}/{key}/flow.engine"}}, [f"{B.ENGINES_DIR}/{key}/flow.engine"])
+    reopened = B.Bundle.open(path)
+    assert reopened.engine_path("flow", key) == engine_dir / "flow.engine"
+    assert reopened.engine_path("vision", key) is None
+    assert reopened.manifest["artifacts"] == bundle.manifest["artifacts"]  # export fields untouched
+    (engine_dir / "flow.engine").write_bytes(b"other bytes")
+    with pytest.raises(BundleError, match="flow.engine"):
+        B.Bundle.open(path)
+
+
+def test_build_engines_without_tensorrt_says_what_to_install(bundles) -> None:
+    pytest.importorskip("onnx")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        from molmoact2_edge.export.tensorrt_build import build_engines
+
+        with pytest.raises(DependencyError, match="python3-libnvinfer"):
+            build_engines(bundles["fp32"])
+    else:
+        pytest.skip("TensorRT is installed here; the engine build itself needs a GPU test")
+
+
+# --- the TensorRT 10.3 allow-list -------------------------------------------------------------
+
+
+def _graph(node: onnx.NodeProto, opset: int, domain_opsets: dict[str, int] | None = None, inits=()) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    imports = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v) for d, v in (domain_opsets or {}).items()]
+    graph = helper.make_graph([node], "g", [x], [y], initializer=list(inits))
+    return helper.make_model(graph, opset_imports=imports)
+
+
+def test_allow_list_names_the_forbidden_node() -> None:
+    attention = helper.make_node("Attention", ["x", "x", "x"], ["y"], name="attn_0")
+    with pytest.raises(OpsetError, match="opset 23"):
+        opset_check.check_model(_graph(attention, 23))
+    with pytest.raises(OpsetError, match="attn_0.*Attention.*10.14"):
+        opset_check.check_model(_graph(attention, 20))
+    nbits = helper.make_node("MatMulNBits", ["x", "x"], ["y"], name="mm_4bit", domain="com.microsoft")
+    with pytest.raises(OpsetError, match="mm_4bit.*com.microsoft"):
+        opset_check.check_model(_graph(nbits, 20, {"com.microsoft": 1}))
+    qlinear = helper.make_node("QLinearMatMul", ["x"] * 8, ["y"], name="qmm")
+    with pytest.raises(OpsetError, match="qmm.*QDQ"):
+        opset_check.check_model(_graph(qlinear, 20))
+    zp = numpy_helper.from_array(np.array(3, dtype=np.int8), "zp")
+    scale = numpy_helper.from_array(np.array(0.1, dtype=np.float32), "s")
+    dq = helper.make_node("DequantizeLinear", ["x", "s", "zp"], ["y"], name="dq_asym")
+    with pytest.raises(OpsetError, match="dq_asym.*symmetric"):
+        opset_check.check_model(_graph(dq, 20, inits=[zp, scale]))
+    cast = helper.make_node("Cast", ["x"], ["y"], name="to_double", to=TensorProto.DOUBLE)
+    with pytest.raises(OpsetError, match="to_double.*float64"):
+        opset_check.check_model(_graph(cast, 20))
+    ok = helper.make_node("Relu", ["x"], ["y"], name="relu")
+    assert opset_check.check_model(_graph(ok, 20)) == {"Relu": 1}
+
+
+# --- depth cache ----------------------------------------------------------------------------
+
+
+def test_depth_cache_repredicts_only_changed_cells() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    cache = DepthCache()
+    cells, previous, changed = cache.plan("front", image)
+    assert previous is None and changed.all()
+    codes = np.arange(100)
+    cache.update("front", cells, codes, changed)
+    _, previous, changed = cache.plan("front", image.copy())
+    assert not changed.any() and np.array_equal(previous, codes)
+    moved = image.copy()
+    moved[:24, :32] = 255 - moved[:24, :32]  # top-left cell only (the image is resized to 320 x 320)
+    _, _, changed = cache.plan("front", moved)
+    assert changed[0] and changed.sum() <= 4
+    cache.reset("front")
+    assert cache.plan("front", image)[1] is None
+
+
+# --- CLI --------------------------------------------------------------------------------------
+
+
+def test_inspect_cli(bundles) -> None:
+    runner = CliRunner()
+    result = runner.invoke(cli_main.cli, ["inspect", str(bundles["fp32"]), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["parity"]["passed"] and set(summary["artifacts"]) == {"vision", "prefill", "flow"}
+    result = runner.invoke(cli_main.cli, ["inspect", str(bundles["fp32"])])
+    assert result.exit_code == 0, result.output
+    assert "parity" in result.output and "prefill" in result.output and "pass" in result.output
+    result = runner.invoke(cli_main.cli, ["inspect", str(bundles["fp32"].parent)])
+    assert result.exit_code == 1 and "manifest.json is missing" in result.output
