@@ -2,7 +2,8 @@
 
     MUJOCO_GL=egl python benchmarks/sim.py [--seeds 50] [--demos 10]
 
-Numbers include: render = ``Scene.render`` / ``render_depth`` (update_scene + draw + readback),
+Numbers include: sim-so101 = the SO101 driver over the emulator pty while the physics thread runs;
+render = ``Scene.render`` / ``render_depth`` (update_scene + draw + readback),
 median of 50 after 5 warm-up frames; expert episodes = state only (no rendering), full episodes
 until success or timeout; demo generation = ``record_demos`` end to end (physics, expert, two
 128 px cameras, AV1 encoding, parquet); sampling = ``LeRobotDataset.sample`` with a 30-step
@@ -27,6 +28,7 @@ from benchmarks._report import markdown_table, write_section  # noqa: E402
 from molmoact2_edge.data.reader import LeRobotDataset  # noqa: E402
 from molmoact2_edge.sim.env import SimEnv  # noqa: E402
 from molmoact2_edge.sim.record import record_demos  # noqa: E402
+from molmoact2_edge.sim.robot import make_sim_so101  # noqa: E402
 from molmoact2_edge.sim.scene import CAMERA_NAMES, RenderConfig, Scene  # noqa: E402
 from molmoact2_edge.sim.tasks import TASKS  # noqa: E402
 
@@ -100,6 +102,29 @@ def bench_sampling(root: Path, workdir: Path) -> list[list[object]]:
     return rows
 
 
+def bench_sim_robot() -> list[list[object]]:
+    """Driver calls of the real SO101 class over the emulator pty (physics thread running meanwhile)."""
+    handle = make_sim_so101("lift", seed=0, size=64, cameras=("front",))
+    rows = []
+    try:
+        robot = handle.robot
+        state = robot.read_state()
+        for label, call in (
+            ("read_state (sync read, 6 servos)", robot.read_state),
+            ("send_action (sync write, 6 servos)", lambda: robot.send_action(state)),
+            ("get_observation (state + 64 px frame)", lambda: robot.get_observation(handle.instruction)),
+        ):
+            times = []
+            for _ in range(50):
+                t = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - t)
+            rows.append([label, f"{np.median(times) * 1e3:.2f}", f"{np.percentile(times, 99) * 1e3:.2f}"])
+    finally:
+        handle.close()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, default=50, help="expert episodes per task")
@@ -108,6 +133,7 @@ def main() -> None:
 
     render_rows = bench_render(128) + bench_render(224)
     expert_rows = bench_experts(args.seeds)
+    robot_rows = bench_sim_robot()
     with tempfile.TemporaryDirectory() as tmp:
         record_rows, root = bench_record(args.demos, Path(tmp))
         sample_rows = bench_sampling(root, Path(tmp))
@@ -117,6 +143,8 @@ def main() -> None:
          markdown_table(["size", "camera", "kind", "ms"], render_rows)),
         ("Scripted experts, state only (10 Hz control)",
          markdown_table(["task", "success", "mean steps", "s/episode", "steps/s"], expert_rows)),
+        ("`sim-so101` through the Feetech driver over the emulator pty (ms)",
+         markdown_table(["call", "p50", "p99"], robot_rows)),
         ("Demo generation (`record_demos`, AV1 video)",
          markdown_table(["setting", "episodes", "frames", "s", "episodes/s", "frames/s"], record_rows)),
         ("`LeRobotDataset.sample(i, 30)`, both cameras, random order",

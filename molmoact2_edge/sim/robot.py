@@ -233,7 +233,7 @@ class SimSO101:
                 if delay > 0:
                     time.sleep(delay)
                 elif delay < -0.5:
-                    logger.warning("simulation is %.2f s behind real time; resyncing", -delay)
+                    logger.info("simulation is %.2f s behind real time (CPU busy); resyncing", -delay)
                     next_tick = time.monotonic()
         except BaseException as err:
             logger.exception("simulation thread stopped: %s", err)
