@@ -7,6 +7,7 @@ One fp32 export (the slow part) is shared by the module; fp16/int8/int4 bundles 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -29,7 +30,7 @@ from molmoact2_edge.errors import (
     ParityError,
     PromptTooLongError,
 )
-from molmoact2_edge.export import opset_check, parity
+from molmoact2_edge.export import opset_check, parity, quantize
 from molmoact2_edge.export.calibration import save_observations, synthetic_observations
 from molmoact2_edge.export.graphs import build_graphs
 from molmoact2_edge.export.pipeline import ExportOptions, export_bundle
@@ -205,6 +206,9 @@ def _reference_graphs(policy: Policy, bundle: B.Bundle):
 def test_export_refuses_bad_requests(checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="--calib"):
         ExportOptions(precision="int8")
+    if importlib.util.find_spec("modelopt") is None:
+        with pytest.raises(DependencyError, match=r"molmoact2-edge\[quant\]"):
+            quantize.quantize_modelopt(tmp_path / "a.onnx", tmp_path / "b.onnx", "int4", None)
     with pytest.raises(PromptTooLongError, match="never truncated"):
         export_bundle(checkpoint, tmp_path / "b", ExportOptions(cameras=CAMERAS, bucket=16))
     with pytest.raises(ExportError, match="--cameras"):
@@ -351,6 +355,15 @@ def test_depth_cache_repredicts_only_changed_cells() -> None:
 
 
 # --- CLI --------------------------------------------------------------------------------------
+
+
+def test_export_cli_derives_int4_from_the_fp32_bundle(bundles, checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "int4"
+    args = ["export", str(checkpoint), "-o", str(out), "--precision", "int4", "--cameras", "front,wrist"]
+    result = CliRunner().invoke(cli_main.cli, [*args, "--fp32-bundle", str(bundles["fp32"])])
+    assert result.exit_code == 0, result.output
+    assert "reusing the fp32 graphs" in result.output and "end to end" in result.output and "pass" in result.output
+    assert {a["precision"] for a in B.Bundle.open(out).manifest["artifacts"].values()} == {"int4"}
 
 
 def test_inspect_cli(bundles) -> None:

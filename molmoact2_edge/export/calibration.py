@@ -52,7 +52,7 @@ def save_observations(path: str | Path, observations: Sequence[Observation]) -> 
     }
     for name in names:
         arrays[IMAGE_PREFIX + name] = np.stack([o.images[name] for o in observations])
-    np.savez_compressed(path, **arrays)
+    np.savez_compressed(path, **arrays)  # type: ignore[arg-type]  # numpy's stub types the first kwarg as allow_pickle
 
 
 def _from_npz(path: Path, cameras: Sequence[str] | None, limit: int) -> list[Observation]:

@@ -32,7 +32,10 @@ from torch import nn
 
 from molmoact2_edge.config import MolmoAct2Config
 from molmoact2_edge.errors import ExportError
+from molmoact2_edge.model.action_expert import ActionExpert
+from molmoact2_edge.model.connector import VisionBackbone
 from molmoact2_edge.model.flow import euler_sample
+from molmoact2_edge.model.llm import LLM
 from molmoact2_edge.model.molmoact2 import MolmoAct2
 from molmoact2_edge.runtimes import bundle as B
 
@@ -89,7 +92,7 @@ class GraphShapes:
 class VisionGraph(nn.Module):
     """``vision``: the vision backbone (ViT, 2x2 attention pooling, projector) on uint8 crops."""
 
-    def __init__(self, backbone: nn.Module) -> None:
+    def __init__(self, backbone: VisionBackbone) -> None:
         super().__init__()
         self.backbone = backbone
 
@@ -100,7 +103,7 @@ class VisionGraph(nn.Module):
 class PrefillGraph(nn.Module):
     """``prefill``: embeddings + image features -> LLM over the bucket -> logits, expert context, static cache."""
 
-    def __init__(self, llm: nn.Module, lm_head: nn.Module, expert: nn.Module, cache_length: int) -> None:
+    def __init__(self, llm: LLM, lm_head: nn.Linear, expert: ActionExpert, cache_length: int) -> None:
         super().__init__()
         self.llm, self.lm_head, self.expert = llm, lm_head, expert
         self.cache_length = cache_length
@@ -131,7 +134,7 @@ class PrefillGraph(nn.Module):
 class DecodeStepGraph(nn.Module):
     """``decode_step``: one token against the static cache (batch 1: ``position`` is also the cache slot)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: MolmoAct2) -> None:
         super().__init__()
         self.model = model
 
@@ -146,7 +149,8 @@ class DecodeStepGraph(nn.Module):
         logits, keys, values = self.model.decode_step(input_id, position[:, None], position, cache_k, cache_v, cache_bias)
         new_k = keys.index_select(3, position)  # (l, b, kh, 1, hd): this token's K, post-norm and RoPE
         new_v = values.index_select(3, position)
-        context_k, context_v = self.model.model.action_expert.project_context(new_k, new_v)  # (l, b, 1, e)
+        expert: ActionExpert = self.model.model.action_expert
+        context_k, context_v = expert.project_context(new_k, new_v)  # (l, b, 1, e)
         return logits[:, -1], keys, values, context_k, context_v
 
 

@@ -31,7 +31,7 @@ DEFAULT_OPSET = 20
 OPSET_RANGE = (18, 20)
 
 # ONNX elem type -> numpy dtype name written into the manifest.
-_ONNX_TO_NUMPY = {
+_ONNX_TO_NUMPY: dict[int, str] = {
     onnx.TensorProto.FLOAT: "float32",
     onnx.TensorProto.FLOAT16: "float16",
     onnx.TensorProto.BFLOAT16: "bfloat16",
@@ -184,7 +184,7 @@ def io_specs(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         dims = [d.dim_value if d.HasField("dim_value") else None for d in ttype.shape.dim]
         if any(d is None for d in dims):
             raise ExportError(f"{path}: tensor '{value.name}' has a symbolic dim {dims}; bundles are fixed-shape")
-        return {"name": value.name, "shape": dims, "dtype": _ONNX_TO_NUMPY.get(ttype.elem_type, str(ttype.elem_type))}
+        return {"name": value.name, "shape": dims, "dtype": _ONNX_TO_NUMPY.get(int(ttype.elem_type), str(ttype.elem_type))}
 
     return [spec(v) for v in model.graph.input], [spec(v) for v in model.graph.output]
 

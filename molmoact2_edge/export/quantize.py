@@ -62,7 +62,8 @@ def weight_matmuls(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     """(names of MatMul/Gemm nodes with a constant weight, names of activation x activation MatMuls)."""
     constants = {init.name for init in model.graph.initializer}
     constants |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
-    weighted, dynamic = [], []
+    weighted: list[str] = []
+    dynamic: list[str] = []
     for node in model.graph.node:
         if node.op_type not in ("MatMul", "Gemm"):
             continue

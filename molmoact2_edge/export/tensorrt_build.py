@@ -93,16 +93,17 @@ def build_engines(
         flags[graph] = used
         log.info("%s: engine %s (%.1f MB) in %.1f s", graph, engine_path.name, len(plan) / 1e6, time.perf_counter() - start)
     cache_path.write_bytes(cache_bytes)
-    info = {
+    cache_rel = cache_path.relative_to(bundle.root).as_posix()
+    info: dict[str, Any] = {
         **facts,
         "graphs": built,
         "flags": flags,
-        "timing_cache": cache_path.relative_to(bundle.root).as_posix(),
+        "timing_cache": cache_rel,
         "workspace_gib": workspace_gib,
         "optimization_level": optimization_level,
         "built_unix": int(time.time()),
     }
-    bundle.add_engines(key, info, [*built.values(), info["timing_cache"]])
+    bundle.add_engines(key, info, [*built.values(), cache_rel])
     return key
 
 
