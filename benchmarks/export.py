@@ -55,7 +55,24 @@ def make_checkpoint(preset: str, path: Path) -> Path:
     return path
 
 
+HEADERS = ["preset", "precision", "export s", "bundle MB", "x checkpoint", "worst graph rel RMS", "e2e ratio", "gate"]
+
+
+def report(rows: list[list[object]]) -> None:
+    """Print the table and (re)write this benchmark's section of docs/benchmarks.md."""
+    table = markdown_table(HEADERS, rows)
+    print(table, flush=True)
+    body = (
+        table
+        + "\n\nfp32 times include the torch.onnx.export of every graph; the other precisions reuse those graphs "
+        "(fp16 re-exports only the flow graph). `e2e ratio` = max|bundle - PyTorch| / max|PyTorch(seed A) - "
+        "PyTorch(seed B)| (gate: <= 0.5). Random weights; one run on a shared 2-core machine: compare ratios."
+    )
+    write_section("export", "Export: time and bundle size per precision", body)
+
+
 def run(presets: list[str], precisions: list[str]) -> list[list[object]]:
+    """Export every preset in every precision; the report is rewritten after each preset (small is slow)."""
     rows: list[list[object]] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -85,6 +102,7 @@ def run(presets: list[str], precisions: list[str]) -> list[list[object]]:
                         f"{worst:.2g}", f"{report['end_to_end']['ratio']:.3g}", "pass" if report["passed"] else "FAIL",
                     ])  # fmt: skip
                 print(rows[-1] if rows else "", flush=True)
+            report(rows)
     return rows
 
 
@@ -95,17 +113,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
-    rows = run(args.presets, args.precisions)
-    headers = ["preset", "precision", "export s", "bundle MB", "x checkpoint", "worst graph rel RMS", "e2e ratio", "gate"]
-    table = markdown_table(headers, rows)
-    print(table)
-    body = (
-        table
-        + "\n\nfp32 times include the torch.onnx.export of every graph; the other precisions reuse those graphs "
-        "(fp16 re-exports only the flow graph). `e2e ratio` = max|bundle - PyTorch| / max|PyTorch(seed A) - "
-        "PyTorch(seed B)| (gate: <= 0.5). Random weights; one run on a shared 2-core machine: compare ratios."
-    )
-    write_section("export", "Export: time and bundle size per precision", body)
+    run(args.presets, args.precisions)
 
 
 if __name__ == "__main__":

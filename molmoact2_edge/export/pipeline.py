@@ -88,6 +88,8 @@ def export_bundle(
     ``out`` is removed (a ParityError carries the report as ``.report``).
     """
     checkpoint, out = Path(checkpoint), Path(out)
+    if options.fp32_bundle is not None and Path(options.fp32_bundle).resolve() == out.resolve():
+        raise ExportError(f"--fp32-bundle {options.fp32_bundle} is the output directory; write the new bundle elsewhere")
     _prepare_out(out)
     try:
         return _export(checkpoint, out, options, progress or (lambda msg: log.info("%s", msg)))

@@ -135,10 +135,10 @@ class PolicySession:
         ctx = _Context.from_prefill(pre, prompt, self._context_len)
         if self.depth:
             with self._timed(timings, "depth"):
-                info["depth_cells_repredicted"] = self._decode_depth(ctx, pre, observation)
+                info["depth_cells_repredicted"] = self._decode_depth(ctx, observation)
         if self.discrete:
             with self._timed(timings, "decode"):
-                normalized, ok = self._decode_discrete(ctx, pre)
+                normalized, ok = self._decode_discrete(ctx)
             info["decode_ok"] = ok
         else:
             with self._timed(timings, "flow"):
@@ -218,7 +218,7 @@ class PolicySession:
         ctx.append(token, out)
         return out["logits"][0]
 
-    def _decode_depth(self, ctx: _Context, pre: Mapping[str, np.ndarray], observation: Observation) -> int:
+    def _decode_depth(self, ctx: _Context, observation: Observation) -> int:
         """<depth_start>, one code per cell (re-predicted or replayed), then greedy until <depth_end>."""
         ids = self.token_ids
         first, count = ids["depth_token_start_id"], ids["num_depth_tokens"]
@@ -242,7 +242,7 @@ class PolicySession:
             token = int(np.argmax(logits))
         return int(changed.sum())
 
-    def _decode_discrete(self, ctx: _Context, pre: Mapping[str, np.ndarray]) -> tuple[np.ndarray, bool]:
+    def _decode_discrete(self, ctx: _Context) -> tuple[np.ndarray, bool]:
         """Greedy decoding to eos (at most 16 * ah tokens), then OpenFAST on the action span (§4.14)."""
         ids, fast = self.token_ids, self.fast
         assert fast is not None
