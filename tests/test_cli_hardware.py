@@ -17,6 +17,7 @@ from molmoact2_edge.hardware.emulators.damiao import DamiaoEmulator
 from molmoact2_edge.hardware.emulators.feetech import FeetechEmulator
 
 _channels = itertools.count()
+SLOW = ["--timeout-ms", "50"]  # the emulators are Python threads on a shared CI box
 
 
 @pytest.fixture
@@ -29,7 +30,7 @@ def feetech():
 
 def test_motors_scan_finds_the_emulated_ids(feetech) -> None:
     result = CliRunner().invoke(
-        cli, ["motors", "scan", "--bus", "feetech", "--port", feetech.port, "--ids", "1-6"]
+        cli, ["motors", "scan", *SLOW, "--bus", "feetech", "--port", feetech.port, "--ids", "1-6"]
     )
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
@@ -39,7 +40,7 @@ def test_motors_scan_finds_the_emulated_ids(feetech) -> None:
 
 def test_motors_scan_nothing_found_is_an_error(feetech) -> None:
     result = CliRunner().invoke(
-        cli, ["motors", "scan", "--bus", "feetech", "--port", feetech.port, "--ids", "7-8"]
+        cli, ["motors", "scan", *SLOW, "--bus", "feetech", "--port", feetech.port, "--ids", "7-8"]
     )
     assert result.exit_code == 4
     assert "no motor answered" in result.output
@@ -49,7 +50,19 @@ def test_motors_read_and_write_registers_by_name(feetech) -> None:
     runner = CliRunner()
     result = runner.invoke(
         cli,
-        ["motors", "write", "--bus", "feetech", "--port", feetech.port, "--id", "2", "Goal_Position", "1234"],
+        [
+            "motors",
+            "write",
+            *SLOW,
+            "--bus",
+            "feetech",
+            "--port",
+            feetech.port,
+            "--id",
+            "2",
+            "Goal_Position",
+            "1234",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "Goal_Position <- 1234, reads 1234" in result.output
@@ -72,7 +85,7 @@ def test_motors_read_and_write_registers_by_name(feetech) -> None:
     assert result.exit_code == 0, result.output
     assert "1:777  2:777  3:777" in result.output and "2:1234" in result.output
     result = runner.invoke(
-        cli, ["motors", "read", "--bus", "feetech", "--port", feetech.port, "Goal_Positon"]
+        cli, ["motors", "read", *SLOW, "--bus", "feetech", "--port", feetech.port, "Goal_Positon"]
     )
     assert result.exit_code != 0 and "did you mean Goal_Position" in result.output
 
@@ -152,7 +165,7 @@ def test_calibrate_so101_writes_a_lerobot_file(tmp_path) -> None:
     try:
         result = CliRunner().invoke(
             cli,
-            ["calibrate", "so101", "--port", emulator.port, "--output", str(out), "--duration", "1.2"],
+            ["calibrate", "so101", *SLOW, "--port", emulator.port, "--output", str(out), "--duration", "1.2"],
             input="\n",
         )
         mover.join()
@@ -165,7 +178,7 @@ def test_calibrate_so101_writes_a_lerobot_file(tmp_path) -> None:
         assert emulator.get_register(1, "Homing_Offset") == -147
         # a second run offers to reuse the file
         result = CliRunner().invoke(
-            cli, ["calibrate", "so101", "--port", emulator.port, "--output", str(out)], input="\n"
+            cli, ["calibrate", "so101", *SLOW, "--port", emulator.port, "--output", str(out)], input="\n"
         )
         assert result.exit_code == 0 and "wrote" in result.output, result.output
     finally:
@@ -185,7 +198,7 @@ def test_emulate_so101_prints_a_port_the_driver_can_open() -> None:
         assert line.startswith("emulated so101 running: --port /dev/"), line
         port = line.split("--port ")[1].strip()
         result = CliRunner().invoke(
-            cli, ["motors", "scan", "--bus", "feetech", "--port", port, "--ids", "1-7"]
+            cli, ["motors", "scan", *SLOW, "--bus", "feetech", "--port", port, "--ids", "1-7"]
         )
         assert result.exit_code == 0, result.output
         assert len(result.output.strip().splitlines()) == 6
@@ -221,6 +234,7 @@ def test_emulate_yam_over_udp_multicast() -> None:
             [
                 "motors",
                 "scan",
+                *SLOW,
                 "--bus",
                 "damiao",
                 "--interface",
@@ -252,7 +266,18 @@ def test_motors_setup_gives_a_new_servo_its_joint_id() -> None:
     try:
         result = CliRunner().invoke(
             cli,
-            ["motors", "setup", "so101", "--port", emulator.port, "--motor", "gripper", "--ids", "1-3"],
+            [
+                "motors",
+                "setup",
+                "so101",
+                *SLOW,
+                "--port",
+                emulator.port,
+                "--motor",
+                "gripper",
+                "--ids",
+                "1-3",
+            ],
             input="\n",
         )
         assert result.exit_code == 0, result.output

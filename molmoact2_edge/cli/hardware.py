@@ -31,20 +31,28 @@ def _parse_ids(spec: str) -> list[int]:
     return ids
 
 
-def _open_bus(bus: str, port: str, baudrate: int | None, interface: str, ids: list[int]) -> Any:
+def _open_bus(
+    bus: str, port: str, baudrate: int | None, interface: str, ids: list[int], timeout_ms: float
+) -> Any:
     """A bus object for the wizard (not connected)."""
     if bus == "feetech":
         from molmoact2_edge.hardware.buses.feetech import FeetechBus
 
-        return FeetechBus(port, baudrate=baudrate)
+        return FeetechBus(port, baudrate=baudrate, timeout_margin_s=timeout_ms / 1000)
     if bus == "dynamixel":
         from molmoact2_edge.hardware.buses.dynamixel import DynamixelBus
 
-        return DynamixelBus(port, baudrate=baudrate)
+        return DynamixelBus(port, baudrate=baudrate, timeout_margin_s=timeout_ms / 1000)
     from molmoact2_edge.hardware.buses.damiao import DamiaoBus
 
     # the model only scales MIT frames; parameters (what the wizard touches) are model-independent
-    return DamiaoBus(port, dict.fromkeys(ids, "dm4310"), interface=interface, baudrate=baudrate)
+    return DamiaoBus(
+        port,
+        dict.fromkeys(ids, "dm4310"),
+        interface=interface,
+        baudrate=baudrate,
+        reply_timeout_s=timeout_ms / 1000,
+    )
 
 
 def _baud_table(bus: str) -> dict[int, int]:
@@ -69,6 +77,13 @@ interface_option = click.option(
     show_default=True,
     help="python-can interface for --bus damiao (socketcan, slcan, udp_multicast).",
 )
+timeout_option = click.option(
+    "--timeout-ms",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Extra wait for replies per transaction (raise it for slow USB adapters or slcan).",
+)
 baud_option = click.option(
     "--baudrate", type=int, default=None, help="Bus speed (default: the family's 1 Mbps)."
 )
@@ -92,16 +107,17 @@ def motors() -> None:
 @bus_option
 @port_option
 @interface_option
+@timeout_option
 @click.option("--ids", default="1-20", show_default=True, help="Ids to ping.")
 @click.option(
     "--all-baudrates/--default-baudrate",
     default=False,
     help="Try every baud rate the family supports (slow).",
 )
-def scan(bus_kind: str, port: str, interface: str, ids: str, all_baudrates: bool) -> None:
+def scan(bus_kind: str, port: str, interface: str, timeout_ms: float, ids: str, all_baudrates: bool) -> None:
     """Ping ids (at one or every baud rate) and list what answers."""
     id_list = _parse_ids(ids)
-    bus = _open_bus(bus_kind, port, None, interface, id_list)
+    bus = _open_bus(bus_kind, port, None, interface, id_list, timeout_ms)
     rates = sorted(set(_baud_table(bus_kind).values()), reverse=True) if all_baudrates else [bus.baudrate]
     with bus:
         found = bus.scan(id_list, rates)
@@ -120,14 +136,21 @@ def scan(bus_kind: str, port: str, interface: str, ids: str, all_baudrates: bool
 @port_option
 @interface_option
 @baud_option
+@timeout_option
 @click.option("--id", "ids", default="1", show_default=True, help="Motor ids, e.g. 1-6.")
 @click.argument("registers", nargs=-1)
 def read(
-    bus_kind: str, port: str, interface: str, baudrate: int | None, ids: str, registers: tuple[str, ...]
+    bus_kind: str,
+    port: str,
+    interface: str,
+    baudrate: int | None,
+    timeout_ms: float,
+    ids: str,
+    registers: tuple[str, ...],
 ) -> None:
     """Read registers by name (default: every register of the control table)."""
     id_list = _parse_ids(ids)
-    bus = _open_bus(bus_kind, port, baudrate, interface, id_list)
+    bus = _open_bus(bus_kind, port, baudrate, interface, id_list, timeout_ms)
     names = list(registers) or list(bus.control_table)
     with bus:
         for name in names:
@@ -144,18 +167,26 @@ def read(
 @port_option
 @interface_option
 @baud_option
+@timeout_option
 @click.option("--id", "ids", required=True, help="Motor ids, e.g. 6 or 1-6.")
 @click.argument("register")
 @click.argument("value", type=int)
 def write(
-    bus_kind: str, port: str, interface: str, baudrate: int | None, ids: str, register: str, value: int
+    bus_kind: str,
+    port: str,
+    interface: str,
+    baudrate: int | None,
+    timeout_ms: float,
+    ids: str,
+    register: str,
+    value: int,
 ) -> None:
     """Write one register of one or more motors and read it back.
 
     EEPROM registers (ID, Baud_Rate, limits, offsets) need torque off first (and Lock 0 on Feetech).
     """
     id_list = _parse_ids(ids)
-    bus = _open_bus(bus_kind, port, baudrate, interface, id_list)
+    bus = _open_bus(bus_kind, port, baudrate, interface, id_list, timeout_ms)
     with bus:
         reg = bus.control_table.resolve(register)
         for motor_id in id_list:
@@ -173,7 +204,8 @@ def write(
 @port_option
 @click.option("--motor", "only", default=None, help="Set up this joint only (default: all, gripper first).")
 @click.option("--ids", default="1-20", show_default=True, help="Ids to look for the connected motor at.")
-def setup(robot_kind: str, port: str, only: str | None, ids: str) -> None:
+@timeout_option
+def setup(robot_kind: str, port: str, only: str | None, ids: str, timeout_ms: float) -> None:
     """Give each motor of an arm its id and the bus baud rate, one motor connected at a time.
 
     
@@ -184,7 +216,8 @@ def setup(robot_kind: str, port: str, only: str | None, ids: str) -> None:
     from molmoact2_edge.hardware.robots import make_robot
     from molmoact2_edge.hardware.robots.serial_arm import SerialArm
 
-    robot = make_robot(robot_kind, port=port, calibration={})
+    bus = _open_bus(_bus_of(robot_kind), port, None, "", [], timeout_ms)
+    robot = make_robot(robot_kind, port=port, calibration={}, bus=bus)
     assert isinstance(robot, SerialArm)
     names = [only] if only else list(reversed(robot.joint_names))
     unknown = [n for n in names if n not in robot.motors]
@@ -242,8 +275,15 @@ def _range_table(mins: Mapping[str, int], maxes: Mapping[str, int], current: Map
     "--duration", type=float, default=None, help="Record ranges for this many seconds instead of until Enter."
 )
 @click.option("--force", is_flag=True, help="Recalibrate even if a calibration file exists.")
+@timeout_option
 def calibrate(
-    robot_kind: str, port: str, robot_id: str, output: str | None, duration: float | None, force: bool
+    robot_kind: str,
+    port: str,
+    robot_id: str,
+    output: str | None,
+    duration: float | None,
+    force: bool,
+    timeout_ms: float,
 ) -> None:
     """Calibrate an SO-101 (or Koch) follower, LeRobot-compatible.
 
@@ -259,7 +299,8 @@ def calibrate(
     from molmoact2_edge.hardware.robots.serial_arm import SerialArm
 
     # an empty calibration keeps the robot from loading (and validating) an existing file here
-    robot = make_robot(robot_kind, port=port, robot_id=robot_id, calibration={})
+    bus = _open_bus(_bus_of(robot_kind), port, None, "", [], timeout_ms)
+    robot = make_robot(robot_kind, port=port, robot_id=robot_id, calibration={}, bus=bus)
     assert isinstance(robot, SerialArm)
     robot.calibration = None
     path = Path(output) if output else robot.calibration_path()

@@ -250,7 +250,9 @@ class SafetyLayer:
 
     def _heartbeat(self) -> None:
         """Read the state if no read succeeded for ``heartbeat_s`` (writes alone cannot see a dead bus)."""
-        if self.config.heartbeat_s and self.clock() - self._last_read_time > self.config.heartbeat_s:
+        if self.robot.writes_acknowledged or not self.config.heartbeat_s:
+            return
+        if self.clock() - self._last_read_time > self.config.heartbeat_s:
             self._guarded(self.robot.read_state, "checking that the bus is alive")
             self._last_read_time = self.clock()
 

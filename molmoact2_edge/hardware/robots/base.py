@@ -70,6 +70,9 @@ class Robot(ABC):
 
     name: str = "robot"
     joint_names: tuple[str, ...] = ()
+    # True when every send_action gets a reply from each motor (CAN MIT frames), so a dead bus
+    # shows on the send itself; serial SYNC_WRITEs are unanswered and need a read to notice
+    writes_acknowledged: bool = False
 
     def __init__(
         self, cameras: dict[str, Camera] | None = None, *, disable_torque_on_disconnect: bool = True

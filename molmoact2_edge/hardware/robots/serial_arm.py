@@ -8,6 +8,7 @@ one sync read of ``Present_Position`` and one sync write of ``Goal_Position`` pe
 
 from __future__ import annotations
 
+import copy
 import logging
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Mapping
@@ -294,7 +295,9 @@ class SerialArm(Robot):
     def assign_motor(self, name: str, found_id: int, found_baudrate: int) -> None:
         """Give the lone motor the id of joint ``name`` and the bus's default baud rate, then verify it."""
         target = self.motors[name]
-        with type(self.bus)(self.bus.port, baudrate=found_baudrate) as bus:
+        bus = copy.copy(self.bus)  # same port and timeouts, talking at the motor's current rate
+        bus.baudrate = found_baudrate
+        with bus:
             for register, value in self._torque_registers(False).items():
                 bus.write(register, found_id, value)
             # a servo may acknowledge an id or baud change under its new id / at its new rate, which

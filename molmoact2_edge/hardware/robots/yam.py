@@ -58,6 +58,7 @@ class YAM(Robot):
     """
 
     name = "yam"
+    writes_acknowledged = True
 
     def __init__(
         self,
@@ -240,6 +241,7 @@ class BimanualYAM(Robot):
     """Two YAM arms (left, right), each on its own CAN channel; state/action 14 = left 7 then right 7."""
 
     name = "bimanual-yam"
+    writes_acknowledged = True
 
     def __init__(
         self,
