@@ -40,3 +40,109 @@ def test_device_side_imports_without_torch() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "torch" in proc.stdout  # the torch backend is listed as unavailable, not crashing the report
+
+
+# --- end to end on the tiny exported bundle (built once, cached: see tests/_runtime_bundle.py) ---------------
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from molmoact2_edge.runtimes.telemetry import read_jsonl  # noqa: E402
+from tests._runtime_bundle import tiny_bundle  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_bundle()
+
+
+@pytest.mark.slow
+def test_run_cli_drives_the_simulated_so101_and_times_every_stage(tiny, tmp_path) -> None:
+    _, _, bundle = tiny
+    log = tmp_path / "run.jsonl"
+    args = [
+        "run",
+        str(bundle),
+        "--robot",
+        "sim-so101",
+        "--duration",
+        "3",
+        "--hz",
+        "10",
+        "--telemetry",
+        str(log),
+    ]
+    result = CliRunner().invoke(cli, [*args, "--backend", "onnxruntime"])
+    assert result.exit_code == 0, result.output
+    assert "episode 0: duration" in result.output and "latency p50 ms" in result.output
+    records = read_jsonl(log)
+    types = [r["type"] for r in records]
+    assert types[0] == "start" and types[-1] == "summary" and "safety" in types and "episode" in types
+    chunks = [r for r in records if r["type"] == "chunk"]
+    assert len(chunks) >= 2
+    for chunk in chunks:
+        assert all(chunk["timings_ms"][s] > 0 for s in ("vision", "prefill", "flow", "total"))
+    summary = records[-1]
+    assert summary["power"]["available"] is False and summary["power"]["reason"]
+    assert summary["loop"]["ticks"] >= 10  # 30 at 10 Hz for 3 s, fewer when overloaded ticks are skipped
+
+
+@pytest.mark.slow
+def test_commands_reach_the_emulated_servos_within_the_safety_limits(tiny) -> None:
+    from molmoact2_edge.cli.run import EpisodeTarget, RunSettings, run_policy
+    from molmoact2_edge.sim.robot import make_sim_so101
+
+    _, _, bundle = tiny
+    handles = []
+
+    def open_episode(i: int) -> EpisodeTarget:
+        handle = make_sim_so101("lift", seed=i, size=64, control_hz=10)
+        handles.append(handle)
+        return EpisodeTarget(handle.robot, handle.success, handle.instruction, handle.close)
+
+    settings = RunSettings(bundle, "sim-so101", None, "onnxruntime", duration_s=3.0, hz=10.0)
+    results, stats = run_policy(settings, open_episode)
+    assert results[0]["end"] == "duration" and stats["chunks"] >= 2
+    sim = handles[0].sim
+    goals: dict[int, list[int]] = {}
+    for record in list(sim.emulator.write_log):
+        if record.register == "Goal_Position":
+            goals.setdefault(record.motor_id, []).append(record.value)
+    assert sorted(goals) == [1, 2, 3, 4, 5, 6] and len(goals[1]) >= 10
+    for name, cal in sim.calibration.items():
+        values = goals[cal.id]
+        assert cal.range_min <= min(values) and max(values) <= cal.range_max, name
+        if name not in ("gripper", "wrist_roll"):
+            # the robot's 10-degree default step per tick, in servo steps (+1 for rounding)
+            assert np.max(np.abs(np.diff(values))) <= 10 * 4096 / 360 + 1, name
+
+
+@pytest.mark.slow
+def test_bench_compares_backends_with_speedup_and_plots(tiny, tmp_path) -> None:
+    _, _, bundle = tiny
+    args = ["bench", str(bundle), "--backend", "onnxruntime", "--backend", "torch", "--iterations", "2"]
+    args += ["--loop-seconds", "1", "--threads", "1", "--json", "--plots", str(tmp_path)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{") :])
+    assert set(report["backends"]) == {"onnxruntime", "torch"}
+    assert report["backends"]["torch"]["speedup_vs_torch"] == 1.0
+    assert report["backends"]["onnxruntime"]["speedup_vs_torch"] > 0
+    for stage in ("vision", "prefill", "flow", "total"):
+        assert report["backends"]["onnxruntime"]["stages_ms"][stage]["count"] == 2
+    assert report["loop"]["loop"]["ticks"] > 0 and report["power"]["available"] is False
+    assert (tmp_path / "latency_per_stage.png").stat().st_size > 0 and (
+        tmp_path / "loop_jitter.png"
+    ).is_file()
+
+
+@pytest.mark.slow
+def test_demo_runs_a_checkpoint_on_the_simulated_so101(tiny, tmp_path) -> None:
+    root, ckpt, _ = tiny
+    args = ["demo", "--checkpoint", str(ckpt), "--cache", str(root), "--episodes", "1", "--duration", "2"]
+    result = CliRunner().invoke(cli, [*args, "--size", "64", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "success: 0/1 episodes" in result.output or "success: 1/1 episodes" in result.output
+    assert "latency p50 ms" in result.output and "power: unavailable" in result.output
+    assert (tmp_path / "plots" / "latency_per_stage.png").is_file()
+    assert any(r["type"] == "chunk" for r in read_jsonl(tmp_path / "telemetry.jsonl"))

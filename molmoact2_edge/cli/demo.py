@@ -106,6 +106,13 @@ def save_plots(stats: dict[str, Any], telemetry_path: Path, out: Path, hz: float
     "--out", type=click.Path(file_okay=False, path_type=Path), default=CACHE / "demo", show_default=True
 )
 @click.option("--plots/--no-plots", default=True, show_default=True)
+@click.option(
+    "--cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=CACHE,
+    show_default=True,
+    help="Bundle cache.",
+)
 def demo(
     checkpoint: Path | None,
     precision: str,
@@ -117,6 +124,7 @@ def demo(
     size: int,
     out: Path,
     plots: bool,
+    cache: Path,
 ) -> None:
     """Export the bundled checkpoint and run it on the simulated SO-101 through the real Feetech driver.
 
@@ -128,7 +136,7 @@ def demo(
     from molmoact2_edge.cli.run import RunSettings, print_summary, run_policy, sim_episodes
 
     ckpt = checkpoint or bundled_checkpoint()
-    bundle = cached_bundle(ckpt, precision)
+    bundle = cached_bundle(ckpt, precision, cache)
     out.mkdir(parents=True, exist_ok=True)
     telemetry = out / "telemetry.jsonl"
     telemetry.unlink(missing_ok=True)

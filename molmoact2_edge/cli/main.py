@@ -22,7 +22,10 @@ from molmoact2_edge.errors import MolmoEdgeError
 # name -> "module:attribute" of a click command. Add a line here when a command works end to end.
 COMMANDS: dict[str, str] = {
     "info": "molmoact2_edge.cli.info:info",
+    "bench": "molmoact2_edge.cli.bench:bench",
+    "demo": "molmoact2_edge.cli.demo:demo",
     "doctor": "molmoact2_edge.cli.doctor:doctor",
+    "run": "molmoact2_edge.cli.run:run",
     "sim": "molmoact2_edge.cli.sim:sim",
     "train": "molmoact2_edge.cli.train:train",
     "eval": "molmoact2_edge.cli.eval:eval_command",
