@@ -25,7 +25,8 @@ def emulated_so101(
     emulator = FeetechEmulator(range(1, 7), seed=0)
     port = emulator.start()
     emulator.set_present_positions(dict.fromkeys(range(1, 7), start_steps))
-    bus = FeetechBus(port, **(bus_kwargs or {}))
+    # 50 ms deadline margin by default: the emulator is a Python thread on a shared CI box
+    bus = FeetechBus(port, **({"timeout_margin_s": 0.05} if bus_kwargs is None else bus_kwargs))
     robot = SO101(port, CALIBRATION, bus=bus, **robot_kwargs)
     try:
         yield robot, emulator

@@ -140,7 +140,7 @@ def test_servo_overload_flag_stops_the_arm() -> None:
 def _time_to_safe_stop(kind: str, observe: bool) -> float:
     """Seconds from the fault to SafetyError. observe=False: a loop that only sends at a real 30 Hz
     (the heartbeat read has to find the dead bus; SYNC_WRITE alone never would)."""
-    with emulated_so101() as (robot, emu):
+    with emulated_so101(bus_kwargs={}) as (robot, emu):  # the driver's real deadlines
         robot.connect()
         with SafetyLayer(robot, _config() if observe else _config(watchdog_thread=True)) as safety:
             for _ in range(5):
