@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import click
@@ -131,12 +131,15 @@ def scan(bus_kind: str, port: str, interface: str, timeout_ms: float, ids: str, 
             click.echo(f"{baud:>9}  id {motor_id:>3}  {name}")
 
 
+def _bus_options(command: Callable[..., None]) -> Callable[..., None]:
+    """--bus --port --interface --baudrate --timeout-ms, shared by read and write."""
+    for option in reversed((bus_option, port_option, interface_option, baud_option, timeout_option)):
+        command = option(command)
+    return command
+
+
 @motors.command()
-@bus_option
-@port_option
-@interface_option
-@baud_option
-@timeout_option
+@_bus_options
 @click.option("--id", "ids", default="1", show_default=True, help="Motor ids, e.g. 1-6.")
 @click.argument("registers", nargs=-1)
 def read(
@@ -163,11 +166,7 @@ def read(
 
 
 @motors.command()
-@bus_option
-@port_option
-@interface_option
-@baud_option
-@timeout_option
+@_bus_options
 @click.option("--id", "ids", required=True, help="Motor ids, e.g. 6 or 1-6.")
 @click.argument("register")
 @click.argument("value", type=int)
