@@ -183,8 +183,9 @@ class FlowGraph(nn.Module):
         return euler_sample(velocity, noise, self.num_steps, mask)  # (b, ah, ad) fp32
 
 
-def build_graphs(model: MolmoAct2, shapes: GraphShapes, with_decode: bool) -> dict[str, nn.Module]:
-    """name -> wrapper module for every graph the bundle holds (``decode_step`` only when decoding)."""
+def build_graphs(model: MolmoAct2, shapes: GraphShapes, with_decode: bool, with_flow: bool = True) -> dict[str, nn.Module]:
+    """name -> wrapper module for every graph the bundle holds: ``decode_step`` only when tokens are decoded,
+    ``flow`` only when actions come from the expert (not for discrete bundles)."""
     config = model.config
     if not config.add_action_expert:
         raise ExportError("the checkpoint has no action expert (add_action_expert=false); nothing to export")
@@ -200,5 +201,6 @@ def build_graphs(model: MolmoAct2, shapes: GraphShapes, with_decode: bool) -> di
     }
     if with_decode:
         graphs[B.DECODE_STEP.name] = DecodeStepGraph(model)
-    graphs[B.FLOW.name] = FlowGraph(inner.action_expert, config.flow_matching_num_steps, config.mask_action_dim_padding)
+    if with_flow:
+        graphs[B.FLOW.name] = FlowGraph(inner.action_expert, config.flow_matching_num_steps, config.mask_action_dim_padding)
     return {k: g.eval() for k, g in graphs.items()}

@@ -120,7 +120,9 @@ def _export(checkpoint: Path, out: Path, options: ExportOptions, say: Progress) 
     shapes = _shapes(policy, cameras, bucket)
     say(f"shapes: {len(cameras)} camera(s) {list(cameras)}, bucket {bucket}, cache {shapes.cache_length}, chunk {shapes.chunk_length}")
 
-    graphs = build_graphs(policy.model, shapes, with_decode=shapes.cache_length > bucket)
+    graphs = build_graphs(
+        policy.model, shapes, with_decode=shapes.cache_length > bucket, with_flow=policy.mode != "discrete"
+    )
     owns_stage = options.fp32_bundle is None
     stage = out.parent / f".{out.name}.fp32-stage" if owns_stage else Path(options.fp32_bundle)  # type: ignore[arg-type]
     artifacts: dict[str, dict[str, Any]] = {}
