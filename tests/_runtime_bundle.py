@@ -84,7 +84,8 @@ def tiny_bundle() -> tuple[Path, Path, Path]:
     root = REPO / ".cache" / "molmo-edge" / f"test-{source_hash()}"
     ckpt = root / "ckpt"
     if not (ckpt / "config.json").is_file():
-        shutil.rmtree(root, ignore_errors=True)
+        for stale in root.parent.glob("test-*"):  # bundles of older sources are never used again
+            shutil.rmtree(stale, ignore_errors=True)
         _make_checkpoint(ckpt)
     bundle = root / "bundles" / f"{checkpoint_sha256(ckpt)[:16]}-fp32"
     if not (bundle / "manifest.json").is_file():
