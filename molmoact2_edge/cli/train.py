@@ -49,6 +49,13 @@ import click
     "--finetune-backbone", is_flag=True, help="Stage 2 also trains the backbone (no stop-gradient)."
 )
 @click.option("--save-every", type=int, default=200, show_default=True, help="Checkpoint interval in steps.")
+@click.option(
+    "--save-dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="Storage dtype of the final weights (checkpoints for --resume stay float32).",
+)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None, help="cpu or cuda [default: cuda:LOCAL_RANK if available].")
@@ -71,6 +78,7 @@ def train(
     think: bool,
     finetune_backbone: bool,
     save_every: int,
+    save_dtype: str,
     resume: bool,
     seed: int,
     device: str | None,
@@ -110,6 +118,7 @@ def train(
         think=think,
         finetune_backbone=finetune_backbone,
         save_every=save_every,
+        save_dtype=save_dtype,
         resume=resume,
         seed=seed,
         device=device,

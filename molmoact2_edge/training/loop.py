@@ -66,6 +66,9 @@ class Stage:
     save_model: Callable[[Path], None]  # writes the released layout into a directory
     load_model: Callable[[Path], None]  # loads weights saved by save_model, in place
     meta: dict[str, Any] = field(default_factory=dict)  # recorded in training_state.json
+    # DDP must be told when some trainable parameters get no gradient (stage 2 with the backbone
+    # loosened: lm_head, ln_f and the last block's output path do not reach the K/V the expert reads).
+    find_unused_parameters: bool = False
 
 
 def learning_rate(step: int, cfg: LoopConfig) -> float:
@@ -101,7 +104,9 @@ def run_stage(stage: Stage, cfg: LoopConfig, info: DistInfo, out: Path, resume: 
     model: nn.Module = stage.objective
     if info.world_size > 1:  # gradients are averaged across ranks during backward
         model = DistributedDataParallel(
-            stage.objective, device_ids=[info.device.index] if info.device.type == "cuda" else None
+            stage.objective,
+            device_ids=[info.device.index] if info.device.type == "cuda" else None,
+            find_unused_parameters=stage.find_unused_parameters,
         )
     shard = info.shard(cfg.batch_size)
     bar = _progress(cfg, info, step, stage.index)

@@ -54,12 +54,15 @@ class Run:
             return NextTokenObjective(self.model)
         return FlowObjective(self.model, finetune_backbone=self.finetune_backbone)
 
-    def save(self, directory: Path) -> None:
-        """The released layout: config.json, safetensors, norm_stats.json, tokenizer files (+ depth codebook)."""
+    def save(self, directory: Path, dtype: torch.dtype | None = None) -> None:
+        """The released layout: config.json, safetensors, norm_stats.json, tokenizer files (+ depth codebook).
+
+        dtype: storage dtype of the weights (None: as trained, float32; the loader upcasts fp16/bf16).
+        """
         from molmoact2_edge.checkpoint import save_checkpoint
 
         directory.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(self.model, self.config, directory, norm_stats=self.norm_stats)
+        save_checkpoint(self.model, self.config, directory, norm_stats=self.norm_stats, dtype=dtype)
         self.text_tokenizer.save(directory / "tokenizer.json")
         self.fast.save(directory / ACTION_TOKENIZER_DIR)
         if self.depth_vq is not None:

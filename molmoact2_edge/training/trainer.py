@@ -55,6 +55,7 @@ class TrainConfig:
     )
     tag: str = "so100_so101_molmoact2"  # norm_stats.json tag, also the prompt's setup/control text
     save_every: int = 200
+    save_dtype: str = "float32"  # storage dtype of the final weights: float32, float16 or bfloat16
     log_every: int = 10
     seed: int = 0
     resume: bool = False
@@ -64,6 +65,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise TrainingError(f"--stage must be one of {STAGES}, got {self.stage!r}")
+        if self.save_dtype not in ("float32", "float16", "bfloat16"):
+            raise TrainingError(f"--save-dtype must be float32, float16 or bfloat16, got {self.save_dtype!r}")
         if self.flow_samples < 1 or self.action_horizon < 1:
             raise TrainingError(f"--flow-samples ({self.flow_samples}) and --action-horizon must be >= 1")
 
@@ -137,12 +140,13 @@ def train(cfg: TrainConfig) -> Path:
             save_model=run.save,
             load_model=run.load_model,
             meta={"train_config": asdict(cfg)},
+            find_unused_parameters=index == 2 and cfg.finetune_backbone,
         )
         metrics = run_stage(stage, cfg.loop(index), info, out, resume_here)
         if info.is_main:
             log.info("stage %d finished: %s", index, metrics)
     if info.is_main:
-        run.save(out)
+        run.save(out, dtype=getattr(torch, cfg.save_dtype))  # periodic checkpoints stay float32 for resuming
         _copy_training_state(out)
     barrier()
     return out
