@@ -1,9 +1,17 @@
-"""Damiao MIT frames (goldens worked by hand from the protocol reference) and driver vs emulator."""
+"""Damiao MIT frames (goldens worked by hand from the protocol reference) and driver vs emulator.
+
+The harmless part (parameters, refresh, enable with zero gains) also runs on a real chain, opt-in:
+
+    MOLMO_EDGE_CAN_CHANNEL=can0 MOLMO_EDGE_CAN_MOTORS=1:dm4340,2:dm4340,...,7:dm4310 \\
+        pytest tests/test_damiao.py -m hardware
+"""
 
 from __future__ import annotations
 
 import itertools
+import os
 import time
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given
@@ -164,3 +172,51 @@ def test_injected_fault_state_is_a_servo_error(chain) -> None:
 def test_missing_channel_is_a_port_error() -> None:
     with pytest.raises(PortError, match="can_missing"):
         DamiaoBus("can_missing", MOTORS, interface="socketcan").connect()
+
+
+# --- the part that also runs on a real chain --------------------------------------------------
+
+
+@pytest.fixture(
+    params=[pytest.param(False, id="emulated"), pytest.param(True, id="hardware", marks=pytest.mark.hardware)]
+)
+def any_chain(request: pytest.FixtureRequest) -> Iterator[tuple[DamiaoBus, list[int]]]:
+    if request.param:
+        channel, spec = os.environ.get("MOLMO_EDGE_CAN_CHANNEL"), os.environ.get("MOLMO_EDGE_CAN_MOTORS")
+        if not channel or not spec:
+            pytest.skip(
+                "set MOLMO_EDGE_CAN_CHANNEL and MOLMO_EDGE_CAN_MOTORS (id:model,...) to run on a real chain"
+            )
+        motors = {int(i): m for i, m in (item.split(":") for item in spec.split(","))}
+        bus = DamiaoBus(channel, motors, interface=os.environ.get("MOLMO_EDGE_CAN_INTERFACE", "socketcan"))
+        with bus:
+            yield bus, sorted(motors)
+        return
+    channel = f"test-dm-{next(_channels)}"
+    emulator = DamiaoEmulator(MOTORS, channel=channel)
+    with emulator, DamiaoBus(channel, MOTORS, interface="virtual", reply_timeout_s=0.05) as bus:
+        yield bus, sorted(MOTORS)
+
+
+def test_chain_answers_without_faults_and_keeps_its_watchdog(any_chain) -> None:
+    bus, ids = any_chain
+    feedback = bus.refresh(ids)
+    assert sorted(feedback) == ids
+    assert all(not fb.state.is_fault for fb in feedback.values())
+    assert all(bus.read("Timeout", i) > 0 for i in ids)  # the drive's command timeout is on
+    assert bus.sync_read("Master_ID", ids) == {i: i + 0x10 for i in ids}
+
+
+def test_zero_gain_enable_does_not_move(any_chain) -> None:
+    bus, ids = any_chain
+    before = {i: fb.position for i, fb in bus.refresh(ids).items()}
+    try:
+        bus.enable(ids)
+        for _ in range(5):
+            feedback = bus.mit({i: MitCommand(position=before[i]) for i in ids})  # kp = kd = tau = 0
+            time.sleep(0.01)
+        assert all(fb.state == MotorState.ENABLED for fb in feedback.values())
+    finally:
+        bus.disable(ids)
+    after = bus.refresh(ids)
+    assert all(abs(after[i].position - before[i]) < 0.05 for i in ids)
