@@ -82,8 +82,6 @@ def _provider_options(provider: str, options: OnnxRuntimeOptions, cache_dir: Pat
             "device_id": str(options.device_id),
             "enable_cuda_graph": "1" if options.cuda_graph else "0",
             "do_copy_in_default_stream": "1",
-            # the mempool arena cannot be captured in a CUDA graph (toolchain.md §3.1)
-            "arena_extend_strategy": "kSameAsRequested",
         }
     if provider == TENSORRT:
         return {
