@@ -99,7 +99,7 @@ def export_module(
             except Exception as err2:
                 raise ExportError(f"{path}: both ONNX exporters failed; dynamo: {reason}; legacy: {err2}") from err2
     seconds = time.perf_counter() - start
-    _rename_io(path, input_names, output_names)
+    _finalize(path, input_names, output_names)
     counts = check_graph(path)
     log.info("exported %s in %.1f s (%s, opset %d, %d nodes)", path.name, seconds, exporter, opset, sum(counts.values()))
     return ExportedGraph(path.stem, path, opset, exporter, seconds, counts)
@@ -146,23 +146,24 @@ def save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
     )
 
 
-def _rename_io(path: Path, inputs: Sequence[str], outputs: Sequence[str]) -> None:
-    """Make the graph's I/O names exactly the schema's (exporters may drop unused inputs or rename outputs)."""
+def _finalize(path: Path, inputs: Sequence[str], outputs: Sequence[str]) -> None:
+    """Make the graph's I/O names exactly the schema's (exporters may drop unused inputs or rename outputs)
+    and drop the exporter's per-node metadata (stack traces, FX names: most of a small graph's bytes)."""
     model = onnx.load(str(path), load_external_data=False)
+    for node in model.graph.node:
+        del node.metadata_props[:]
     got_in = [i.name for i in model.graph.input]
     got_out = [o.name for o in model.graph.output]
     if got_in != list(inputs):
         raise ExportError(f"{path}: graph inputs {got_in} differ from {list(inputs)} (an input unused by the module?)")
-    if got_out == list(outputs):
-        return
     if len(got_out) != len(outputs):
         raise ExportError(f"{path}: graph has outputs {got_out}, expected {list(outputs)}")
-    mapping = dict(zip(got_out, outputs, strict=True))
+    mapping = {old: new for old, new in zip(got_out, outputs, strict=True) if old != new}
     for node in model.graph.node:
         node.output[:] = [mapping.get(o, o) for o in node.output]
         node.input[:] = [mapping.get(i, i) for i in node.input]
     for out in model.graph.output:
-        out.name = mapping[out.name]
+        out.name = mapping.get(out.name, out.name)
     onnx.save_model(model, str(path))
 
 
