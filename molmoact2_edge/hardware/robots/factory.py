@@ -1,9 +1,9 @@
 """``make_robot(kind, **kwargs)``: robots by name, imported only when asked for.
 
 The table maps a kind to ``"module:callable"`` (python-can's backend table): a robot whose
-driver or simulator is not installed costs nothing until it is named. Other packages add
-their robots with ``register_robot`` (the MuJoCo SO-101 registers ``sim-so101`` from
-``molmoact2_edge.sim``) or with a line here.
+driver or simulator is not installed costs nothing until it is named (``sim-so101`` needs
+the ``sim`` extra only when asked for). Code outside this package adds its robots with
+``register_robot``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ ROBOTS: dict[str, str] = {
     "koch": "molmoact2_edge.hardware.robots.koch:Koch",
     "yam": "molmoact2_edge.hardware.robots.yam:YAM",
     "bimanual-yam": "molmoact2_edge.hardware.robots.yam:BimanualYAM.on_channels",
+    # the MuJoCo arm behind the Feetech emulator; imported only when asked for (needs the `sim` extra)
+    "sim-so101": "molmoact2_edge.sim.robot:SimSO101Robot",
 }
 
 
