@@ -145,6 +145,13 @@ def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig, out: str) ->
     from safetensors.torch import save_file
 
     save_file(grads, f"{out}/grads{rank}.safetensors")
+    # Stage 2 with the backbone loosened (lm_head, ln_f get no gradient) through the real loop under DDP.
+    trainer_mod._set_trainable(run.model, 2, finetune_backbone=True)
+    stage = Stage(2, run.objective(2), run.batches, run.save, run.load_model, find_unused_parameters=True)
+    run_stage(stage, replace(cfg, steps=2, save_every=10).loop(2), info, Path(out) / "ddp", resume=False)
+    save_file(
+        {k: v.contiguous() for k, v in run.model.state_dict().items()}, f"{out}/weights{rank}.safetensors"
+    )
     shutdown()
 
 
@@ -163,6 +170,11 @@ def test_ddp_gradients_match_single_process(dataset: Path, tmp_path: Path) -> No
     for name, grad in single.items():
         torch.testing.assert_close(g0[name], g1[name], rtol=0, atol=0)  # DDP averaged: identical on ranks
         torch.testing.assert_close(g0[name], grad, rtol=1e-4, atol=1e-6)
+    w0, w1 = (
+        load_file(str(tmp_path / "weights0.safetensors")),
+        load_file(str(tmp_path / "weights1.safetensors")),
+    )
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)  # the ranks stayed in sync through the loop
 
 
 def test_depth_codebook_round_trip(tmp_path: Path) -> None:

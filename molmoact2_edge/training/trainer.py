@@ -92,15 +92,15 @@ def _set_trainable(model: torch.nn.Module, stage: int, finetune_backbone: bool) 
         )
 
 
-def _completed_stage(out: Path) -> tuple[int, bool] | None:
-    """(stage, done) of the run's latest checkpoint, None without one."""
+def _saved_progress(out: Path) -> tuple[int, int] | None:
+    """(stage, step) of the run's latest checkpoint, None without one."""
     import json
 
     ckpt = latest_checkpoint(out)
     if ckpt is None:
         return None
     meta: dict[str, Any] = json.loads((ckpt / META_FILE).read_text())
-    return int(meta["stage"]), bool(meta["done"])
+    return int(meta["stage"]), int(meta["step"])
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -116,13 +116,16 @@ def train(cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     run = build_run(cfg, info)
     stages = [1, 2] if cfg.stage == "both" else [int(cfg.stage)]
-    progress = _completed_stage(out) if (cfg.resume or cfg.stage == "2") else None
+    progress = _saved_progress(out) if (cfg.resume or cfg.stage == "2") else None
     for index in stages:
         resume_here = False
         if progress is not None:
-            saved, done = progress
+            saved, step = progress
+            # "Done" against this invocation's step count, so --resume with more steps extends a stage.
+            done = step >= cfg.loop(saved).steps
             if saved > index or (saved == index and done):
-                log.info("stage %d already complete in %s", index, out) if info.is_main else None
+                if info.is_main:
+                    log.info("stage %d already complete in %s", index, out)
                 if index == stages[-1]:
                     run.load_model(latest_checkpoint(out))  # type: ignore[arg-type]
                 continue
