@@ -64,6 +64,26 @@ def rss_mb() -> float:
     return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
+def gpu_memory_mb(device_index: int = 0) -> float | str:
+    """GPU memory in use (MiB) through NVML, or why it cannot be read.
+
+    A Jetson has no NVML and no separate GPU memory: its GPU allocations show in the process RSS.
+    """
+    try:
+        import pynvml
+    except ImportError:
+        return "unavailable: pynvml not installed (pip install nvidia-ml-py); on a Jetson GPU memory is in the RSS"
+    try:
+        pynvml.nvmlInit()
+        try:
+            info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(device_index))
+        finally:
+            pynvml.nvmlShutdown()
+    except pynvml.NVMLError as err:
+        return f"unavailable: {err}"
+    return float(info.used) / (1024 * 1024)
+
+
 class LoopStats:
     """Period error and overruns of a fixed-rate loop."""
 
@@ -173,6 +193,7 @@ class Telemetry:
                 "stages_ms": stages,
                 "loop": self.loop.summary(),
                 "rss_peak_mb": round(self.rss_peak_mb, 1),
+                "gpu_memory_mb": gpu_memory_mb(),  # at summary time: NVML init per chunk would cost ms
             }
             if self.power is None or not self.power.available:
                 summary["power"] = {"available": False, **(self.power.describe() if self.power else {})}
