@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
 
@@ -53,10 +52,6 @@ class ExportedGraph:
     exporter: str  # "dynamo" or "torchscript (reason)"
     seconds: float
     op_counts: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def data_path(self) -> Path:
-        return self.path.with_name(self.path.name + ".data")
 
 
 def data_file(path: Path) -> Path:
@@ -188,7 +183,3 @@ def io_specs(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         return {"name": value.name, "shape": dims, "dtype": _ONNX_TO_NUMPY.get(int(ttype.elem_type), str(ttype.elem_type))}
 
     return [spec(v) for v in model.graph.input], [spec(v) for v in model.graph.output]
-
-
-def numpy_inputs(args: Sequence[torch.Tensor]) -> list[np.ndarray]:
-    return [a.detach().cpu().numpy() for a in args]

@@ -2,7 +2,7 @@
 
 Export writes through this module and the device reads through it, so the
 schema, the graph names and every tensor name exist exactly once. Torch-free
-(numpy and the standard library only): it runs on a Jetson.
+(the standard library only): it runs on a Jetson.
 
 Layout of a bundle directory::
 
@@ -34,11 +34,9 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from molmoact2_edge.errors import BundleError
 
@@ -144,14 +142,6 @@ def list_files(root: Path) -> list[str]:
     return sorted(out)
 
 
-def tensor_spec(name: str, array_or_shape: Any, dtype: str | None = None) -> dict[str, Any]:
-    """{'name', 'shape', 'dtype'} for the manifest, from an array or a (shape, dtype) pair."""
-    if dtype is None:
-        arr = np.asarray(array_or_shape)
-        return {"name": name, "shape": [int(s) for s in arr.shape], "dtype": str(arr.dtype)}
-    return {"name": name, "shape": [int(s) for s in array_or_shape], "dtype": dtype}
-
-
 # --- the manifest ----------------------------------------------------------------------------
 
 
@@ -221,7 +211,6 @@ class Bundle:
 
     root: Path
     manifest: dict[str, Any]
-    verified: bool = field(default=True)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], verify: bool = True) -> Bundle:
@@ -246,7 +235,7 @@ class Bundle:
                 f"{manifest_path}: schema_version {version!r} is not supported (this runtime reads "
                 f"{SCHEMA_VERSION}); re-export the bundle with this molmoact2-edge version"
             )
-        bundle = cls(root=root, manifest=manifest, verified=verify)
+        bundle = cls(root=root, manifest=manifest)
         bundle._check_files(verify)
         return bundle
 
@@ -281,10 +270,6 @@ class Bundle:
     # --- typed access to the manifest --------------------------------------------------------
 
     @property
-    def graphs(self) -> list[str]:
-        return list(self.manifest["artifacts"])
-
-    @property
     def graph_names(self) -> tuple[str, ...]:
         """The graphs in this bundle (the backends' ``GraphFiles`` protocol)."""
         return tuple(self.manifest["artifacts"])
@@ -303,14 +288,11 @@ class Bundle:
             return None
         return self.root / engine_set["graphs"][graph]
 
-    def has_graph(self, name: str) -> bool:
-        return name in self.manifest["artifacts"]
-
     def artifact(self, name: str) -> dict[str, Any]:
         try:
             return self.manifest["artifacts"][name]
         except KeyError as err:
-            raise BundleError(f"{self.root}: bundle has no '{name}' graph (it has {self.graphs})") from err
+            raise BundleError(f"{self.root}: bundle has no '{name}' graph (it has {list(self.graph_names)})") from err
 
     def graph_path(self, name: str) -> Path:
         return self.root / self.artifact(name)["file"]

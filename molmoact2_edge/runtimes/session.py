@@ -21,7 +21,6 @@ what passed at export is what runs on the robot.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -349,7 +348,3 @@ def describe(bundle: B.Bundle) -> dict[str, Any]:
         "toolchain": m["toolchain"],
         "bytes": sum(int(f["bytes"]) for f in m["files"].values()),
     }
-
-
-def manifest_json(bundle: B.Bundle) -> str:
-    return json.dumps(describe(bundle), indent=2)
