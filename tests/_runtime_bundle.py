@@ -43,7 +43,10 @@ def source_hash() -> str:
     return digest.hexdigest()[:16]
 
 
-def _make_checkpoint(path: Path) -> Path:
+def make_checkpoint(path: Path, think: bool = False) -> Path:
+    """A seeded random checkpoint of the tiny preset (think: MolmoAct2-Think, decodes depth codes first)."""
+    import dataclasses
+
     import torch
 
     from molmoact2_edge.checkpoint import save_checkpoint
@@ -53,6 +56,8 @@ def _make_checkpoint(path: Path) -> Path:
     from molmoact2_edge.tokenizers.text import train_small_tokenizer
 
     config = get_preset("tiny")
+    if think:
+        config = dataclasses.replace(config, enable_depth_reasoning=True)
     model = MolmoAct2.from_config(config, seed=0)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # perturb so the adaLN-Zero expert does not output exactly zero
@@ -86,7 +91,7 @@ def tiny_bundle() -> tuple[Path, Path, Path]:
     if not (ckpt / "config.json").is_file():
         for stale in root.parent.glob("test-*"):  # bundles of older sources are never used again
             shutil.rmtree(stale, ignore_errors=True)
-        _make_checkpoint(ckpt)
+        make_checkpoint(ckpt)
     bundle = root / "bundles" / f"{checkpoint_sha256(ckpt)[:16]}-fp32"
     if not (bundle / "manifest.json").is_file():
         threads = torch.get_num_threads()
