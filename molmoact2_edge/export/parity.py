@@ -36,9 +36,9 @@ from molmoact2_edge.types import Observation
 log = logging.getLogger(__name__)
 
 # Per-graph relative RMS allowed, by the precision the graph is stored in. fp32 is exporter/runtime
-# noise; fp16 the expected half-precision error; the quantized ones are loose on purpose: the
+# noise; fp16 the half-precision floor vla-edge gates bf16 stages at (0.04-0.06); the quantized ones are loose: the
 # end-to-end seed gate is what decides whether the policy still behaves.
-GRAPH_RMS_LIMITS = {"fp32": 1e-4, "fp16": 2e-2, "int8": 0.25, "int4": 0.4}
+GRAPH_RMS_LIMITS = {"fp32": 1e-4, "fp16": 5e-2, "int8": 0.25, "int4": 0.4}
 SEED_SPREAD_FRACTION = 0.5
 DISCRETE_ATOL = 1e-3
 DEFAULT_SEEDS = (1234, 4321)
