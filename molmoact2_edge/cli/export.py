@@ -49,7 +49,14 @@ def export(
     fp32_bundle: Path | None,
     allow_parity_failure: bool,
 ) -> None:
-    """Export CHECKPOINT to a fixed-shape, quantized ONNX bundle checked for parity against PyTorch."""
+    """Export CHECKPOINT to a fixed-shape, quantized ONNX bundle checked for parity against PyTorch.
+
+    \b
+    Examples:
+      molmo-edge export checkpoints/small -o bundles/small-fp16 --precision fp16
+      molmo-edge export CKPT -o bundles/int8 --precision int8 --calib data/so101_demo
+      molmo-edge export CKPT -o bundles/int4 --precision int4 --fp32-bundle bundles/small-fp32
+    """
     from molmoact2_edge.errors import ParityError
     from molmoact2_edge.export.pipeline import ExportOptions, export_bundle
 
