@@ -94,12 +94,12 @@ def run(presets: list[str], precisions: list[str]) -> list[list[object]]:
                 manifest = export_bundle(ckpt, out, options, progress=lambda m: print("   ", m, flush=True))
                 seconds = time.perf_counter() - start
                 size = sum(int(f["bytes"]) for f in manifest["files"].values()) / 1e6
-                report = manifest["parity"]
-                worst = max(g["rel_rms"] for g in report["graphs"].values())
+                gate = manifest["parity"]
+                worst = max(g["rel_rms"] for g in gate["graphs"].values())
                 if precision in precisions:
                     rows.append([
                         preset, precision, f"{seconds:.1f}", f"{size:.2f}", f"{size / ckpt_mb:.2f}",
-                        f"{worst:.2g}", f"{report['end_to_end']['ratio']:.3g}", "pass" if report["passed"] else "FAIL",
+                        f"{worst:.2g}", f"{gate['end_to_end']['ratio']:.3g}", "pass" if gate["passed"] else "FAIL",
                     ])  # fmt: skip
                 print(rows[-1] if rows else "", flush=True)
             report(rows)
