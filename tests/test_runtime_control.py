@@ -95,7 +95,10 @@ def test_chunks_swap_without_stall_and_actions_align_to_their_time(tmp_path) -> 
     used = [int(a[1]) for _, a, held in gate.sent[first_action:]]
     assert len(set(used)) >= 4
     summary = telemetry.close()
-    assert summary["chunks"] == result.chunks and summary["stages_ms"]["flow"]["p50"] == pytest.approx(60.0)
+    # telemetry counts chunks computed; one may finish after the episode ended and never be used
+    assert result.chunks <= summary["chunks"] <= result.chunks + 1 and summary["stages_ms"]["flow"][
+        "p50"
+    ] == pytest.approx(60.0)
     assert summary["loop"]["held"] == result.held_ticks
 
 
