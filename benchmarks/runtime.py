@@ -41,7 +41,11 @@ def act_latency(checkpoint: Path, bundles: dict[str, Path], iterations: int) -> 
 
     from molmoact2_edge.model.policy import Policy
 
-    sessions = {f"onnxruntime {p}": PolicySession(b, "onnxruntime") for p, b in bundles.items()}
+    threads = torch.get_num_threads()
+    sessions = {
+        f"onnxruntime {p}": PolicySession(b, "onnxruntime", intra_op_threads=threads)
+        for p, b in bundles.items()
+    }
     first = next(iter(sessions.values()))
     reference = Policy.from_checkpoint(
         checkpoint, camera_order=first.camera_order, bucket=int(first.bundle.prompt["bucket"])
@@ -95,6 +99,37 @@ def depth_cache_savings(bundle: Path, episodes: int, steps: int) -> dict[str, fl
     }
 
 
+def sim_calibration(path: Path, count: int = 8) -> Path:
+    """int8 calibration data: observations of the simulated SO-101 under the scripted expert, as .npz."""
+    from molmoact2_edge.export.calibration import save_observations
+    from molmoact2_edge.sim.env import SimEnv
+    from molmoact2_edge.sim.scene import RenderConfig
+
+    observations = []
+    with SimEnv("lift", seed=100, render=RenderConfig(width=128, height=128)) as env:
+        obs = env.reset(seed=100)
+        for _ in range(count):
+            observations.append(obs)
+            for _ in range(3):  # spread the frames over the motion
+                obs, _, _ = env.step(env.expert_action())
+    save_observations(path, observations)
+    return path
+
+
+def export_all(checkpoint: Path, precisions: list[str], cameras: tuple[str, ...] | None) -> dict[str, Path]:
+    """One cached bundle per precision; the quantized ones reuse the fp32 graphs (same checkpoint and shapes)."""
+    from molmoact2_edge.cli.demo import CACHE, cached_bundle
+    from molmoact2_edge.export.pipeline import ExportOptions
+
+    fp32 = cached_bundle(checkpoint, "fp32", CACHE, ExportOptions(cameras=cameras))
+    bundles = {"fp32": fp32}
+    for precision in [p for p in precisions if p != "fp32"]:
+        calib = sim_calibration(CACHE / "sim_calibration.npz") if precision == "int8" else None
+        options = ExportOptions(precision=precision, cameras=cameras, fp32_bundle=fp32, calib=calib)
+        bundles[precision] = cached_bundle(checkpoint, precision, CACHE, options)
+    return {p: bundles[p] for p in precisions}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -105,24 +140,46 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--loop-seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--cameras", nargs="+", help="camera order (default: the checkpoint's norm-stats cameras)"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch and onnxruntime alike")
     args = parser.parse_args()
 
-    from molmoact2_edge.cli.demo import bundled_checkpoint, cached_bundle
+    import torch
 
+    from molmoact2_edge.cli.demo import CACHE, bundled_checkpoint
+
+    torch.set_num_threads(args.threads)
     checkpoint = args.checkpoint or bundled_checkpoint()
-    bundles = {p: cached_bundle(checkpoint, p) for p in args.precisions}
+    CACHE.mkdir(parents=True, exist_ok=True)
+    bundles = export_all(checkpoint, args.precisions, tuple(args.cameras) if args.cameras else None)
     latency = act_latency(checkpoint, bundles, args.iterations)
     ref = latency["pytorch eager"]["p50"]
     rows = [
         [name, f"{s['p50']:.1f}", f"{s['p99']:.1f}", f"{ref / s['p50']:.2f}x"] for name, s in latency.items()
     ]
     body = markdown_table(["act()", "p50 ms", "p99 ms", "speedup vs PyTorch eager"], rows)
+    body += f"\n\nCheckpoint `{checkpoint.name}`, {args.iterations} interleaved iterations, {args.threads} CPU thread(s) each."
 
     savings = depth_cache_savings(bundles[args.precisions[0]], args.episodes, args.steps)
-    if savings is None:
-        body += "\n\nDepth cache: not measured (the checkpoint is not a Think checkpoint; it predicts no depth codes)."
-    else:
-        body += "\n\n" + markdown_table(
+    think_note = ""
+    if savings is None:  # not a Think checkpoint: measure the cache on a tiny random Think one
+        from tests._runtime_bundle import make_checkpoint
+
+        think = CACHE / "think-ckpt"
+        if not (think / "config.json").is_file():
+            make_checkpoint(think, think=True)
+        think_bundle = export_all(
+            think, ["fp32"], tuple(args.cameras) if args.cameras else ("front", "wrist")
+        )["fp32"]
+        savings = depth_cache_savings(think_bundle, args.episodes, args.steps)
+        think_note = (
+            " (a tiny random MolmoAct2-Think checkpoint: which cells are replayed depends on the pixels only)"
+        )
+    if savings is not None:
+        body += f"\n\nDepth cache on {args.episodes} sim episode(s) x {args.steps} frames{think_note}:\n\n"
+        body += markdown_table(
             ["depth cells replayed", "depth p50 ms (cache)", "depth p50 ms (no cache)"],
             [
                 [
