@@ -163,3 +163,22 @@ def test_tensorrt_here_is_unavailable_with_the_reason() -> None:
     assert reason is not None and "tensorrt" in reason and "pip install" in reason
     with pytest.raises(BackendUnavailableError, match="molmoact2-edge\\[tensorrt\\]"):
         load_backend("tensorrt", OnnxGraphs({}))
+
+
+def test_tensorrt_backend_uses_only_real_cuda_runtime_names() -> None:
+    """The backend cannot run without a GPU, but every cuda.bindings.runtime name it calls must exist."""
+    import re
+
+    runtime = pytest.importorskip("cuda.bindings.runtime")
+    from molmoact2_edge.runtimes.backends import tensorrt as trt_backend
+
+    source = Path(trt_backend.__file__).read_text()
+    used = sorted(set(re.findall(r"cudart\.(\w+)", source)))
+    assert {"cudaStreamBeginCapture", "cudaGraphInstantiate", "cudaGraphLaunch", "cudaMemcpyAsync"} <= set(
+        used
+    )
+    assert [name for name in used if not hasattr(runtime, name)] == []
+    assert runtime.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal is not None
+    # no driver here: the guard reports why instead of raising
+    count, why = trt_backend.gpu_count()
+    assert count == 0 and why
