@@ -283,9 +283,12 @@ def run(
         bundle, robot, task, backend, duration, episodes, hz, swap_threshold, record, telemetry, on_exit
     )
     if robot == "sim-so101":
-        print_summary(*run_policy(settings, sim_episodes(sim_task, sim_size, hz)))
-        return
-    if not task:
-        raise MolmoEdgeError(f'--robot {robot} needs --task "<instruction>"')
-    arm = make_hardware_robot(robot, port, can, open_cameras(parse_cameras(cameras), hz), robot_id)
-    print_summary(*run_policy(settings, *hardware_episodes(arm)))
+        results, stats = run_policy(settings, sim_episodes(sim_task, sim_size, hz))
+    else:
+        if not task:
+            raise MolmoEdgeError(f'--robot {robot} needs --task "<instruction>"')
+        arm = make_hardware_robot(robot, port, can, open_cameras(parse_cameras(cameras), hz), robot_id)
+        results, stats = run_policy(settings, *hardware_episodes(arm))
+    print_summary(results, stats)
+    if results and results[-1]["end"] == "interrupted":
+        raise KeyboardInterrupt  # stopped safely already; the CLI group turns this into exit code 130
