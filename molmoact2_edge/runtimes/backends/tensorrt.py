@@ -87,7 +87,7 @@ class _Engine:
         if self.engine is None:
             raise BackendError(
                 f"graph '{graph}': TensorRT could not deserialize its engine (built for another GPU, TensorRT or "
-                "JetPack version?); rebuild the engines on this device"
+                "JetPack version?); rebuild them here with `molmo-edge build-engines BUNDLE`"
             )
         self.context = self.engine.create_execution_context()
         self.stream = _check(
@@ -199,8 +199,8 @@ class TensorRTSession(BackendSession):
             missing = [g for g in bundle.graph_names if bundle.engine_path(g) is None]
             if missing:
                 return (
-                    f"the bundle has no TensorRT engines for this device for {missing}; build them on this "
-                    "device with export's TensorRT builder (engines are not portable between devices)"
+                    f"the bundle has no TensorRT engines for this device for {missing}; build them here with "
+                    "`molmo-edge build-engines BUNDLE` (engines are not portable between devices)"
                 )
         return None
 
