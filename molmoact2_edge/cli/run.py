@@ -72,6 +72,7 @@ class RunSettings:
     record: Path | None = None
     telemetry: Path | None = None
     on_exit: str = "hold"
+    stall_timeout_s: float = 2.0
 
 
 @dataclass
@@ -122,7 +123,9 @@ def run_policy(
                 task = settings.task or target.instruction
                 if not task:
                     raise MolmoEdgeError('no task: pass --task "<instruction>"')
-                config = LoopConfig(task, settings.hz, settings.swap_threshold, settings.duration_s)
+                config = LoopConfig(
+                    task, settings.hz, settings.swap_threshold, settings.duration_s, settings.stall_timeout_s
+                )
                 session.reset()
                 with SafetyLayer(robot, SafetyConfig(on_exit=settings.on_exit)) as layer:  # type: ignore[arg-type]
                     telemetry.write({"type": "safety", "episode": episode, **layer.telemetry()})
@@ -242,6 +245,12 @@ def print_summary(results: list[dict[str, Any]], stats: dict[str, Any]) -> None:
     help="Torque policy at the end.",
 )
 @click.option(
+    "--stall-timeout",
+    default=2.0,
+    show_default=True,
+    help="Seconds of holding without a usable chunk before the episode stops with a safety error.",
+)
+@click.option(
     "--record", type=click.Path(file_okay=False, path_type=Path), help="Record a LeRobot dataset here."
 )
 @click.option(
@@ -263,6 +272,7 @@ def run(
     hz: float,
     swap_threshold: float,
     on_exit: str,
+    stall_timeout: float,
     record: Path | None,
     telemetry: Path | None,
 ) -> None:
@@ -280,7 +290,18 @@ def run(
     if robot in ("yam", "bimanual-yam") and not can:
         raise MolmoEdgeError(f"--robot {robot} needs --can (e.g. --can can0; see `molmo-edge doctor`)")
     settings = RunSettings(
-        bundle, robot, task, backend, duration, episodes, hz, swap_threshold, record, telemetry, on_exit
+        bundle,
+        robot,
+        task,
+        backend,
+        duration,
+        episodes,
+        hz,
+        swap_threshold,
+        record,
+        telemetry,
+        on_exit,
+        stall_timeout,
     )
     if robot == "sim-so101":
         results, stats = run_policy(settings, sim_episodes(sim_task, sim_size, hz))

@@ -19,7 +19,8 @@ Two threads, one job each:
 
 When the current chunk runs out before the next arrives (inference stalled), the
 safety layer holds the last commanded target; after ``stall_timeout_s`` without
-a usable chunk the episode ends with a ``SafetyError``. An episode ends at
+a usable chunk (``first_chunk_timeout_s`` for the first, which also warms the backend up) the
+episode ends with a ``SafetyError``. An episode ends at
 ``duration_s``, when ``success()`` turns true, on Ctrl-C or on an error; every
 exit goes through ``gate.close()`` (the torque policy) before returning or raising.
 Deadlines use ``time.monotonic()`` (a Jetson's wall clock jumps at NTP sync).
@@ -109,6 +110,7 @@ class LoopConfig:
     swap_threshold: float = 0.5  # ask for the next chunk when this fraction of the current one is left
     duration_s: float | None = None  # None: until success, Ctrl-C or an error
     stall_timeout_s: float = 2.0  # holding longer than this without a usable chunk ends the episode
+    first_chunk_timeout_s: float = 15.0  # the first act() also warms the backend up (allocation, kernels)
     record_flush_s: float = 1.0  # a crash loses at most this much of a recording
     spin_s: float = 0.0005  # busy-wait the last half millisecond before a deadline (sleep overshoots)
 
@@ -237,7 +239,8 @@ def run_episode(
             else:
                 sent, held = gate.hold(), True
                 result.held_ticks += 1
-                if deadline - last_good > config.stall_timeout_s:
+                limit = config.stall_timeout_s if result.chunks else config.first_chunk_timeout_s
+                if deadline - last_good > limit:
                     raise SafetyError(
                         f"no action for {deadline - last_good:.2f} s (inference stalled or too slow for "
                         f"{config.hz:g} Hz); held position and stopped"
