@@ -171,13 +171,18 @@ def sim_episodes(sim_task: str, size: int, hz: float) -> Callable[[int], Episode
 
 
 def make_hardware_robot(
-    kind: str, port: str | None, can: tuple[str, ...], cameras: dict[str, Any], robot_id: str
+    kind: str,
+    port: str | None,
+    can: tuple[str, ...],
+    cameras: dict[str, Any],
+    robot_id: str,
+    joint_frame: str = "lerobot",
 ) -> Any:
     """A real robot from ``hardware.robots.make_robot`` with the command line's bus and cameras."""
     from molmoact2_edge.hardware.robots import make_robot
 
     if kind == "so101":
-        return make_robot(kind, port=port, cameras=cameras, robot_id=robot_id)
+        return make_robot(kind, port=port, cameras=cameras, robot_id=robot_id, joint_frame=joint_frame)
     if kind == "yam":
         return make_robot(kind, channel=can[0], cameras=cameras)
     if len(can) != 2:
@@ -225,6 +230,14 @@ def print_summary(results: list[dict[str, Any]], stats: dict[str, Any]) -> None:
 @click.option(
     "--robot-id", default="follower", show_default=True, help="Calibration id (LeRobot --robot.id)."
 )
+@click.option(
+    "--joint-frame",
+    type=click.Choice(["lerobot", "so100_101_legacy"]),
+    default="lerobot",
+    show_default=True,
+    help="SO-101 joint frame the policy was trained in: so100_101_legacy for the released MolmoAct2 "
+    "SO100_101 checkpoints (LeRobot < 0.5 frame), lerobot for checkpoints trained on current LeRobot data.",
+)
 @click.option("--task", help="The language instruction (sim-so101: defaults to the sim task's).")
 @click.option("--sim-task", default="lift", show_default=True, help="sim-so101 only: touch | lift | place.")
 @click.option(
@@ -263,6 +276,7 @@ def run(
     can: tuple[str, ...],
     cameras: tuple[str, ...],
     robot_id: str,
+    joint_frame: str,
     task: str | None,
     sim_task: str,
     sim_size: int,
@@ -308,7 +322,9 @@ def run(
     else:
         if not task:
             raise MolmoEdgeError(f'--robot {robot} needs --task "<instruction>"')
-        arm = make_hardware_robot(robot, port, can, open_cameras(parse_cameras(cameras), hz), robot_id)
+        arm = make_hardware_robot(
+            robot, port, can, open_cameras(parse_cameras(cameras), hz), robot_id, joint_frame
+        )
         results, stats = run_policy(settings, *hardware_episodes(arm))
     print_summary(results, stats)
     if results and results[-1]["end"] == "interrupted":
