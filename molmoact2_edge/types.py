@@ -16,6 +16,18 @@ import numpy as np
 
 from molmoact2_edge.errors import ObservationError
 
+# The stage names every act() times, in pipeline order (telemetry and bench use the same names).
+STAGES = ("vision", "prefill", "depth", "decode", "flow", "total")
+
+
+def flow_noise(seed: int | None, shape: tuple[int, ...]) -> np.ndarray:
+    """The flow's initial noise: standard normal float32 from numpy's PCG64 (``seed`` None: fresh entropy).
+
+    The PyTorch reference and the device session both draw their noise with this function, so a
+    seed means the same chunk on every backend.
+    """
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
 
 @dataclass
 class Observation:

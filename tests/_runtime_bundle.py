@@ -27,7 +27,7 @@ SOURCES = (
     "preprocess.py",
     "runtimes/bundle.py",
     "runtimes/session.py",
-    "runtimes/depth_cache.py",
+    "depth_cache.py",
 )
 CORPUS = [
     "The task is to pick up the red cube. The setup is so101 arm. The current state of the robot is"

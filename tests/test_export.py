@@ -22,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from molmoact2_edge.checkpoint import save_checkpoint
 from molmoact2_edge.cli import main as cli_main
 from molmoact2_edge.config import get_preset
+from molmoact2_edge.depth_cache import DepthCache
 from molmoact2_edge.errors import (
     BundleError,
     DependencyError,
@@ -38,9 +39,9 @@ from molmoact2_edge.model.molmoact2 import MolmoAct2
 from molmoact2_edge.model.policy import Policy
 from molmoact2_edge.normalization import NormStats
 from molmoact2_edge.runtimes import bundle as B
-from molmoact2_edge.runtimes.depth_cache import DepthCache
-from molmoact2_edge.runtimes.session import STAGES, PolicySession
+from molmoact2_edge.runtimes.session import PolicySession
 from molmoact2_edge.tokenizers.text import train_small_tokenizer
+from molmoact2_edge.types import STAGES
 
 CAMERAS = ("front", "wrist")
 CORPUS = ["The task is to pick up the red cube. The setup is so101 arm. The current state of the robot is"] * 20

@@ -10,13 +10,12 @@ from molmoact2_edge.checkpoint import save_checkpoint
 from molmoact2_edge.config import get_preset
 from molmoact2_edge.errors import ObservationError, PromptTooLongError, TokenizerError
 from molmoact2_edge.model.molmoact2 import MolmoAct2
-from molmoact2_edge.model.policy import STAGES, Policy
+from molmoact2_edge.model.policy import Policy
 from molmoact2_edge.normalization import NormStats
 from molmoact2_edge.preprocess import cells_changed, depth_cell_vectors
-from molmoact2_edge.runtimes.session import flow_noise
 from molmoact2_edge.tokenizers.openfast import ACTION_TOKENIZER_DIR, OpenFASTTokenizer
 from molmoact2_edge.tokenizers.text import train_small_tokenizer
-from molmoact2_edge.types import Observation
+from molmoact2_edge.types import STAGES, Observation, flow_noise
 
 TASK = "pick up the red cube"
 CORPUS = [

@@ -13,7 +13,7 @@ method per stage so export can reuse each step:
      argmax over the depth rows only; with the adaptive cache a cell whose pixels did not change
      replays its previous code, and consecutive replays are fed as one chunk; then greedy
      decoding until ``<depth_end>`` has been fed (at most max(8, ah) tokens);
-  6. ``sample_flow`` (stage ``flow``, continuous): seeded noise (``runtimes.session.flow_noise``, numpy
+  6. ``sample_flow`` (stage ``flow``, continuous): seeded noise (``types.flow_noise``, numpy
      PCG64: one draw on every backend, torch's generator differs across devices), N Euler steps;
      or ``decode_discrete`` (stage ``decode``): greedy to eos (at most 16 ah tokens), the
      ``<action_i>`` span -> OpenFAST -> (ah, ad), zeros and ``decode_ok=False`` if it fails the shape rule;
@@ -41,14 +41,13 @@ import numpy as np
 import torch
 
 from molmoact2_edge.config import MolmoAct2Config
+from molmoact2_edge.depth_cache import DepthCache
 from molmoact2_edge.errors import CheckpointError, ConfigError, ObservationError, TokenizerError
 from molmoact2_edge.model import masks
 from molmoact2_edge.model.flow import action_dim_mask
 from molmoact2_edge.model.molmoact2 import MolmoAct2
 from molmoact2_edge.normalization import NormStats, TagMetadata
 from molmoact2_edge.preprocess import resize_cameras
-from molmoact2_edge.runtimes.depth_cache import DepthCache
-from molmoact2_edge.runtimes.session import flow_noise
 from molmoact2_edge.tokenizers.openfast import (
     ACTION_TOKENIZER_DIR,
     OpenFASTTokenizer,
@@ -57,11 +56,10 @@ from molmoact2_edge.tokenizers.openfast import (
 )
 from molmoact2_edge.tokenizers.prompt import Prompt, PromptBuilder, PromptSpec, state_bins
 from molmoact2_edge.tokenizers.text import TextTokenizer
-from molmoact2_edge.types import ActionChunk, Observation
+from molmoact2_edge.types import STAGES, ActionChunk, Observation, flow_noise
 
 log = logging.getLogger(__name__)
 
-STAGES = ("vision", "prefill", "depth", "decode", "flow", "total")
 MODES = ("continuous", "discrete")
 
 

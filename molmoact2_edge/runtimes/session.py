@@ -30,12 +30,12 @@ from typing import Any
 
 import numpy as np
 
+from molmoact2_edge.depth_cache import DepthCache
 from molmoact2_edge.errors import BundleError, ObservationError
 from molmoact2_edge.normalization import NormStats
 from molmoact2_edge.preprocess import resize_cameras
 from molmoact2_edge.runtimes import bundle as B
 from molmoact2_edge.runtimes.backends.base import BackendSession, load_backend
-from molmoact2_edge.runtimes.depth_cache import DepthCache
 from molmoact2_edge.tokenizers.openfast import OpenFASTTokenizer, action_span, llm_to_fast_ids
 from molmoact2_edge.tokenizers.prompt import (
     ImageLayout,
@@ -47,21 +47,11 @@ from molmoact2_edge.tokenizers.prompt import (
     state_bins,
 )
 from molmoact2_edge.tokenizers.text import TextTokenizer
-from molmoact2_edge.types import ActionChunk, Observation
+from molmoact2_edge.types import STAGES, ActionChunk, Observation, flow_noise
 
 log = logging.getLogger(__name__)
 
-STAGES = ("vision", "prefill", "depth", "decode", "flow", "total")
 FeedRecorder = Callable[[str, Mapping[str, np.ndarray]], None]
-
-
-def flow_noise(seed: int | None, shape: tuple[int, ...]) -> np.ndarray:
-    """The flow's initial noise: standard normal float32 from numpy's PCG64 (``seed`` None: fresh entropy).
-
-    The PyTorch reference draws its noise with this same function, so a seed means the same
-    chunk on every backend.
-    """
-    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
 def bias_from_allowed(allowed: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ Only the CPU EP was run here (no GPU on the dev machine).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Mapping
@@ -67,13 +68,24 @@ class OnnxRuntimeOptions:
     device_id: int = 0
     cuda_graph: bool = True  # capture a CUDA graph per session on GPU EPs (needs I/O binding: we always bind)
     fp16: bool = False  # TensorRT EP: allow fp16 kernels (QDQ int8 graphs need no calibration table)
-    cache_dir: str | None = None  # TensorRT EP engine + timing caches; None: <bundle dir>/.ort_trt_cache
+    cache_dir: str | None = None  # TensorRT EP engine + timing caches; None: see default_cache_dir()
     graphs: tuple[str, ...] | None = None  # load only these graphs (None: all the bundle has)
 
 
 def gpu_providers_present() -> list[str]:
     """The GPU execution providers this onnxruntime build ships (not proof that a GPU answers)."""
     return [p for p in (TENSORRT, CUDA) if p in ort.get_available_providers()]
+
+
+def default_cache_dir(bundle_dir: Path) -> Path:
+    """Per-bundle TensorRT EP cache under $XDG_CACHE_HOME, never inside the bundle.
+
+    A bundle is a verified, closed set of files: a cache written into it would make the next
+    ``Bundle.open`` refuse it for an extra file.
+    """
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "molmo-edge" / "ort_trt"
+    key = hashlib.sha256(str(bundle_dir.resolve()).encode()).hexdigest()[:16]
+    return root / f"{bundle_dir.name}-{key}"
 
 
 def _provider_options(provider: str, options: OnnxRuntimeOptions, cache_dir: Path) -> dict[str, str]:
@@ -117,7 +129,7 @@ class OnnxRuntimeSession(BackendSession):
             path = bundle.graph_path(graph)
             if not path.is_file():
                 raise BackendError(f"graph '{graph}': {path} is missing")
-            cache_dir = Path(self.options.cache_dir or path.parent / ".ort_trt_cache")
+            cache_dir = Path(self.options.cache_dir) if self.options.cache_dir else default_cache_dir(path.parent)
             session = self._make_session(graph, path, requested, cache_dir)
             self._sessions[graph] = session
             self._bind(graph, session)
@@ -127,6 +139,7 @@ class OnnxRuntimeSession(BackendSession):
         self, graph: str, path: Path, requested: list[str], cache_dir: Path
     ) -> ort.InferenceSession:
         so = ort.SessionOptions()
+        so.log_severity_level = 3  # errors only: fp16 graphs otherwise flood stderr with constant-folding notes
         so.intra_op_num_threads = self.options.intra_op_threads
         so.inter_op_num_threads = self.options.inter_op_threads
         if self.options.optimization not in _OPT_LEVELS:
