@@ -86,8 +86,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--success-only", action="store_true", help="Only rewrite the success table.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if not args.success_only:
+        write_throughput(args)
+    write_success()
+
+
+def write_throughput(args: argparse.Namespace) -> None:
     rows = throughput(args.presets, args.steps, args.batch_size)
     body = (
         f"CPU, {args.threads} torch thread(s), shared with other jobs (noisy). Stage 1 = next-token on "
@@ -96,6 +103,9 @@ def main() -> None:
         + markdown_table(["preset", "stage", "batch", "trainable params", "samples/s"], rows)
     )
     write_section("training-throughput", "Training throughput", body)
+
+
+def write_success() -> None:
     success = success_rows()
     if success:
         body = (
