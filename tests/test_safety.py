@@ -51,6 +51,20 @@ def test_step_scaling_preserves_direction() -> None:
         robot.disconnect()
 
 
+def test_default_step_is_a_joint_speed_at_any_loop_rate() -> None:
+    """The robot's per-tick default is defined at its control_hz: a 10 Hz loop may step 3x further per tick."""
+    with emulated_so101() as (robot, _):
+        robot.connect()
+        limits = robot.limits()
+        with SafetyLayer(robot, _config(control_hz=limits.control_hz / 3)) as safety:
+            np.testing.assert_allclose(safety.max_step, limits.max_step * 3, rtol=1e-6)
+        with SafetyLayer(robot, _config()) as safety:
+            np.testing.assert_allclose(safety.max_step, limits.max_step, rtol=1e-6)
+        robot.disconnect()
+    with pytest.raises(SafetyError, match="control_hz"):
+        SafetyConfig(control_hz=0.0)
+
+
 def test_envelope_with_margin() -> None:
     with emulated_so101() as (robot, _):
         robot.connect()

@@ -96,7 +96,7 @@ def save_plots(stats: dict[str, Any], telemetry_path: Path, out: Path, hz: float
 )
 @click.option("--backend", default="auto", show_default=True, help="auto | onnxruntime | tensorrt | torch.")
 @click.option(
-    "--task", "sim_task", default="lift", show_default=True, help="Simulated task: touch | lift | place."
+    "--task", "sim_task", default="touch", show_default=True, help="Simulated task: touch | lift | place."
 )
 @click.option("--episodes", default=3, show_default=True)
 @click.option("--duration", default=20.0, show_default=True, help="Seconds per episode at most.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -58,7 +59,7 @@ def eval_command(
             raise MolmoEdgeError("--mode applies to checkpoints; a bundle's action head is fixed at export")
         from molmoact2_edge.runtimes.session import PolicySession
 
-        policy = PolicySession(path, backend)
+        policy: Any = PolicySession(path, backend)
         image_size = (
             int(policy.image_size[0])
             if isinstance(policy.image_size, (tuple, list))
@@ -76,7 +77,7 @@ def eval_command(
     result = evaluate(
         policy, task, episodes, seed=seed, image_size=image_size, video_dir=videos, num_videos=num_videos
     )
-    summary = result.to_dict()
+    summary: dict[str, Any] = result.to_dict()
     summary["path"] = str(path)
     summary["mode"] = mode or getattr(policy, "mode", None) or getattr(policy, "action_mode", None)
     if as_json:

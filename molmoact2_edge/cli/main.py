@@ -105,9 +105,12 @@ def cli(debug: bool, verbose: bool) -> None:
       molmo-edge bench BUNDLE
     """
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    from rich.console import Console
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(show_path=debug)], force=True)
+    # logs go to stderr so that `--json` output on stdout stays machine-readable
+    handler = RichHandler(console=Console(stderr=True), show_path=debug)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
 
 
 def main(argv: list[str] | None = None) -> None:

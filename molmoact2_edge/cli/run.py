@@ -127,7 +127,7 @@ def run_policy(
                     task, settings.hz, settings.swap_threshold, settings.duration_s, settings.stall_timeout_s
                 )
                 session.reset()
-                with SafetyLayer(robot, SafetyConfig(on_exit=settings.on_exit)) as layer:  # type: ignore[arg-type]
+                with SafetyLayer(robot, SafetyConfig(on_exit=settings.on_exit, control_hz=settings.hz)) as layer:  # type: ignore[arg-type]
                     telemetry.write({"type": "safety", "episode": episode, **layer.telemetry()})
                     result = run_episode(session.act, layer, config, telemetry, target.success, recorder)
                     summary = {

@@ -56,6 +56,9 @@ class SafetyConfig:
 
     margin: float = 0.0  # shrink the joint envelope by this much on each side
     max_step: float | tuple[float, ...] | None = None  # per tick; None = the robot's limits().max_step
+    # the loop's rate: the robot's default max_step is per tick at limits().control_hz, i.e. a joint
+    # speed, so a slower loop may step further per tick (None: the loop runs at the robot's rate)
+    control_hz: float | None = None
     watchdog_s: float = 0.2  # hold when no action arrived for this long (< the Damiao 400 ms timeout)
     watchdog_thread: bool = True  # False: the caller runs poll_watchdog() itself (tests, single-thread loops)
     on_exit: ExitPolicy = "hold"
@@ -69,6 +72,8 @@ class SafetyConfig:
     def __post_init__(self) -> None:
         if self.on_exit not in ("hold", "disable"):
             raise SafetyError(f"on_exit must be 'hold' or 'disable', got {self.on_exit!r}")
+        if self.control_hz is not None and self.control_hz <= 0:
+            raise SafetyError(f"control_hz must be positive, got {self.control_hz}")
         if self.margin < 0 or self.watchdog_s <= 0:
             raise SafetyError(
                 f"margin must be >= 0 and watchdog_s > 0 (got margin={self.margin}, watchdog_s={self.watchdog_s})"
@@ -95,11 +100,11 @@ class SafetyLayer:
         limits = robot.limits()
         self.limits = limits
         self.lower, self.upper = self._envelope(limits, self.config.margin)
-        step = (
-            limits.max_step
-            if self.config.max_step is None
-            else np.broadcast_to(np.asarray(self.config.max_step, np.float32), limits.lower.shape)
-        )
+        if self.config.max_step is None:
+            rate_scale = limits.control_hz / (self.config.control_hz or limits.control_hz)
+            step = limits.max_step * np.float32(rate_scale)  # same joint speed at any loop rate
+        else:
+            step = np.broadcast_to(np.asarray(self.config.max_step, np.float32), limits.lower.shape)
         self.max_step = np.asarray(step, np.float32)
         if np.any(self.max_step <= 0):
             raise SafetyError(

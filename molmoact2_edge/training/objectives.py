@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from molmoact2_edge.model.flow import interpolate
+from molmoact2_edge.model.molmoact2 import MolmoAct2
 from molmoact2_edge.training.batches import IGNORE
 
 
 def backbone_pass(
-    model: nn.Module, batch: dict[str, torch.Tensor]
+    model: MolmoAct2, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One teacher-forced pass: -> hidden (b, t, e) after ln_f and per-layer keys/values (l, b, kh, t, hd)."""
     ids = batch["input_ids"]
@@ -48,7 +49,7 @@ def _per_sample_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class NextTokenObjective(nn.Module):
     """Stage 1: cross-entropy on the action (and depth) tokens."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: MolmoAct2) -> None:
         super().__init__()
         self.model = model
 
@@ -70,7 +71,7 @@ class NextTokenObjective(nn.Module):
 class FlowObjective(nn.Module):
     """Stage 2: flow matching of the action expert on the backbone's per-layer K/V."""
 
-    def __init__(self, model: nn.Module, finetune_backbone: bool = False) -> None:
+    def __init__(self, model: MolmoAct2, finetune_backbone: bool = False) -> None:
         super().__init__()
         self.model = model
         self.finetune_backbone = finetune_backbone

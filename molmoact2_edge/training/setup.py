@@ -21,6 +21,7 @@ from molmoact2_edge.config import SMALL_BASE_VOCAB, MolmoAct2Config, get_preset
 from molmoact2_edge.data.reader import LeRobotDataset
 from molmoact2_edge.data.stats import dataset_norm_stats
 from molmoact2_edge.errors import DatasetError
+from molmoact2_edge.model.molmoact2 import MolmoAct2
 from molmoact2_edge.normalization import NormStats
 from molmoact2_edge.preprocess import resize_bilinear
 from molmoact2_edge.tokenizers.openfast import OpenFASTTokenizer
@@ -41,7 +42,7 @@ DEPTH_PREFIX = "observation.depth."  # + camera name: per-frame depth maps (metr
 @dataclass
 class Run:
     config: MolmoAct2Config
-    model: torch.nn.Module
+    model: MolmoAct2
     text_tokenizer: TextTokenizer
     fast: OpenFASTTokenizer
     norm_stats: NormStats
@@ -160,7 +161,6 @@ def fit_depth_codes(depth: np.ndarray, seed: int) -> tuple[DepthVQ, np.ndarray]:
 
 def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
     """Data, tokenizers and the fresh model for ``cfg`` (deterministic: every rank builds the same)."""
-    from molmoact2_edge.model.molmoact2 import MolmoAct2
 
     config = get_preset(cfg.preset).with_changes(enable_depth_reasoning=cfg.think)
     if cfg.action_horizon > config.max_action_horizon:

@@ -40,7 +40,7 @@ def save_training_state(directory: Path, optimizer: torch.optim.Optimizer, meta:
                 tensors[f"opt.{index}.{name}"] = value.detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(index), {})[name] = value
-    np_state = np.random.get_state()
+    np_state: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
     doc = {
         **meta,
         "optimizer": {"param_groups": state_dict["param_groups"], "scalars": scalars},
