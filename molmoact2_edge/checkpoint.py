@@ -229,13 +229,22 @@ def save_checkpoint(
     return path
 
 
+# Notes kept beside the weights (a README, evaluation results) say something about a checkpoint
+# but are not part of it: editing them must not change its identity (nor invalidate cached bundles).
+NOT_CHECKPOINT_FILES = ("*.md", "eval_*.json")
+
+
 def checkpoint_sha256(path: str | Path) -> str:
-    """One sha256 over every file of a checkpoint directory (relative path and content, sorted by path)."""
+    """One sha256 over the files of a checkpoint directory (relative path and content, sorted by path).
+
+    Notes (``NOT_CHECKPOINT_FILES``) are left out; everything else, weights to tokenizers, counts.
+    """
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"{root}: not a checkpoint directory")
     digest = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+    files = (p for p in root.rglob("*") if p.is_file() and not any(p.match(g) for g in NOT_CHECKPOINT_FILES))
+    for file in sorted(files):
         digest.update(file.relative_to(root).as_posix().encode() + b"\0")
         with file.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):

@@ -108,6 +108,13 @@ def test_sha256_is_stable_and_sees_changes(sharded):
     assert checkpoint_sha256(sharded) != digest
 
 
+def test_sha256_ignores_notes_beside_the_weights(sharded):
+    digest = checkpoint_sha256(sharded)
+    (sharded / "README.md").write_text("# trained on touch\n")
+    (sharded / "eval_continuous.json").write_text('{"successes": 13}')
+    assert checkpoint_sha256(sharded) == digest
+
+
 def test_extra_files_are_copied(model, tmp_path):
     tok = tmp_path / "tokenizer.json"
     tok.write_text('{"version": "1.0"}')
