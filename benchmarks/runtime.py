@@ -198,7 +198,8 @@ def main() -> None:
         f"overruns {loop['loop']['overruns']}/{loop['loop']['ticks']}, held ticks {loop['loop']['held']}."
     )
     print(body)
-    write_section("runtime", "Runtime: act() per backend and precision, depth cache, loop jitter", body)
+    title = f"Runtime ({checkpoint.name}): act() per backend and precision, depth cache, loop jitter"
+    write_section(f"runtime-{checkpoint.name}", title, body)  # one section per checkpoint measured
 
 
 if __name__ == "__main__":
