@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "export": "molmoact2_edge.cli.export:export",
     "inspect": "molmoact2_edge.cli.export:inspect",
     "build-engines": "molmoact2_edge.cli.export:build_engines",
+    "plan": "molmoact2_edge.cli.plan:plan_command",
 }
 
 
