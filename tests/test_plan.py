@@ -10,7 +10,15 @@ from click.testing import CliRunner
 from molmoact2_edge.cli.main import cli
 from molmoact2_edge.config import get_preset
 from molmoact2_edge.errors import ConfigError
-from molmoact2_edge.export.plan import DEVICES, Device, Workload, flow_cost, load_target, plan, weight_parameters
+from molmoact2_edge.export.plan import (
+    DEVICES,
+    Device,
+    Workload,
+    flow_cost,
+    load_target,
+    plan,
+    weight_parameters,
+)
 
 # A device with round numbers: 1 TFLOP/s at every precision, 1 GB/s.
 UNIT = Device("unit", "unit device", {"fp16": 1.0, "int8": 1.0}, 1.0, 1.0, 0.0, "test")
