@@ -21,6 +21,19 @@ Quantized forms that TensorRT accepts (``reference/toolchain.md`` §2):
   activations stay float.
 - ``--quantizer modelopt``: NVIDIA ModelOpt's ONNX quantizer (CPU calibration),
   when the optional ``quant`` extra is installed.
+
+Before either ORT quantizer runs, ``fold_weight_transposes`` turns every
+``Transpose(constant W)`` into a pre-transposed constant: the exporter feeds most of
+the flow graph's weights to MatMul through a Transpose, and both quantizers only
+quantize a MatMul whose weight input IS a constant (without the fold 420 of ~500
+flow GEMMs stayed fp32). Embedding tables (``Gather`` on a constant) are stored as
+per-row symmetric int8 behind a ``DequantizeLinear`` (``quantize_gather_weights``), so
+the quantized share of the weight bytes (``quantized_weight_fraction``, reported by
+``inspect``) covers the whole graph, not only its GEMMs.
+
+These QDQ graphs are the portable form (TensorRT reads them). On onnxruntime's CPU
+provider QDQ runs as dequantize-then-fp32-GEMM, slower than fp32; the onnxruntime
+backend rewrites them at load into dynamic u8s8 GEMMs (``runtimes/backends/ort_cpu.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from molmoact2_edge.errors import DependencyError, ExportError
 from molmoact2_edge.export.onnx_export import check_graph, data_file, save_with_external_data
@@ -71,6 +85,114 @@ def weight_matmuls(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     return weighted, dynamic
 
 
+def fold_weight_transposes(model: onnx.ModelProto) -> int:
+    """Replace ``Transpose(initializer)`` by a transposed initializer (one per weight and perm); the count folded."""
+    inits = {init.name: init for init in model.graph.initializer}
+    folded: dict[tuple[str, tuple[int, ...]], str] = {}
+    rename: dict[str, str] = {}
+    keep = []
+    for node in model.graph.node:
+        if node.op_type != "Transpose" or node.input[0] not in inits:
+            keep.append(node)
+            continue
+        array = numpy_helper.to_array(inits[node.input[0]])
+        perm = tuple(next((list(a.ints) for a in node.attribute if a.name == "perm"), reversed(range(array.ndim))))
+        key = (node.input[0], perm)
+        if key in folded:
+            rename[node.output[0]] = folded[key]
+            continue
+        folded[key] = node.output[0]
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array.transpose(perm)), node.output[0]))
+    for node in keep:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    for out in model.graph.output:
+        if out.name in rename:
+            raise ExportError(f"fold_weight_transposes: graph output '{out.name}' is a folded transpose")
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    _drop_unused_initializers(model)
+    return len(folded) + len(rename)
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+    kept = [init for init in model.graph.initializer if init.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+
+
+def quantize_gather_weights(model: onnx.ModelProto) -> int:
+    """Store each constant embedding table read by ``Gather`` as per-row symmetric int8 + DequantizeLinear(axis 0).
+
+    Row-wise scales keep every embedding row at full int8 resolution; the gather reads
+    dequantized rows, so its output (and everything after it) is unchanged in type.
+    """
+    inits = {init.name: init for init in model.graph.initializer}
+    done: set[str] = set()
+    for node in model.graph.node:
+        if node.op_type != "Gather" or node.input[0] not in inits or node.input[0] in done:
+            continue
+        init = inits[node.input[0]]
+        if init.data_type != onnx.TensorProto.FLOAT or len(init.dims) != 2 or _axis(node) != 0:
+            continue
+        table = numpy_helper.to_array(init)
+        scale = np.maximum(np.abs(table).max(axis=1), 1e-12).astype(np.float32) / 127.0
+        q = np.clip(np.round(table / scale[:, None]), -127, 127).astype(np.int8)
+        name = init.name
+        model.graph.initializer.remove(init)
+        model.graph.initializer.extend(
+            [numpy_helper.from_array(q, f"{name}_q"), numpy_helper.from_array(scale, f"{name}_scale"),
+             numpy_helper.from_array(np.zeros(len(scale), np.int8), f"{name}_zero")]
+        )
+        dq = onnx.helper.make_node(
+            "DequantizeLinear", [f"{name}_q", f"{name}_scale", f"{name}_zero"], [name], name=f"{name}_DequantizeLinear", axis=0
+        )
+        model.graph.node.insert(0, dq)
+        done.add(name)
+    return len(done)
+
+
+def _axis(node: onnx.NodeProto) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), 0)
+
+
+def quantized_weight_fraction(model: onnx.ModelProto | Path) -> float:
+    """Share of the graph's weight elements stored quantized (int8/uint8/int4/uint4/fp8).
+
+    Weights are the constants a MatMul/Gemm or the data input of a Gather reads, directly
+    or through ``DequantizeLinear``/``Transpose``/``Cast``: what a GEMM or an embedding
+    lookup streams from memory. Scales, biases and norm weights are not weights here.
+    """
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model))
+    inits = {init.name: init for init in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    quantized_types = {
+        onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4,
+        onnx.TensorProto.FLOAT8E4M3FN,
+    }
+
+    def source(name: str) -> onnx.TensorProto | None:
+        while name not in inits:
+            node = producers.get(name)
+            if node is None or node.op_type not in ("DequantizeLinear", "Transpose", "Cast", "Reshape"):
+                return None
+            name = node.input[0]
+        return inits[name]
+
+    seen: dict[str, tuple[int, bool]] = {}
+    for node in model.graph.node:
+        reads = node.input[:2] if node.op_type in ("MatMul", "Gemm") else node.input[:1] if node.op_type == "Gather" else []
+        for name in reads:
+            init = source(name)
+            if init is not None and init.name not in seen:
+                seen[init.name] = (int(np.prod(init.dims)), init.data_type in quantized_types)
+    total = sum(n for n, _ in seen.values())
+    return sum(n for n, q in seen.values() if q) / total if total else 0.0
+
+
 def _ensure_node_names(model: onnx.ModelProto) -> None:
     """Quantizers address nodes by name; give unnamed nodes stable ones."""
     for i, node in enumerate(model.graph.node):
@@ -100,6 +222,7 @@ def quantize_int8(src: Path, dst: Path, calibration: Sequence[Mapping[str, np.nd
         raise ExportError(f"{src.name}: int8 needs calibration feeds; none were recorded")
     model = onnx.load(str(src))
     _ensure_node_names(model)
+    folded = fold_weight_transposes(model)
     weighted, dynamic = weight_matmuls(model)
     if not weighted:
         raise ExportError(f"{src.name}: no MatMul/Gemm with a constant weight to quantize")
@@ -121,10 +244,18 @@ def quantize_int8(src: Path, dst: Path, calibration: Sequence[Mapping[str, np.nd
             use_external_data_format=True,
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
         )
+    quantized = onnx.load(str(dst))
+    tables = quantize_gather_weights(quantized)
+    fraction = quantized_weight_fraction(quantized)
+    save_with_external_data(quantized, dst)
     _rewrite_external(dst)
     check_graph(dst)
-    log.info("int8 %s: %d weight MatMuls quantized, %d attention MatMuls kept float", src.name, len(weighted), len(dynamic))
-    return {"quantized": len(weighted), "excluded": len(dynamic)}
+    log.info(
+        "int8 %s: %d weight MatMuls (%d transposes folded) and %d embedding tables quantized, %d attention MatMuls "
+        "kept float; %.1f%% of weight elements quantized",
+        src.name, len(weighted), folded, tables, len(dynamic), 100 * fraction,
+    )
+    return {"quantized": len(weighted), "excluded": len(dynamic), "quantized_weight_fraction": round(fraction, 4)}
 
 
 def quantize_int4(src: Path, dst: Path, block_size: int = INT4_BLOCK) -> dict[str, int]:
@@ -137,6 +268,7 @@ def quantize_int4(src: Path, dst: Path, block_size: int = INT4_BLOCK) -> dict[st
 
     model = onnx.load(str(src))
     _ensure_node_names(model)
+    fold_weight_transposes(model)
     weighted, _ = weight_matmuls(model)
     config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, quant_format=QuantFormat.QDQ)
     quantizer = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=True, algo_config=config)
@@ -148,13 +280,19 @@ def quantize_int4(src: Path, dst: Path, block_size: int = INT4_BLOCK) -> dict[st
     finally:
         nbits_log.setLevel(level)
     out = _dedupe_shared_weights(quantizer.model.model)
-    blocked = sum(1 for n in out.graph.node if n.op_type == "DequantizeLinear")
+    dequantized = {n.output[0] for n in out.graph.node if n.op_type == "DequantizeLinear"}
+    blocked = sum(1 for n in out.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in dequantized)
     if blocked == 0:
         raise ExportError(f"{src.name}: int4 quantizer rewrote no MatMul (weights too small for block {block_size}?)")
+    tables = quantize_gather_weights(out)  # embeddings as int8 rows: ORT's int4 quantizer has no QDQ Gather
+    fraction = quantized_weight_fraction(out)
     save_with_external_data(out, dst)
     check_graph(dst, allow_int4=True)
-    log.info("int4 %s: %d of %d weight MatMuls as blocked INT4 DQ", src.name, blocked, len(weighted))
-    return {"quantized": blocked, "excluded": len(weighted) - blocked}
+    log.info(
+        "int4 %s: %d of %d weight MatMuls as blocked INT4 DQ, %d embedding tables int8; %.1f%% of weight elements quantized",
+        src.name, blocked, len(weighted), tables, 100 * fraction,
+    )
+    return {"quantized": blocked, "excluded": len(weighted) - blocked, "quantized_weight_fraction": round(fraction, 4)}
 
 
 def _dedupe_shared_weights(model: onnx.ModelProto) -> onnx.ModelProto:
