@@ -373,6 +373,11 @@ def test_inspect_cli(bundles) -> None:
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
     assert summary["parity"]["passed"] and set(summary["artifacts"]) == {"vision", "prefill", "flow"}
+    assert all(a["quantized_weight_fraction"] == 0.0 for a in summary["artifacts"].values())
+    for precision in ("int8", "int4"):  # every weight GEMM and embedding table quantized (goal >= 95%)
+        result = runner.invoke(cli_main.cli, ["inspect", str(bundles[precision]), "--json"])
+        fractions = {g: a["quantized_weight_fraction"] for g, a in json.loads(result.output)["artifacts"].items()}
+        assert min(fractions.values()) >= 0.95, (precision, fractions)
     result = runner.invoke(cli_main.cli, ["inspect", str(bundles["fp32"])])
     assert result.exit_code == 0, result.output
     assert "parity" in result.output and "prefill" in result.output and "pass" in result.output

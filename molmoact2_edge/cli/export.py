@@ -80,10 +80,14 @@ def export(
 @click.option("--no-verify", is_flag=True, help="Skip hashing the files (sizes and the file set are still checked).")
 def inspect(bundle: Path, as_json: bool, no_verify: bool) -> None:
     """Show a bundle's graphs, shapes, precisions, parity report and engines (verifying its files)."""
+    from molmoact2_edge.export.quantize import quantized_weight_fraction
     from molmoact2_edge.runtimes.bundle import Bundle
     from molmoact2_edge.runtimes.session import describe
 
-    summary = describe(Bundle.open(bundle, verify=not no_verify))
+    opened = Bundle.open(bundle, verify=not no_verify)
+    summary = describe(opened)
+    for name, art in summary["artifacts"].items():  # measured on the graph file: old bundles get it too
+        art["quantized_weight_fraction"] = round(quantized_weight_fraction(opened.graph_path(name)), 4)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -98,10 +102,11 @@ def inspect(bundle: Path, as_json: bool, no_verify: bool) -> None:
         f"bucket {summary['prompt_bucket']}, cameras {summary['cameras']['order']} at {summary['cameras']['image_size']}"
     )
     table = Table(title="graphs")
-    for col in ("graph", "precision", "opset", "inputs", "outputs"):
+    for col in ("graph", "precision", "quantized", "opset", "inputs", "outputs"):
         table.add_column(col)
     for name, art in summary["artifacts"].items():
-        table.add_row(name, art["precision"], str(art["opset"]), _io(art["inputs"]), _io(art["outputs"]))
+        quantized = f"{art['quantized_weight_fraction']:.0%}"
+        table.add_row(name, art["precision"], quantized, str(art["opset"]), _io(art["inputs"]), _io(art["outputs"]))
     console.print(table)
     _print_parity(summary["parity"], console)
     for key, engines in summary["engines"].items():
