@@ -44,6 +44,9 @@ BUCKET_MULTIPLE = 32  # buckets are rounded up to this many tokens
 BUCKET_MARGIN = 32  # tokens of headroom for tasks longer than the probe task
 SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 FAST_DIR = "action_tokenizer"
+# The int8 calibrator builds its own onnxruntime sessions, which onnxruntime refuses once a process has a
+# global (shared) thread pool: export's own sessions keep per-session pools (runtimes/backends/onnxruntime.py).
+EXPORT_POOL = "per-session"
 Progress = Callable[[str], None]
 
 
@@ -167,7 +170,7 @@ def _export(checkpoint: Path, out: Path, options: ExportOptions, say: Progress) 
         : options.parity_observations
     ]
     say(f"parity gate: {len(observations)} observation(s), seeds {list(options.seeds)}, onnxruntime CPU")
-    with PolicySession(out, "onnxruntime", providers=("CPUExecutionProvider",)) as session:
+    with PolicySession(out, "onnxruntime", providers=("CPUExecutionProvider",), thread_pool=EXPORT_POOL) as session:
         report = parity.run_parity(policy, session, graphs, observations, precisions, options.seeds)
     report["allowed_failure"] = bool(options.allow_parity_failure and not report["passed"])
     manifest["parity"] = report
@@ -315,7 +318,9 @@ def _convert(src: Path, dst: Path, precision: str, options: ExportOptions, calls
 
 def _record_calibration(stage: Path, observations: Sequence[Observation], per_graph: int) -> dict[str, list[dict[str, Any]]]:
     recorder = parity.FirstCalls(per_graph=per_graph)
-    with PolicySession(stage, "onnxruntime", providers=("CPUExecutionProvider",), record_feeds=recorder) as session:
+    with PolicySession(
+        stage, "onnxruntime", providers=("CPUExecutionProvider",), thread_pool=EXPORT_POOL, record_feeds=recorder
+    ) as session:
         for i, obs in enumerate(observations):
             session.reset()
             session.act(obs, seed=i)

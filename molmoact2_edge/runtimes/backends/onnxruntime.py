@@ -14,6 +14,24 @@ answers, else CUDA EP, else CPU. ORT itself drops an EP it cannot load with
 only a warning; here a requested EP that did not make it into the session is a
 ``BackendUnavailableError`` (explicit ``providers``) or a logged reason (auto).
 
+Threads: all sessions of a process share ONE intra-op pool
+(``ort.set_global_thread_pool_sizes`` + ``use_per_session_threads = False``): a bundle's
+graphs run one after another, and per-session pools (one per graph, each sized to every
+core) fight on a small CPU (2 threads were slower than 1). The global pool is created once
+per process with the first thread count asked for; a session asking for another count gets
+the pool of the first (logged): onnxruntime refuses per-session pools once the global pool
+exists, in this process for good, so code that builds its own sessions afterwards (the
+int8 calibrator) must run before it or in a process with ``thread_pool="per-session"``
+(``MOLMO_EDGE_ORT_THREAD_POOL=per-session`` sets that default; the export pipeline's
+sessions ask for per-session pools). Spinning is off by default (``spinning=False``): idle pool threads
+sleep instead of busy-waiting (per-session pools: ``session.intra_op.allow_spinning=0``; the
+shared pool: ``session.force_spinning_stop=1``, which stops its spinning as each run ends;
+onnxruntime's Python API cannot turn off the shared pool's spinning inside a run).
+
+On the CPU provider each graph is first rewritten for the CPU (``ort_cpu.prepare``: RMSNorm
+fusion, int8 QDQ -> dynamic u8s8 GEMMs), cached per device; ``cpu_rewrites=False`` loads
+the bundle's files as they are.
+
 Facts (option names, CUDA-graph constraints): ``reference/toolchain.md`` §3.1.
 Only the CPU EP was run here (no GPU on the dev machine).
 """
@@ -24,7 +42,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -32,6 +50,7 @@ import numpy as np
 import onnxruntime as ort
 
 from molmoact2_edge.errors import BackendError, BackendUnavailableError
+from molmoact2_edge.runtimes.backends import ort_cpu
 from molmoact2_edge.runtimes.backends.base import BackendSession, GraphFiles, TensorSpec, check_graphs
 
 log = logging.getLogger(__name__)
@@ -70,6 +89,28 @@ class OnnxRuntimeOptions:
     fp16: bool = False  # TensorRT EP: allow fp16 kernels (QDQ int8 graphs need no calibration table)
     cache_dir: str | None = None  # TensorRT EP engine + timing caches; None: see default_cache_dir()
     graphs: tuple[str, ...] | None = None  # load only these graphs (None: all the bundle has)
+    thread_pool: str = field(default_factory=lambda: os.environ.get(THREAD_POOL_ENV, "shared"))  # or per-session
+    spinning: bool = False  # let idle pool threads busy-wait (lower latency alone, worse when sharing cores)
+    cpu_rewrites: bool = True  # CPU provider: fused RMSNorm, dynamic int8 GEMMs (ort_cpu.py), cached per device
+
+
+THREAD_POOL_ENV = "MOLMO_EDGE_ORT_THREAD_POOL"  # default thread_pool for processes that must not share
+_shared_pool_threads: int | None = None  # intra-op size of this process's global pool, once created
+
+
+def _join_shared_pool(threads: int) -> bool:
+    """Create the process-wide pool with ``threads`` on first use; True when it has that size."""
+    global _shared_pool_threads
+    if _shared_pool_threads is None:
+        ort.set_global_thread_pool_sizes(threads, 1)
+        _shared_pool_threads = threads
+    elif _shared_pool_threads != threads:
+        # onnxruntime refuses per-session pools once the global one exists: the size is the process's
+        log.warning(
+            "onnxruntime: this process's shared pool has %s intra-op threads; %s asked (the first size wins)",
+            _shared_pool_threads or "default", threads or "default",
+        )
+    return True
 
 
 def gpu_providers_present() -> list[str]:
@@ -125,6 +166,7 @@ class OnnxRuntimeSession(BackendSession):
         self._inputs: dict[str, dict[str, ort.OrtValue]] = {}
         self._specs: dict[str, tuple[list[TensorSpec], list[TensorSpec]]] = {}
         self.providers: list[str] = []
+        self.pools: dict[str, str] = {}
         for graph in check_graphs(bundle, self.options.graphs):
             path = bundle.graph_path(graph)
             if not path.is_file():
@@ -140,8 +182,24 @@ class OnnxRuntimeSession(BackendSession):
     ) -> ort.InferenceSession:
         so = ort.SessionOptions()
         so.log_severity_level = 3  # errors only: fp16 graphs otherwise flood stderr with constant-folding notes
-        so.intra_op_num_threads = self.options.intra_op_threads
-        so.inter_op_num_threads = self.options.inter_op_threads
+        if self.options.thread_pool not in ("shared", "per-session"):
+            raise BackendError(f"thread_pool '{self.options.thread_pool}': choose shared or per-session")
+        if self.options.thread_pool == "per-session" and _shared_pool_threads is not None:
+            raise BackendError(
+                "thread_pool='per-session': this process already created onnxruntime's shared thread pool, and "
+                "onnxruntime then refuses per-session pools; use the default thread_pool='shared'"
+            )
+        shared = self.options.thread_pool == "shared" and _join_shared_pool(self.options.intra_op_threads)
+        if shared:
+            so.use_per_session_threads = False
+        else:
+            so.intra_op_num_threads = self.options.intra_op_threads
+            so.inter_op_num_threads = self.options.inter_op_threads
+        if not self.options.spinning:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+            so.add_session_config_entry("session.force_spinning_stop", "1")
+        self.pools[graph] = "shared" if shared else "per-session"
         if self.options.optimization not in _OPT_LEVELS:
             raise BackendError(
                 f"optimization '{self.options.optimization}': choose one of {sorted(_OPT_LEVELS)}"
@@ -150,6 +208,8 @@ class OnnxRuntimeSession(BackendSession):
         if TENSORRT in requested:
             cache_dir.mkdir(parents=True, exist_ok=True)
         providers = [(p, _provider_options(p, self.options, cache_dir)) for p in requested]
+        if requested == [CPU] and self.options.cpu_rewrites:
+            path = ort_cpu.prepare(path)
         try:
             session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
         except Exception as err:  # ORT raises its own Fail/InvalidGraph/... types with no common base
@@ -224,6 +284,9 @@ class OnnxRuntimeSession(BackendSession):
             "providers": self.providers,
             "cuda_graph": self.options.cuda_graph and self.providers[:1] != [CPU],
             "threads": self.options.intra_op_threads or os.cpu_count(),
+            "thread_pool": sorted(set(self.pools.values())),
+            "spinning": self.options.spinning,
+            "cpu_rewrites": self.options.cpu_rewrites and self.providers == [CPU],
         }
 
     def close(self) -> None:

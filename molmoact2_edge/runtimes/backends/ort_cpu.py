@@ -1,0 +1,299 @@
+"""Load-time rewrites of a bundle graph for onnxruntime's CPU provider, cached per device.
+
+A bundle's graphs stay standard ONNX inside the TensorRT allow-list (``export/opset_check.py``);
+what runs fastest on an x86 CPU is not that form, so the onnxruntime backend rewrites each
+graph once when it loads on the CPU provider and caches the result beside nothing in the
+bundle (``$XDG_CACHE_HOME/molmo-edge/ort_cpu/<key>``; the key covers the graph files, this
+module's rewrite version, onnxruntime's version and the CPU):
+
+- **RMSNorm fusion**: the exporter writes ``x * 1/sqrt(mean(x^2) + eps) [* w]`` as six
+  or seven ops (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul), which onnxruntime's own
+  LayerNorm fusions do not match; they become one ``SimplifiedLayerNormalization`` (an
+  onnxruntime kernel in the default domain; weightless norms get a ones scale).
+- **Dynamic int8 from QDQ**: an int8 bundle's ``MatMul(Q/DQ(x), DequantizeLinear(W_int8))``
+  runs on the CPU provider as dequantize-then-fp32-GEMM, slower than fp32. It becomes
+  ``com.microsoft.DynamicQuantizeMatMul(x, W_int8, w_scale, 0)``: the bundle's own int8
+  weights and per-channel scales, the activation quantized per call (u8 x s8, VNNI where the
+  CPU has it). The static activation scale is dropped, so the CPU result is at least as
+  close to fp32 as the QDQ graph's; the parity gate runs through this same backend.
+- **Embedding tables**: ``DequantizeLinear(int8 table) -> Gather`` is dequantized once here
+  instead of on every call.
+
+Everything else (GEMM+bias, GELU, constant folding of the flow time's adaLN modulation, ...)
+is left to onnxruntime's own ``ORT_ENABLE_ALL`` optimizer at session creation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+log = logging.getLogger(__name__)
+
+REWRITE_VERSION = 1  # bump when a rewrite changes: cached graphs of older versions are not reused
+MS_DOMAIN = "com.microsoft"
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "molmo-edge" / "ort_cpu"
+
+
+def _cpu_id() -> str:
+    """The CPU model and flags: a rewrite tuned on one CPU is not reused on another."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        fields = [line for line in info.splitlines() if line.startswith(("model name", "flags"))][:2]
+        return "|".join(fields)
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def cache_key(path: Path, fuse: bool, dynamic_int8: bool) -> str:
+    digest = hashlib.sha256()
+    for part in (str(REWRITE_VERSION), ort.__version__, _cpu_id(), str(fuse), str(dynamic_int8), str(path.resolve())):
+        digest.update(part.encode())
+    for file in (path, path.with_name(path.name + ".data")):
+        if file.is_file():
+            stat = file.stat()
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:24]
+
+
+def prepare(path: Path, cache_root: Path | None = None, fuse: bool = True, dynamic_int8: bool = True) -> Path:
+    """The graph to load on the CPU provider: a cached rewrite of ``path``, or ``path`` when nothing applies."""
+    out = (cache_root or default_cache_root()) / cache_key(path, fuse, dynamic_int8) / path.name
+    if out.is_file():
+        return out
+    model = onnx.load(str(path))
+    graph = _Graph(model)
+    counts = {
+        "gather_tables": graph.dequantize_gather_tables(),
+        "dynamic_int8": graph.qdq_to_dynamic() if dynamic_int8 else 0,
+        "rms_norm": graph.fuse_rms_norm() if fuse else 0,
+    }
+    if not any(counts.values()):
+        return path
+    graph.drop_dead()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}")
+    onnx.save(model, str(tmp), save_as_external_data=True, location=tmp.name + ".data")
+    os.replace(tmp.with_name(tmp.name + ".data"), out.with_name(out.name + ".data"))
+    # the external-data location recorded in the graph must name the final file
+    saved = onnx.load(str(tmp), load_external_data=False)
+    for init in saved.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                entry.value = out.name + ".data"
+    onnx.save(saved, str(tmp))
+    os.replace(tmp, out)
+    log.info("onnxruntime CPU rewrite of %s: %s -> %s", path.name, counts, out)
+    return out
+
+
+class _Graph:
+    """Producer/consumer maps over one model's graph, and the rewrites."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model, self.g = model, model.graph
+        self.inits = {init.name: init for init in self.g.initializer}
+        self._index()
+
+    def _index(self) -> None:
+        self.producer = {out: node for node in self.g.node for out in node.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in self.g.node:
+            for name in node.input:
+                self.consumers[name].append(node)
+        self.outputs = {o.name for o in self.g.output}
+
+    def const(self, name: str) -> np.ndarray | None:
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            return numpy_helper.to_array(node.attribute[0].t)
+        return None
+
+    def only_consumer(self, name: str) -> onnx.NodeProto | None:
+        users = self.consumers.get(name, [])
+        return users[0] if len(users) == 1 and name not in self.outputs else None
+
+    def drop_dead(self) -> None:
+        """Remove nodes whose outputs nothing reads, and unused initializers."""
+        while True:
+            self._index()
+            live = [n for n in self.g.node if any(o in self.outputs or self.consumers.get(o) for o in n.output)]
+            if len(live) == len(self.g.node):
+                break
+            del self.g.node[:]
+            self.g.node.extend(live)
+        used = {name for node in self.g.node for name in node.input}
+        kept = [init for init in self.g.initializer if init.name in used]
+        del self.g.initializer[:]
+        self.g.initializer.extend(kept)
+        self.inits = {init.name: init for init in self.g.initializer}
+
+    def _add_init(self, array: np.ndarray, name: str) -> str:
+        self.g.initializer.append(numpy_helper.from_array(array, name))
+        self.inits[name] = self.g.initializer[-1]
+        return name
+
+    # --- rewrites ---------------------------------------------------------------------
+
+    def dequantize_gather_tables(self) -> int:
+        count = 0
+        for node in list(self.g.node):
+            if node.op_type != "DequantizeLinear" or not all(n.op_type == "Gather" for n in self.consumers[node.output[0]]):
+                continue
+            q, scale = self.const(node.input[0]), self.const(node.input[1])
+            if q is None or scale is None or q.ndim != 2:
+                continue
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            zero = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            shift = q.astype(np.float32) - (0 if zero is None else np.expand_dims(zero, 1 - axis % 2).astype(np.float32))
+            table = shift * (scale if scale.ndim == 0 else np.expand_dims(scale, 1 - axis % 2))
+            self._add_init(table.astype(np.float32), node.output[0])
+            self.g.node.remove(node)
+            count += 1
+        self._index()
+        return count
+
+    def bypass_activation_qdq(self) -> int:
+        """Consumers of DQ(Q(x)) read x: the static fake-quantization of activations goes (the GEMMs quantize
+        their input per call instead)."""
+        count = 0
+        for dq in list(self.g.node):
+            q = self.producer.get(dq.input[0]) if dq.op_type == "DequantizeLinear" else None
+            if q is None or q.op_type != "QuantizeLinear":
+                continue
+            if dq.output[0] in self.outputs:  # a graph output keeps its name
+                position = list(self.g.node).index(dq)
+                self.g.node.remove(dq)
+                self.g.node.insert(position, helper.make_node("Identity", [q.input[0]], [dq.output[0]]))
+                count += 1
+                continue
+            for user in self.consumers.get(dq.output[0], []):
+                for i, name in enumerate(user.input):
+                    if name == dq.output[0]:
+                        user.input[i] = q.input[0]
+            count += 1
+        self._index()
+        return count
+
+    def qdq_to_dynamic(self) -> int:
+        """MatMul(x, DQ(W int8, per-column or per-tensor scale)) -> DynamicQuantizeMatMul; activation Q/DQ bypassed."""
+        if not self.bypass_activation_qdq() and not any(n.op_type == "DequantizeLinear" for n in self.g.node):
+            return 0
+        count = 0
+        for node in list(self.g.node):
+            if node.op_type != "MatMul":
+                continue
+            dq = self.producer.get(node.input[1])
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            w, scale = self.const(dq.input[0]), self.const(dq.input[1])
+            zero = self.const(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+            axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+            if w is None or scale is None or w.dtype != np.int8 or w.ndim != 2:
+                continue
+            if scale.ndim == 1 and (axis % 2 != 1 or scale.shape[0] != w.shape[1]):
+                continue  # only per-column (or per-tensor) scales map onto DynamicQuantizeMatMul
+            if zero is not None and np.any(zero != 0):
+                continue
+            zero_name = self._add_init(np.zeros(scale.shape, np.int8), f"{dq.input[0]}_dyn_zero")
+            fused = helper.make_node(
+                "DynamicQuantizeMatMul",
+                [node.input[0], dq.input[0], dq.input[1], zero_name],
+                list(node.output),
+                name=f"{node.name or 'MatMul'}_dynamic_int8",
+                domain=MS_DOMAIN,
+            )
+            position = list(self.g.node).index(node)
+            self.g.node.remove(node)
+            self.g.node.insert(position, fused)
+            count += 1
+        if count:
+            self._ensure_domain(MS_DOMAIN)
+        self._index()
+        return count
+
+    def fuse_rms_norm(self) -> int:
+        """Pow(x,2) -> ReduceMean(-1) -> Add(eps) -> Sqrt -> Reciprocal -> Mul(x) [-> Mul(w)] -> SimplifiedLayerNormalization."""
+        shapes = _last_dims(self.model)
+        count = 0
+        for mean in list(self.g.node):
+            if mean.op_type != "ReduceMean":
+                continue
+            chain = self._rms_chain(mean, shapes)
+            if chain is None:
+                continue
+            x, eps, width, nodes, weight, out = chain
+            scale = weight if weight is not None else self._add_init(np.ones(width, np.float32), f"{out}_ones")
+            fused = helper.make_node(
+                "SimplifiedLayerNormalization", [x, scale], [out], name=f"{out}_rms_norm", axis=-1, epsilon=eps
+            )
+            position = min(list(self.g.node).index(n) for n in nodes)
+            for n in nodes:
+                self.g.node.remove(n)
+            self.g.node.insert(position, fused)
+            self._index()
+            count += 1
+        return count
+
+    def _rms_chain(
+        self, mean: onnx.NodeProto, shapes: dict[str, int]
+    ) -> tuple[str, float, int, list[onnx.NodeProto], str | None, str] | None:
+        pow_ = self.producer.get(mean.input[0])
+        if pow_ is None or pow_.op_type != "Pow" or self.only_consumer(pow_.output[0]) is not mean:
+            return None
+        exponent = self.const(pow_.input[1])
+        axes = self.const(mean.input[1]) if len(mean.input) > 1 else None
+        keepdims = next((a.i for a in mean.attribute if a.name == "keepdims"), 1)
+        x = pow_.input[0]
+        if exponent is None or float(exponent) != 2.0 or axes is None or list(axes.ravel()) != [-1] or not keepdims:
+            return None
+        add = self.only_consumer(mean.output[0])
+        if add is None or add.op_type != "Add":
+            return None
+        eps = self.const(add.input[1] if add.input[0] == mean.output[0] else add.input[0])
+        sqrt = self.only_consumer(add.output[0])
+        recip = self.only_consumer(sqrt.output[0]) if sqrt is not None and sqrt.op_type == "Sqrt" else None
+        mul = self.only_consumer(recip.output[0]) if recip is not None and recip.op_type == "Reciprocal" else None
+        if eps is None or eps.size != 1 or mul is None or mul.op_type != "Mul" or x not in mul.input:
+            return None
+        if x not in shapes:
+            return None
+        nodes = [pow_, mean, add, sqrt, recip, mul]
+        out, weight = mul.output[0], None
+        scale_mul = self.only_consumer(out)
+        if scale_mul is not None and scale_mul.op_type == "Mul":
+            other = scale_mul.input[1] if scale_mul.input[0] == out else scale_mul.input[0]
+            w = self.const(other)
+            if w is not None and w.ndim == 1 and w.shape[0] == shapes[x] and w.dtype == np.float32:
+                nodes.append(scale_mul)
+                out, weight = scale_mul.output[0], (other if other in self.inits else self._add_init(w, f"{other}_w"))
+        return x, float(eps.ravel()[0]), shapes[x], nodes, weight, out
+
+    def _ensure_domain(self, domain: str) -> None:
+        if not any(op.domain == domain for op in self.model.opset_import):
+            self.model.opset_import.append(helper.make_opsetid(domain, 1))
+
+
+def _last_dims(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensor name -> static last dimension, for float32 tensors (the exporter's value_info, else inferred)."""
+    inferred = model if len(model.graph.value_info) else onnx.shape_inference.infer_shapes(model)
+    last: dict[str, int] = {}
+    for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        tt = value.type.tensor_type
+        if tt.elem_type == TensorProto.FLOAT and tt.shape.dim and tt.shape.dim[-1].HasField("dim_value"):
+            last[value.name] = int(tt.shape.dim[-1].dim_value)
+    return last

@@ -1,0 +1,158 @@
+"""onnxruntime on CPU: load-time rewrites (RMSNorm fusion, dynamic int8 from QDQ) and the shared thread pool."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from molmoact2_edge.export.onnx_export import save_with_external_data
+from molmoact2_edge.export.quantize import quantize_int8
+from molmoact2_edge.runtimes.backends import ort_cpu
+
+D, H, T = 64, 128, 16
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _rms(name: str, x: str, out: str, weight: str | None) -> list[onnx.NodeProto]:
+    """The exporter's RMSNorm: Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul [, Mul(weight)]."""
+    mul_out = out if weight is None else f"{name}_normed"
+    nodes = [
+        helper.make_node("Pow", [x, "two"], [f"{name}_sq"]),
+        helper.make_node("ReduceMean", [f"{name}_sq", "last_axis"], [f"{name}_mean"], keepdims=1),
+        helper.make_node("Add", [f"{name}_mean", "eps"], [f"{name}_var"]),
+        helper.make_node("Sqrt", [f"{name}_var"], [f"{name}_std"]),
+        helper.make_node("Reciprocal", [f"{name}_std"], [f"{name}_rstd"]),
+        helper.make_node("Mul", [x, f"{name}_rstd"], [mul_out]),
+    ]
+    if weight is not None:
+        nodes.append(helper.make_node("Mul", [mul_out, weight], [out]))
+    return nodes
+
+
+def _block(rng: np.random.Generator) -> onnx.ModelProto:
+    """ids -> embedding -> RMSNorm(w) -> MatMul -> RMSNorm (weightless) -> MatMul -> y."""
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((50, D)).astype(np.float32), "table"),
+        numpy_helper.from_array((1 + 0.1 * rng.standard_normal(D)).astype(np.float32), "norm_w"),
+        numpy_helper.from_array(rng.standard_normal((D, H)).astype(np.float32) * 0.1, "w1"),
+        numpy_helper.from_array(rng.standard_normal((H, D)).astype(np.float32) * 0.1, "w2"),
+        numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+        numpy_helper.from_array(np.array([-1], np.int64), "last_axis"),
+        numpy_helper.from_array(np.array(1e-6, np.float32), "eps"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["x"], axis=0),
+        *_rms("n1", "x", "x1", "norm_w"),
+        helper.make_node("MatMul", ["x1", "w1"], ["h"]),
+        *_rms("n2", "h", "h1", None),
+        helper.make_node("MatMul", ["h1", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "block",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, T])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, T, D])],
+        inits,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+
+
+def _run(path: Path, ids: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+
+
+def _ops(path: Path) -> list[str]:
+    return [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+
+
+@pytest.fixture()
+def graphs(tmp_path: Path) -> dict[str, Path]:
+    rng = np.random.default_rng(0)
+    fp32 = tmp_path / "fp32" / "block.onnx"
+    fp32.parent.mkdir()
+    save_with_external_data(_block(rng), fp32)
+    int8 = tmp_path / "int8" / "block.onnx"
+    int8.parent.mkdir()
+    quantize_int8(fp32, int8, [{"ids": rng.integers(0, 50, (1, T)).astype(np.int64)} for _ in range(4)])
+    return {"fp32": fp32, "int8": int8}
+
+
+def test_rms_norm_fusion_is_exact_and_cached(graphs: dict[str, Path], tmp_path: Path) -> None:
+    ids = np.arange(T, dtype=np.int64)[None]
+    out = ort_cpu.prepare(graphs["fp32"], tmp_path / "cache")
+    assert out != graphs["fp32"] and out.is_relative_to(tmp_path / "cache")
+    ops = _ops(out)
+    assert ops.count("SimplifiedLayerNormalization") == 2
+    assert not {"Pow", "ReduceMean", "Sqrt", "Reciprocal"} & set(ops)
+    np.testing.assert_allclose(_run(out, ids), _run(graphs["fp32"], ids), rtol=1e-5, atol=1e-5)
+    stamp = out.stat().st_mtime_ns
+    assert ort_cpu.prepare(graphs["fp32"], tmp_path / "cache") == out and out.stat().st_mtime_ns == stamp
+    assert ort_cpu.prepare(graphs["fp32"], tmp_path / "cache", fuse=False) == graphs["fp32"]  # nothing else applies
+
+
+def test_qdq_becomes_dynamic_int8_on_the_bundles_weights(graphs: dict[str, Path], tmp_path: Path) -> None:
+    ids = np.arange(T, dtype=np.int64)[None]
+    out = ort_cpu.prepare(graphs["int8"], tmp_path / "cache")
+    ops = _ops(out)
+    assert ops.count("DynamicQuantizeMatMul") == 2
+    assert "DequantizeLinear" not in ops and "QuantizeLinear" not in ops  # tables folded, activations dynamic
+    rewritten = onnx.load(str(out))
+    qdq = onnx.load(str(graphs["int8"]))
+    weights = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer if i.data_type == TensorProto.INT8}
+    for node in rewritten.graph.node:
+        if node.op_type == "DynamicQuantizeMatMul":  # the very int8 weights TensorRT reads
+            same = numpy_helper.to_array(next(i for i in rewritten.graph.initializer if i.name == node.input[1]))
+            np.testing.assert_array_equal(same, weights[node.input[1]])
+    reference = _run(graphs["fp32"], ids)
+    for got in (_run(out, ids), _run(graphs["int8"], ids)):
+        assert np.linalg.norm(got - reference) / np.linalg.norm(reference) < 0.03
+
+
+SHARED_POOL_SCRIPT = """
+import json, os, sys
+import numpy as np
+from pathlib import Path
+from molmoact2_edge.errors import BackendError
+from molmoact2_edge.runtimes.backends.base import OnnxGraphs
+from molmoact2_edge.runtimes.backends.onnxruntime import OnnxRuntimeOptions, OnnxRuntimeSession
+
+def Files(paths): return OnnxGraphs({g: Path(p) for g, p in paths.items()})
+
+def threads(): return len(os.listdir("/proc/self/task"))
+paths = json.loads(sys.argv[1])
+before = threads()
+session = OnnxRuntimeSession(Files(paths), OnnxRuntimeOptions(intra_op_threads=2, providers=("CPUExecutionProvider",)))
+after = threads()
+ids = np.arange(16, dtype=np.int64)[None]
+outs = {g: session.run(g, {"ids": ids})["y"].tolist() for g in paths}
+try:
+    OnnxRuntimeSession(Files(paths), OnnxRuntimeOptions(thread_pool="per-session"))
+    refused = False
+except BackendError:
+    refused = True
+print(json.dumps({"describe": session.describe(), "new_threads": after - before, "refused": refused, "outs": outs}))
+"""
+
+
+def test_shared_pool_serves_every_graph_of_a_bundle(graphs: dict[str, Path]) -> None:
+    env = {**os.environ, "MOLMO_EDGE_ORT_THREAD_POOL": "shared", "PYTHONPATH": str(REPO)}
+    paths = {"a": str(graphs["fp32"]), "b": str(graphs["int8"])}
+    done = subprocess.run(
+        [sys.executable, "-c", SHARED_POOL_SCRIPT, json.dumps(paths)], env=env, capture_output=True, text=True,
+        timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["describe"]["thread_pool"] == ["shared"] and report["describe"]["spinning"] is False
+    assert report["new_threads"] <= 1  # one pool of 2 threads (1 worker) for both sessions, not one each
+    assert report["refused"]  # onnxruntime allows no per-session pool after the global one: a clear error
+    ids = np.arange(T, dtype=np.int64)[None]
+    np.testing.assert_allclose(np.array(report["outs"]["a"]), _run(graphs["fp32"], ids), rtol=1e-5, atol=1e-5)
