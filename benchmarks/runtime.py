@@ -2,14 +2,16 @@
 
 \b
     python benchmarks/runtime.py                         # the bundled checkpoint
-    python benchmarks/runtime.py --checkpoint CKPT --iterations 30 --precisions fp32 int8
+    python benchmarks/runtime.py --checkpoint CKPT --iterations 30 --rounds 5 --threads 1 2 --precisions fp32 int8
 
 What each number includes:
 
 - ``act`` latency: ``PolicySession.act`` end to end (preprocessing, prompt, every graph,
   un-normalization) on onnxruntime CPU, and the reference ``model.policy.Policy.act`` (eager
-  PyTorch, fp32) on the same checkpoint and observation; interleaved per iteration after two
-  warm-up calls each; ratios are PyTorch p50 / backend p50 from this one run.
+  PyTorch, fp32) on the same checkpoint and observation. Each contender runs in its own
+  process, one at a time, alternated over rounds (``runtimes.benchmark.compare_backends``),
+  at each thread setting; medians, p25-p75 and the per-round medians are reported; ratios
+  are PyTorch p50 / contender p50 at the same thread setting from this one run.
 - depth cache (Think checkpoints only): over sim episodes (the scripted expert moving the arm,
   frames from the sim's camera), the fraction of depth cells replayed instead of re-predicted,
   and the depth stage's p50 with the cache vs with every cell re-predicted.
@@ -20,8 +22,8 @@ What each number includes:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,40 +32,30 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._report import markdown_table, write_section  # noqa: E402
-from molmoact2_edge.runtimes.benchmark import loop_jitter, synthetic_observation  # noqa: E402
+from molmoact2_edge.runtimes.benchmark import Contender, compare_backends, loop_jitter  # noqa: E402
 from molmoact2_edge.runtimes.session import PolicySession  # noqa: E402
-from molmoact2_edge.runtimes.telemetry import percentiles  # noqa: E402
 
 
-def act_latency(checkpoint: Path, bundles: dict[str, Path], iterations: int) -> dict[str, dict[str, float]]:
-    """name -> total-latency percentiles (ms), interleaving the ORT sessions and the eager reference."""
-    import torch
+def act_latency(
+    checkpoint: Path, bundles: dict[str, Path], threads: int, iterations: int, rounds: int
+) -> dict[str, Any]:
+    """act() per contender at ``threads``, each in its own process, alternated over rounds (``compare_backends``).
 
-    from molmoact2_edge.model.policy import Policy
-
-    threads = torch.get_num_threads()
-    sessions = {
-        f"onnxruntime {p}": PolicySession(b, "onnxruntime", intra_op_threads=threads)
-        for p, b in bundles.items()
-    }
-    first = next(iter(sessions.values()))
-    reference = Policy.from_checkpoint(
-        checkpoint, camera_order=first.camera_order, bucket=int(first.bundle.prompt["bucket"])
-    )
-    obs = synthetic_observation(first)
-    calls: dict[str, Any] = {name: s.act for name, s in sessions.items()}
-    calls["pytorch eager"] = reference.act
-    totals: dict[str, list[float]] = {name: [] for name in calls}
-    with torch.inference_mode():
-        for i in range(2 + iterations):
-            for name, act in calls.items():
-                t0 = time.perf_counter()
-                act(obs, seed=i)
-                if i >= 2:
-                    totals[name].append(time.perf_counter() - t0)
-    for session in sessions.values():
-        session.close()
-    return {name: percentiles(v, 1e3) for name, v in totals.items()}
+    Contenders: eager PyTorch on the checkpoint; onnxruntime per bundle precision with the backend's
+    defaults (one shared pool, spinning off, CPU rewrites); and for fp32 the old setting (a pool per
+    session, spinning on, no rewrites) so the change is measured, not asserted.
+    """
+    first = next(iter(bundles.values()))
+    ort = {"intra_op_threads": threads}
+    contenders = [Contender("pytorch eager", "eager", checkpoint=str(checkpoint))]
+    for precision, bundle in bundles.items():
+        contenders.append(Contender(f"onnxruntime {precision}", "onnxruntime", ort, bundle=str(bundle)))
+    if "fp32" in bundles:
+        fp32 = str(bundles["fp32"])
+        old = {**ort, "thread_pool": "per-session", "spinning": True, "cpu_rewrites": False}
+        contenders.append(Contender("onnxruntime fp32 as before (pool per session, spinning, no rewrites)", "onnxruntime", old, bundle=fp32))
+        contenders.append(Contender("onnxruntime fp32, shared pool spinning", "onnxruntime", {**ort, "spinning": True}, bundle=fp32))
+    return compare_backends(first, contenders, iterations, rounds=rounds, threads=threads)
 
 
 def depth_cache_savings(bundle: Path, episodes: int, steps: int) -> dict[str, float] | None:
@@ -130,67 +122,93 @@ def export_all(checkpoint: Path, precisions: list[str], cameras: tuple[str, ...]
     return {p: bundles[p] for p in precisions}
 
 
+def parity_of(bundle: Path) -> str:
+    """The bundle's export parity gate, as recorded in its manifest (pass/fail and the end-to-end ratio)."""
+    parity = json.loads((bundle / "manifest.json").read_text()).get("parity") or {}
+    e2e = parity.get("end_to_end", {})
+    verdict = "pass" if parity.get("passed") else "FAIL"
+    if not e2e.get("limit"):
+        return verdict
+    return f"{verdict} (e2e {e2e['ratio'] / e2e['limit']:.3f} of the limit)"
+
+
+def latency_table(report: dict[str, Any], threads: int, bundles: dict[str, Path]) -> list[list[str]]:
+    rows = []
+    for name, result in report["backends"].items():
+        total, spread = result["stages_ms"]["total"], result["spread_ms"]
+        precision = name.split()[1].rstrip(",") if name.startswith("onnxruntime") else None
+        rows.append([
+            name, str(threads), f"{total['p50']:.1f}", f"{spread['p25']:.1f}-{spread['p75']:.1f}",
+            " / ".join(f"{m:.0f}" for m in spread["round_medians"]), f"{result['speedup_vs_torch']:.2f}x",
+            parity_of(bundles[precision]) if precision in bundles else "-",
+        ])  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--checkpoint", type=Path)
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "fp16", "int8"])
-    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--checkpoint", type=Path, help="checkpoint dir (default: the bundled one)")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "int8"])
+    parser.add_argument("--iterations", type=int, default=15, help="timed act() calls per contender and thread setting")
+    parser.add_argument("--rounds", type=int, default=3, help="alternated rounds the calls are split over")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU thread settings to measure")
     parser.add_argument("--episodes", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--loop-seconds", type=float, default=5.0)
     parser.add_argument(
         "--cameras", nargs="+", help="camera order (default: the checkpoint's norm-stats cameras)"
     )
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch and onnxruntime alike")
     args = parser.parse_args()
-
-    import torch
 
     from molmoact2_edge.cli.demo import CACHE, bundled_checkpoint
 
-    torch.set_num_threads(args.threads)
     checkpoint = args.checkpoint or bundled_checkpoint()
+    cameras = tuple(args.cameras) if args.cameras else None
     CACHE.mkdir(parents=True, exist_ok=True)
-    bundles = export_all(checkpoint, args.precisions, tuple(args.cameras) if args.cameras else None)
-    latency = act_latency(checkpoint, bundles, args.iterations)
-    ref = latency["pytorch eager"]["p50"]
-    rows = [
-        [name, f"{s['p50']:.1f}", f"{s['p99']:.1f}", f"{ref / s['p50']:.2f}x"] for name, s in latency.items()
-    ]
-    body = markdown_table(["act()", "p50 ms", "p99 ms", "speedup vs PyTorch eager"], rows)
-    body += f"\n\nCheckpoint `{checkpoint.name}`, {args.iterations} interleaved iterations, {args.threads} CPU thread(s) each."
-
-    savings = depth_cache_savings(bundles[args.precisions[0]], args.episodes, args.steps)
-    think_note = ""
-    if savings is None:  # not a Think checkpoint: measure the cache on a tiny random Think one
+    # every export first: export's int8 calibrator needs a process without onnxruntime's shared pool
+    bundles = export_all(checkpoint, args.precisions, cameras)
+    think_bundle = None
+    if not json.loads((bundles[args.precisions[0]] / "manifest.json").read_text())["model"].get("depth"):
         from tests._runtime_bundle import make_checkpoint
 
         think = CACHE / "think-ckpt"
         if not (think / "config.json").is_file():
             make_checkpoint(think, think=True)
-        think_bundle = export_all(
-            think, ["fp32"], tuple(args.cameras) if args.cameras else ("front", "wrist")
-        )["fp32"]
+        think_bundle = export_all(think, ["fp32"], cameras or ("front", "wrist"))["fp32"]
+
+    rows = []
+    for threads in args.threads:
+        report = act_latency(checkpoint, bundles, threads, args.iterations, args.rounds)
+        rows += latency_table(report, threads, bundles)
+    body = markdown_table(
+        ["act()", "threads", "p50 ms", "p25-p75 ms", "round medians ms", "speedup vs PyTorch eager", "parity gate"],
+        rows,
+    )
+    body += (
+        f"\n\nCheckpoint `{checkpoint.name}`; {report['method'].replace(f'threads {args.threads[-1]}', 'threads as listed')}; "
+        f"{args.iterations} timed calls per contender and thread setting. onnxruntime rows use the backend's defaults "
+        "(one shared intra-op pool per process, spinning off, CPU rewrites: fused RMSNorm and, for int8, dynamic u8s8 "
+        "GEMMs from the bundle's QDQ weights) unless the row says otherwise; eager PyTorch runs with "
+        "`torch.set_num_threads` = threads. fp16 bundles are for GPUs (on the x86 CPU provider fp16 runs as casts "
+        "around fp32 math) and are not timed here."
+    )
+
+    session_bundle = bundles[args.precisions[0]]
+    savings = depth_cache_savings(session_bundle, args.episodes, args.steps)
+    think_note = ""
+    if savings is None and think_bundle is not None:  # not a Think checkpoint: a tiny random Think one
         savings = depth_cache_savings(think_bundle, args.episodes, args.steps)
-        think_note = (
-            " (a tiny random MolmoAct2-Think checkpoint: which cells are replayed depends on the pixels only)"
-        )
+        think_note = " (a tiny random MolmoAct2-Think checkpoint: which cells are replayed depends on the pixels only)"
     if savings is not None:
         body += f"\n\nDepth cache on {args.episodes} sim episode(s) x {args.steps} frames{think_note}:\n\n"
         body += markdown_table(
             ["depth cells replayed", "depth p50 ms (cache)", "depth p50 ms (no cache)"],
-            [
-                [
-                    f"{savings['replayed_fraction']:.0%}",
-                    f"{savings['depth_p50_ms_cached']:.1f}",
-                    f"{savings['depth_p50_ms_full']:.1f}",
-                ]
-            ],
+            [[f"{savings['replayed_fraction']:.0%}", f"{savings['depth_p50_ms_cached']:.1f}", f"{savings['depth_p50_ms_full']:.1f}"]],
         )
 
-    loop = loop_jitter(bundles[args.precisions[0]], "onnxruntime", args.loop_seconds, 30.0)
+    loop = loop_jitter(session_bundle, "onnxruntime", args.loop_seconds, 30.0)
     err = loop["loop"]["period_error_ms"]
     body += (
         f"\n\nControl loop at 30 Hz with onnxruntime {args.precisions[0]} inference running: period error "
@@ -198,7 +216,7 @@ def main() -> None:
         f"overruns {loop['loop']['overruns']}/{loop['loop']['ticks']}, held ticks {loop['loop']['held']}."
     )
     print(body)
-    title = f"Runtime ({checkpoint.name}): act() per backend and precision, depth cache, loop jitter"
+    title = f"Runtime ({checkpoint.name}): act() per backend, precision and threads, depth cache, loop jitter"
     write_section(f"runtime-{checkpoint.name}", title, body)  # one section per checkpoint measured
 
 

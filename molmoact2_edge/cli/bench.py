@@ -24,9 +24,7 @@ def _ms(stats: dict[str, Any] | None, key: str) -> str:
 
 def render(report: dict[str, Any]) -> str:
     """The report as text tables (what the command prints without --json)."""
-    lines = [
-        f"latency per stage, ms (p50 / p99), {report['iterations']} interleaved iterations after warm-up:"
-    ]
+    lines = [f"latency per stage, ms (p50 / p99), {report['iterations']} timed calls per backend ({report['method']}):"]
     header = f"  {'backend':12s}" + "".join(f"{s:>18s}" for s in STAGES) + f"{'vs torch':>10s}"
     lines.append(header)
     for name, result in report["backends"].items():
@@ -35,7 +33,8 @@ def render(report: dict[str, Any]) -> str:
             for s in STAGES
         )
         speedup = f"{result['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in result else "-"
-        lines.append(f"  {name:12s}{cells}{speedup:>10s}")
+        spread = result["spread_ms"]
+        lines.append(f"  {name:12s}{cells}{speedup:>10s}   total p25-p75 {spread['p25']:.1f}-{spread['p75']:.1f}")
     loop = report["loop"]["loop"]
     err = loop["period_error_ms"]
     lines.append(
@@ -65,6 +64,7 @@ def render(report: dict[str, Any]) -> str:
 )
 @click.option("--hz", default=30.0, show_default=True, help="Control rate for the jitter measurement.")
 @click.option("--threads", type=int, help="CPU threads for every backend (default: each backend's own).")
+@click.option("--rounds", type=int, help="Alternated rounds the timed calls are split over (default: up to 5).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--plots", type=click.Path(file_okay=False, path_type=Path), help="Write PNG plots here.")
 @click.option("--telemetry", type=click.Path(dir_okay=False, path_type=Path), help="JSONL of the loop run.")
@@ -75,6 +75,7 @@ def bench(
     loop_seconds: float,
     hz: float,
     threads: int | None,
+    rounds: int | None,
     as_json: bool,
     plots: Path | None,
     telemetry: Path | None,
@@ -82,8 +83,9 @@ def bench(
     """Measure BUNDLE: latency per stage (p50/p99), loop jitter with inference running, power and energy.
 
     \b
-    Repeating --backend interleaves the backends' iterations and, when torch is
-    among them, reports each backend's speedup over it.
+    Each backend is timed in its own process, one at a time, alternated over
+    --rounds; repeating --backend compares them and, when torch is among them,
+    reports each backend's speedup over it.
     Examples:
       molmo-edge bench bundle/
       molmo-edge bench bundle/ --backend onnxruntime --backend torch --json
@@ -91,7 +93,7 @@ def bench(
     from molmoact2_edge.runtimes.benchmark import run_benchmark
 
     report = run_benchmark(
-        bundle, list(backends) or ["auto"], iterations, loop_seconds, hz, telemetry, threads
+        bundle, list(backends) or ["auto"], iterations, loop_seconds, hz, telemetry, threads, rounds
     )
     if plots is not None:
         from molmoact2_edge.runtimes.plots import benchmark_plots
