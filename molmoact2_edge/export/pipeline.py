@@ -301,7 +301,7 @@ def _export_fp16_flow(policy: Any, shapes: GraphShapes, dst: Path, opset: int) -
     return {"converted": sum(exported.op_counts.values()), "kept_fp32": 0}
 
 
-def _convert(src: Path, dst: Path, precision: str, options: ExportOptions, calls: list[dict[str, Any]]) -> dict[str, int]:
+def _convert(src: Path, dst: Path, precision: str, options: ExportOptions, calls: list[dict[str, Any]]) -> dict[str, Any]:
     if precision == "fp32":
         shutil.copy2(src, dst)
         if data_file(src).exists():

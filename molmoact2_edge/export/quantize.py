@@ -211,7 +211,7 @@ class _FeedReader:
         return dict(item) if item is not None else None
 
 
-def quantize_int8(src: Path, dst: Path, calibration: Sequence[Mapping[str, np.ndarray]]) -> dict[str, int]:
+def quantize_int8(src: Path, dst: Path, calibration: Sequence[Mapping[str, np.ndarray]]) -> dict[str, float]:
     """Write the int8 QDQ version of ``src`` to ``dst``; returns the number of quantized/excluded MatMuls.
 
     calibration: recorded input feeds of this graph (one dict per call), at least one.
@@ -258,7 +258,7 @@ def quantize_int8(src: Path, dst: Path, calibration: Sequence[Mapping[str, np.nd
     return {"quantized": len(weighted), "excluded": len(dynamic), "quantized_weight_fraction": round(fraction, 4)}
 
 
-def quantize_int4(src: Path, dst: Path, block_size: int = INT4_BLOCK) -> dict[str, int]:
+def quantize_int4(src: Path, dst: Path, block_size: int = INT4_BLOCK) -> dict[str, float]:
     """Write the int4 weight-only (blocked DequantizeLinear, opset 21) version of ``src`` to ``dst``."""
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import (
