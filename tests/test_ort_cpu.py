@@ -39,7 +39,7 @@ def _rms(name: str, x: str, out: str, weight: str | None) -> list[onnx.NodeProto
 
 
 def _block(rng: np.random.Generator) -> onnx.ModelProto:
-    """ids -> embedding -> RMSNorm(w) -> MatMul -> RMSNorm (weightless) -> MatMul -> y."""
+    """ids -> embedding -> RMSNorm(w) -> MatMul -> RMSNorm (weightless) -> adaLN modulate -> MatMul -> y."""
     inits = [
         numpy_helper.from_array(rng.standard_normal((50, D)).astype(np.float32), "table"),
         numpy_helper.from_array((1 + 0.1 * rng.standard_normal(D)).astype(np.float32), "norm_w"),
@@ -48,13 +48,19 @@ def _block(rng: np.random.Generator) -> onnx.ModelProto:
         numpy_helper.from_array(np.array(2.0, np.float32), "two"),
         numpy_helper.from_array(np.array([-1], np.int64), "last_axis"),
         numpy_helper.from_array(np.array(1e-6, np.float32), "eps"),
+        numpy_helper.from_array(rng.standard_normal((1, 1, H)).astype(np.float32) * 0.1, "mod_scale"),
+        numpy_helper.from_array(rng.standard_normal((1, 1, H)).astype(np.float32) * 0.1, "mod_shift"),
+        numpy_helper.from_array(np.ones((1, 1, H), np.float32), "one"),
     ]
     nodes = [
         helper.make_node("Gather", ["table", "ids"], ["x"], axis=0),
         *_rms("n1", "x", "x1", "norm_w"),
         helper.make_node("MatMul", ["x1", "w1"], ["h"]),
-        *_rms("n2", "h", "h1", None),
-        helper.make_node("MatMul", ["h1", "w2"], ["y"]),
+        *_rms("n2", "h", "h1", None),  # the expert's adaLN: norm(h) * (1 + scale) + shift, scale constant
+        helper.make_node("Add", ["one", "mod_scale"], ["one_plus_scale"]),
+        helper.make_node("Mul", ["h1", "one_plus_scale"], ["h2"]),
+        helper.make_node("Add", ["h2", "mod_shift"], ["h3"]),
+        helper.make_node("MatMul", ["h3", "w2"], ["y"]),
     ]
     graph = helper.make_graph(
         nodes, "block",
@@ -85,17 +91,18 @@ def graphs(tmp_path: Path) -> dict[str, Path]:
     return {"fp32": fp32, "int8": int8}
 
 
-def test_rms_norm_fusion_is_exact_and_cached(graphs: dict[str, Path], tmp_path: Path) -> None:
+def test_rms_norm_and_adaln_fusion_is_exact_and_cached(graphs: dict[str, Path], tmp_path: Path) -> None:
     ids = np.arange(T, dtype=np.int64)[None]
     out = ort_cpu.prepare(graphs["fp32"], tmp_path / "cache")
     assert out != graphs["fp32"] and out.is_relative_to(tmp_path / "cache")
     ops = _ops(out)
     assert ops.count("SimplifiedLayerNormalization") == 2
-    assert not {"Pow", "ReduceMean", "Sqrt", "Reciprocal"} & set(ops)
+    assert not {"Pow", "ReduceMean", "Sqrt", "Reciprocal", "Mul"} & set(ops)  # 1 + scale went into the norm
     np.testing.assert_allclose(_run(out, ids), _run(graphs["fp32"], ids), rtol=1e-5, atol=1e-5)
     stamp = out.stat().st_mtime_ns
     assert ort_cpu.prepare(graphs["fp32"], tmp_path / "cache") == out and out.stat().st_mtime_ns == stamp
     assert ort_cpu.prepare(graphs["fp32"], tmp_path / "cache", fuse=False) == graphs["fp32"]  # nothing else applies
+    assert ort_cpu.prepare(graphs["fp32"], tmp_path / "cache", fuse=False, dynamic_int8=False) == graphs["fp32"]
 
 
 def test_qdq_becomes_dynamic_int8_on_the_bundles_weights(graphs: dict[str, Path], tmp_path: Path) -> None:

@@ -209,7 +209,7 @@ class OnnxRuntimeSession(BackendSession):
             cache_dir.mkdir(parents=True, exist_ok=True)
         providers = [(p, _provider_options(p, self.options, cache_dir)) for p in requested]
         if requested == [CPU] and self.options.cpu_rewrites:
-            path = ort_cpu.prepare(path)
+            path = ort_cpu.prepare(path, shared_pool=_shared_pool_threads is not None)
         try:
             session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
         except Exception as err:  # ORT raises its own Fail/InvalidGraph/... types with no common base

@@ -19,8 +19,13 @@ module's rewrite version, onnxruntime's version and the CPU):
 - **Embedding tables**: ``DequantizeLinear(int8 table) -> Gather`` is dequantized once here
   instead of on every call.
 
-Everything else (GEMM+bias, GELU, constant folding of the flow time's adaLN modulation, ...)
-is left to onnxruntime's own ``ORT_ENABLE_ALL`` optimizer at session creation.
+- **adaLN**: onnxruntime's basic (portable) pass first folds every constant subgraph, which
+  includes the expert's adaLN modulation of each unrolled flow step (the flow time is fixed);
+  ``norm(x) * (1 + scale)`` then becomes one ``SimplifiedLayerNormalization`` whose scale is
+  ``1 + scale``.
+
+Everything else (GEMM+bias, GELU, ...) is left to onnxruntime's own ``ORT_ENABLE_ALL``
+optimizer at session creation. Attention is not fused (still FusedMatMul, Add, Softmax, MatMul).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 log = logging.getLogger(__name__)
 
-REWRITE_VERSION = 1  # bump when a rewrite changes: cached graphs of older versions are not reused
+REWRITE_VERSION = 2  # bump when a rewrite changes: cached graphs of older versions are not reused
 MS_DOMAIN = "com.microsoft"
 
 
@@ -68,22 +73,28 @@ def cache_key(path: Path, fuse: bool, dynamic_int8: bool) -> str:
     return digest.hexdigest()[:24]
 
 
-def prepare(path: Path, cache_root: Path | None = None, fuse: bool = True, dynamic_int8: bool = True) -> Path:
-    """The graph to load on the CPU provider: a cached rewrite of ``path``, or ``path`` when nothing applies."""
+def prepare(
+    path: Path, cache_root: Path | None = None, fuse: bool = True, dynamic_int8: bool = True, shared_pool: bool = False
+) -> Path:
+    """The graph to load on the CPU provider: a cached rewrite of ``path``, or ``path`` when nothing applies.
+
+    shared_pool: this process has onnxruntime's global thread pool (its sessions must use it).
+    """
     out = (cache_root or default_cache_root()) / cache_key(path, fuse, dynamic_int8) / path.name
     if out.is_file():
         return out
-    model = onnx.load(str(path))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = _constant_folded(path, out.parent, shared_pool) if fuse else onnx.load(str(path))
     graph = _Graph(model)
     counts = {
         "gather_tables": graph.dequantize_gather_tables(),
         "dynamic_int8": graph.qdq_to_dynamic() if dynamic_int8 else 0,
         "rms_norm": graph.fuse_rms_norm() if fuse else 0,
     }
+    counts["adaln"] = graph.fold_modulation_scale() if fuse else 0
     if not any(counts.values()):
         return path
     graph.drop_dead()
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}")
     onnx.save(model, str(tmp), save_as_external_data=True, location=tmp.name + ".data")
     os.replace(tmp.with_name(tmp.name + ".data"), out.with_name(out.name + ".data"))
@@ -97,6 +108,29 @@ def prepare(path: Path, cache_root: Path | None = None, fuse: bool = True, dynam
     os.replace(tmp, out)
     log.info("onnxruntime CPU rewrite of %s: %s -> %s", path.name, counts, out)
     return out
+
+
+def _constant_folded(path: Path, workdir: Path, shared_pool: bool) -> onnx.ModelProto:
+    """onnxruntime's own basic-level pass (constant folding, no hardware-specific or contrib rewrites), saved.
+
+    It evaluates everything that depends only on constants, e.g. the expert's adaLN modulation
+    of each unrolled flow step (a function of the fixed flow time), so the fusions below see
+    shift and scale as constants. QDQ is kept: onnxruntime does not fold DequantizeLinear.
+    """
+    folded = workdir / f"folded-{os.getpid()}.onnx"
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(folded)
+    so.log_severity_level = 3
+    if shared_pool:
+        so.use_per_session_threads = False
+    so.add_session_config_entry("session.optimized_model_external_initializers_file_name", folded.name + ".data")
+    so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    model = onnx.load(str(folded))
+    folded.unlink()
+    folded.with_name(folded.name + ".data").unlink(missing_ok=True)
+    return model
 
 
 class _Graph:
@@ -249,8 +283,36 @@ class _Graph:
             count += 1
         return count
 
+    def fold_modulation_scale(self) -> int:
+        """adaLN: SimplifiedLayerNormalization(x, s) * C, C constant per feature -> SimplifiedLayerNormalization(x, s*C).
+
+        ``modulate(norm(x), shift, scale) = norm(x) * (1 + scale) + shift``: once the modulation is
+        constant-folded, ``1 + scale`` is a per-feature constant that the norm's own scale absorbs.
+        """
+        count = 0
+        for norm in list(self.g.node):
+            if norm.op_type != "SimplifiedLayerNormalization":
+                continue
+            mul = self.only_consumer(norm.output[0])
+            scale = self.const(norm.input[1])
+            if mul is None or mul.op_type != "Mul" or scale is None:
+                continue
+            other = mul.input[1] if mul.input[0] == norm.output[0] else mul.input[0]
+            factor = self.const(other)
+            if factor is None or factor.dtype != np.float32 or factor.size != scale.size:
+                continue
+            if factor.ndim and factor.shape[-1] != scale.size:
+                continue  # only a per-feature (last-axis) factor
+            merged = self._add_init((scale * factor.reshape(-1)).astype(np.float32), f"{norm.name}_modulated_scale")
+            norm.input[1] = merged
+            norm.output[0] = mul.output[0]
+            self.g.node.remove(mul)
+            self._index()
+            count += 1
+        return count
+
     def _rms_chain(
-        self, mean: onnx.NodeProto, shapes: dict[str, int]
+        self, mean: onnx.NodeProto, shapes: dict[str, tuple[int, int]]
     ) -> tuple[str, float, int, list[onnx.NodeProto], str | None, str] | None:
         pow_ = self.producer.get(mean.input[0])
         if pow_ is None or pow_.op_type != "Pow" or self.only_consumer(pow_.output[0]) is not mean:
@@ -259,7 +321,10 @@ class _Graph:
         axes = self.const(mean.input[1]) if len(mean.input) > 1 else None
         keepdims = next((a.i for a in mean.attribute if a.name == "keepdims"), 1)
         x = pow_.input[0]
-        if exponent is None or float(exponent) != 2.0 or axes is None or list(axes.ravel()) != [-1] or not keepdims:
+        if x not in shapes or exponent is None or float(exponent) != 2.0 or axes is None or not keepdims:
+            return None
+        rank, width = shapes[x]
+        if list(axes.ravel()) not in ([-1], [rank - 1]):
             return None
         add = self.only_consumer(mean.output[0])
         if add is None or add.op_type != "Add":
@@ -270,30 +335,38 @@ class _Graph:
         mul = self.only_consumer(recip.output[0]) if recip is not None and recip.op_type == "Reciprocal" else None
         if eps is None or eps.size != 1 or mul is None or mul.op_type != "Mul" or x not in mul.input:
             return None
-        if x not in shapes:
-            return None
         nodes = [pow_, mean, add, sqrt, recip, mul]
         out, weight = mul.output[0], None
         scale_mul = self.only_consumer(out)
         if scale_mul is not None and scale_mul.op_type == "Mul":
             other = scale_mul.input[1] if scale_mul.input[0] == out else scale_mul.input[0]
             w = self.const(other)
-            if w is not None and w.ndim == 1 and w.shape[0] == shapes[x] and w.dtype == np.float32:
+            if w is not None and w.ndim == 1 and w.shape[0] == width and w.dtype == np.float32:
                 nodes.append(scale_mul)
                 out, weight = scale_mul.output[0], (other if other in self.inits else self._add_init(w, f"{other}_w"))
-        return x, float(eps.ravel()[0]), shapes[x], nodes, weight, out
+        return x, float(eps.ravel()[0]), width, nodes, weight, out
 
     def _ensure_domain(self, domain: str) -> None:
         if not any(op.domain == domain for op in self.model.opset_import):
             self.model.opset_import.append(helper.make_opsetid(domain, 1))
 
 
-def _last_dims(model: onnx.ModelProto) -> dict[str, int]:
-    """Tensor name -> static last dimension, for float32 tensors (the exporter's value_info, else inferred)."""
-    inferred = model if len(model.graph.value_info) else onnx.shape_inference.infer_shapes(model)
-    last: dict[str, int] = {}
+def _last_dims(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+    """Float32 tensor name -> (rank, static last dimension), by shape inference on a weightless copy."""
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    for init in light.graph.initializer:  # weights need only dims and type; small constants (axes, shapes) stay
+        if int(np.prod(init.dims)) <= 4096:
+            continue
+        init.ClearField("raw_data")
+        init.ClearField("float_data")
+        init.ClearField("int32_data")
+        del init.external_data[:]
+        init.data_location = TensorProto.DEFAULT
+    inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
+    last: dict[str, tuple[int, int]] = {}
     for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
         tt = value.type.tensor_type
         if tt.elem_type == TensorProto.FLOAT and tt.shape.dim and tt.shape.dim[-1].HasField("dim_value"):
-            last[value.name] = int(tt.shape.dim[-1].dim_value)
+            last[value.name] = (len(tt.shape.dim), int(tt.shape.dim[-1].dim_value))
     return last
