@@ -130,6 +130,7 @@ class RemotePolicy:
 
     def _connect(self, timeout_s: float) -> dict[str, Any]:
         try:
+            # entered at once (websockets >= 17.1 warns about a connection used outside `with`); closed in _drop
             ws = connect(
                 self.url,
                 additional_headers=self._headers,
@@ -137,7 +138,7 @@ class RemotePolicy:
                 compression=None,
                 max_size=None,
                 open_timeout=timeout_s,
-            )
+            ).__enter__()
         except InvalidStatus as err:
             status = err.response.status_code
             body = err.response.body.decode(errors="replace").strip()
