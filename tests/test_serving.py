@@ -7,6 +7,7 @@ venv (it needs numpy < 2), built once under .cache/ (see tests/_serving_helpers.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from molmoact2_edge.errors import ServingError
+from molmoact2_edge.errors import PolicyConnectionError, ServingError
 from molmoact2_edge.runtimes.session import PolicySession
 from molmoact2_edge.serving.codec import packb, unpackb
 from molmoact2_edge.serving.remote import RemotePolicy
@@ -163,3 +164,21 @@ def test_a_client_killed_mid_request_does_not_disturb_the_others(server) -> None
             after = other.act(obs, seed=0).actions
             np.testing.assert_array_equal(after, before)  # served, and the answer is this robot's own
     assert _http(server.http + "/healthz")[0] == 200
+
+
+def test_tls_serves_wss_to_clients_that_trust_the_certificate(bundle, tmp_path) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed: cannot make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert)]
+        + ["-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    with ServeProcess(bundle, 0, "--tls-cert", str(cert), "--tls-key", str(key)) as server:
+        assert server.url.startswith("wss://127.0.0.1:")
+        with RemotePolicy(server.url, API_KEY, ca_file=cert) as policy:
+            assert policy.act(_observation(5), seed=0).actions.shape == (policy.chunk_length, policy.action_dim)
+        with pytest.raises(PolicyConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+            RemotePolicy(server.url, API_KEY)  # a client that does not trust it gets nothing

@@ -26,16 +26,21 @@ def bundle():
     return tiny_bundle()[2]
 
 
+@pytest.fixture(scope="module")
+def server(bundle):
+    with ServeProcess(bundle) as proc:
+        yield proc
+
+
 def _records(path, kind: str) -> list[dict]:
     return [r for r in read_jsonl(path) if r["type"] == kind] if path.exists() else []
 
 
-def test_run_policy_completes_an_episode_with_network_and_server_time_apart(bundle, tmp_path, monkeypatch) -> None:
+def test_run_policy_completes_an_episode_with_network_and_server_time_apart(server, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("MOLMO_EDGE_API_KEY", API_KEY)
     log = tmp_path / "run.jsonl"
-    with ServeProcess(bundle) as server:
-        args = ["run", "--policy", server.url, *SIM, "--duration", "4", "--stall-timeout", "10", "--telemetry", str(log)]
-        result = CliRunner().invoke(cli, args)
+    args = ["run", "--policy", server.url, *SIM, "--duration", "4", "--stall-timeout", "10", "--telemetry", str(log)]
+    result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "episode 0: duration" in result.output
     chunks = _records(log, "chunk")
@@ -48,9 +53,8 @@ def test_run_policy_completes_an_episode_with_network_and_server_time_apart(bund
     assert start["backend"]["backend"] == "remote" and start["backend"]["url"] == server.url
 
 
-def test_a_wrong_key_stops_run_before_the_episode(bundle) -> None:
-    with ServeProcess(bundle) as server:
-        result = CliRunner().invoke(cli, ["run", "--policy", server.url, *SIM], env={"MOLMO_EDGE_API_KEY": "x" * 20})
+def test_a_wrong_key_stops_run_before_the_episode(server) -> None:
+    result = CliRunner().invoke(cli, ["run", "--policy", server.url, *SIM], env={"MOLMO_EDGE_API_KEY": "x" * 20})
     assert result.exit_code == 1 and "refused the API key" in result.output, result.output
     assert "episode" not in result.output
 
