@@ -162,3 +162,47 @@ def test_preflight_names_every_mismatch_between_policy_and_robot() -> None:
         check_robot({**contract, "control_hz": 15.0}, ["front", "wrist"], joints, 30.0)
     with pytest.raises(ContractError, match="lacks"):
         check_robot({"cameras": []}, [], joints, 30.0)
+
+
+MSGPACK_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8) | st.binary(max_size=16),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8) | st.binary(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.binary(max_size=64), MSGPACK_VALUES.map(msgpack.packb)))
+def test_any_bytes_are_refused_with_a_serving_error_or_parsed(data: bytes) -> None:
+    """Fuzz: whatever arrives, parsing ends in a request or a ServingError (never another exception)."""
+    try:
+        request = parse_request(data, CAMERAS, 6, RequestLimits())
+    except ServingError as err:
+        assert str(err)  # a message to send back
+    else:
+        assert sorted(request.observation.images) == CAMERAS
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.fixed_dictionaries(
+        {b"__ndarray__": st.just(True)},
+        optional={
+            b"data": st.binary(max_size=32) | st.integers(-(2**31), 2**31),
+            b"dtype": st.sampled_from(["<f4", "|O", "<c16", "|V2", "f", "float32", "<U1", "x"]) | st.integers(0, 9),
+            b"shape": st.lists(st.integers(-2, 8), max_size=4) | st.integers(-2, 8),
+        },
+    )
+)
+def test_crafted_array_maps_never_escape_as_other_exceptions(crafted: dict) -> None:
+    try:
+        array = unpackb(msgpack.packb(crafted))
+    except CodecError:
+        return
+    assert isinstance(array, np.ndarray) and array.dtype.kind in "biuf"
+
+
+def test_a_shape_that_would_overflow_int64_is_refused() -> None:
+    crafted = {b"__ndarray__": True, b"data": b"\0" * 8, b"dtype": "<f4", b"shape": [2**40, 2**40, 2**40]}
+    with pytest.raises(CodecError, match="needs"):
+        unpackb(msgpack.packb(crafted))

@@ -13,6 +13,7 @@ msgpack's own container limits bound what a message may hold before anything is 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +59,7 @@ def _dtype(value: Any) -> np.dtype:
         raise CodecError(f"array dtype must be a string like '<f4', got {type(value).__name__}")
     try:
         dtype = np.dtype(value)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise CodecError(f"unknown dtype {value!r}") from err
     if dtype.kind not in ALLOWED_KINDS or dtype.fields is not None or dtype.subdtype is not None:
         raise CodecError(f"dtype {value!r} ({dtype}) is refused: only bool, integer and float arrays are accepted")
@@ -73,7 +74,7 @@ def _unpack_hook(obj: dict[Any, Any]) -> Any:
             raise CodecError("array data must be raw bytes")
         if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise CodecError(f"array shape must be a list of non-negative ints, got {shape!r}")
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        expected = math.prod(shape) * dtype.itemsize  # Python ints: a crafted shape cannot overflow
         if expected != len(data):
             raise CodecError(f"array of shape {tuple(shape)} {dtype} needs {expected} bytes, message has {len(data)}")
         return np.frombuffer(data, dtype=dtype).reshape(shape)
