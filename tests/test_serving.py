@@ -182,3 +182,21 @@ def test_tls_serves_wss_to_clients_that_trust_the_certificate(bundle, tmp_path) 
             assert policy.act(_observation(5), seed=0).actions.shape == (policy.chunk_length, policy.action_dim)
         with pytest.raises(PolicyConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
             RemotePolicy(server.url, API_KEY)  # a client that does not trust it gets nothing
+
+
+def test_a_request_past_its_deadline_is_told_so_instead_of_getting_a_stale_chunk(server) -> None:
+    obs = _observation(6)
+    with connect(server.url, additional_headers=AUTH) as slow, connect(server.url, additional_headers=AUTH) as late:
+        slow.recv(), late.recv()
+        late.send(_request(obs, deadline_ms=1))  # no act() finishes within 1 ms
+        answer = late.recv(timeout=60)
+        assert isinstance(answer, str) and answer.startswith("error: deadline exceeded") and "stale" in answer
+        slow.send(_request(obs))  # occupies the worker ...
+        time.sleep(0.02)
+        late.send(_request(obs, deadline_ms=5))  # ... so this one expires in the queue
+        assert isinstance(slow.recv(timeout=60), bytes)
+        answer = late.recv(timeout=60)
+        # here (act() takes ~100 ms) it expired while queued; on a fast GPU it may be computed and discarded
+        assert isinstance(answer, str) and answer.startswith("error: deadline exceeded"), answer
+        late.send(_request(obs))  # and the connection goes on
+        assert isinstance(late.recv(timeout=60), bytes)
