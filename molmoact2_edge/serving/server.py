@@ -58,6 +58,10 @@ class DeadlineExceeded(ServingError):
     """A request's chunk could not be delivered within its deadline."""
 
 
+class ServerBusy(ServingError):
+    """The request queue is full."""
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """How ``serve`` listens and what it accepts."""
@@ -300,7 +304,7 @@ class PolicyServer:
         try:
             self._queue.put_nowait(_Job(client, request, received, deadline_s, future))
         except asyncio.QueueFull:
-            raise ServingError(f"server busy: {self.config.max_queue} requests queued; retry later") from None
+            raise ServerBusy(f"server busy: {self.config.max_queue} requests queued; retry later") from None
         waiting: set[asyncio.Future[Any]] = {future, closed}
         await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if not future.done():
@@ -316,7 +320,7 @@ class PolicyServer:
         return chunk, waited
 
     async def _refuse(self, ws: ServerConnection, client: _Client, err: MolmoEdgeError) -> None:
-        kind = "deadline" if isinstance(err, DeadlineExceeded) else "busy" if "server busy" in str(err) else "request"
+        kind = "deadline" if isinstance(err, DeadlineExceeded) else "busy" if isinstance(err, ServerBusy) else "request"
         self.errors[kind] += 1
         client.errors += 1
         log.info("robot %d: %s", client.id, err)
