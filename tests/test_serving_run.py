@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -9,9 +10,11 @@ import time
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from websockets.sync.client import connect
 
 from molmoact2_edge.cli.main import cli
 from molmoact2_edge.runtimes.telemetry import read_jsonl
+from molmoact2_edge.serving.codec import packb
 from molmoact2_edge.serving.remote import RemotePolicy
 from molmoact2_edge.types import Observation
 from tests._runtime_bundle import tiny_bundle
@@ -28,7 +31,7 @@ def bundle():
 
 @pytest.fixture(scope="module")
 def server(bundle):
-    with ServeProcess(bundle) as proc:
+    with ServeProcess(bundle, 0, "--max-queue", "1") as proc:  # one robot at a time never fills it
         yield proc
 
 
@@ -57,6 +60,26 @@ def test_a_wrong_key_stops_run_before_the_episode(server) -> None:
     result = CliRunner().invoke(cli, ["run", "--policy", server.url, *SIM], env={"MOLMO_EDGE_API_KEY": "x" * 20})
     assert result.exit_code == 1 and "refused the API key" in result.output, result.output
     assert "episode" not in result.output
+
+
+def test_a_full_queue_answers_server_busy_and_keeps_the_connections(server) -> None:
+    rng = np.random.default_rng(1)
+    images = {c: rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for c in ("front", "wrist")}
+    request = packb({"images": images, "state": np.zeros(6, np.float32), "prompt": "touch the cube"})
+    with contextlib.ExitStack() as stack:
+        auth = {"Authorization": f"Api-Key {API_KEY}"}
+        robots = [stack.enter_context(connect(server.url, additional_headers=auth)) for _ in range(4)]
+        for ws in robots:
+            ws.recv()
+        for ws in robots:  # four at once: one computing, one queued (--max-queue 1), the rest refused
+            ws.send(request)
+        answers = [ws.recv(timeout=60) for ws in robots]
+        assert any(isinstance(a, bytes) for a in answers)
+        busy = [a for a in answers if isinstance(a, str)]
+        assert busy and all(a.startswith("error: server busy") for a in busy), answers
+        for ws in robots:  # one at a time, everyone is served on the same connection
+            ws.send(request)
+            assert isinstance(ws.recv(timeout=60), bytes)
 
 
 def test_server_killed_mid_episode_holds_and_stops_within_the_stall_timeout(bundle, tmp_path) -> None:
