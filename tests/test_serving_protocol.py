@@ -206,3 +206,18 @@ def test_a_shape_that_would_overflow_int64_is_refused() -> None:
     crafted = {b"__ndarray__": True, b"data": b"\0" * 8, b"dtype": "<f4", b"shape": [2**40, 2**40, 2**40]}
     with pytest.raises(CodecError, match="needs"):
         unpackb(msgpack.packb(crafted))
+
+
+def test_cli_refuses_a_public_server_without_a_key_and_run_without_a_policy(tmp_path, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    from molmoact2_edge.cli.main import cli
+
+    monkeypatch.delenv(auth.API_KEY_ENV, raising=False)
+    result = CliRunner().invoke(cli, ["serve", str(tmp_path), "--host", "0.0.0.0"])
+    assert result.exit_code == 1 and "needs an API key" in result.output and "--api-key-file" in result.output
+    result = CliRunner().invoke(cli, ["run", "--robot", "sim-so101"])
+    assert result.exit_code == 1 and "give either BUNDLE or --policy" in result.output
+    result = CliRunner().invoke(cli, ["run", "--policy", "http://x:1", "--robot", "sim-so101"])
+    assert result.exit_code != 0 and "expected ws://HOST:PORT" in result.output
+    assert "--api-key" not in CliRunner().invoke(cli, ["serve", "--help"]).output.replace("--api-key-file", "")
