@@ -193,7 +193,7 @@ class PolicyServer:
     def url(self, server: Server) -> str:
         host, port = next(iter(server.sockets)).getsockname()[:2]
         scheme = "wss" if self.config.tls is not None else "ws"
-        return f"{scheme}://{host}:{port}"
+        return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
     def _warm_up(self) -> None:
         """One act() on a blank observation, so the first robot does not pay for allocation and kernels."""
