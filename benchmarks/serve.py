@@ -53,9 +53,9 @@ def alternated(
     session: PolicySession, remote: RemotePolicy, obs: Observation, iterations: int
 ) -> tuple[list[float], list[float], dict[str, list[float]]]:
     """(local, served) act latencies in seconds, one of each per iteration after one warm-up each,
-    and the served calls' split: network (round trip - server time) and server overhead (server - act)."""
+    and the served calls' split: network (round trip - server time), server overhead (server - act), the server's act()."""
     local, served = [], []
-    split: dict[str, list[float]] = {"network": [], "server overhead": []}
+    split: dict[str, list[float]] = {"network": [], "server overhead": [], "server act()": []}
     for i in range(iterations + 1):
         t0 = time.perf_counter()
         session.act(obs, seed=i)
@@ -67,6 +67,7 @@ def alternated(
             served.append(t2 - t1)
             split["network"].append(timings["network"])
             split["server overhead"].append(timings["server"] - timings["server_total"])
+            split["server act()"].append(timings["server_total"])
     return local, served, split
 
 
@@ -172,8 +173,8 @@ def main() -> None:
     if refused:
         print(f"refused: {refused}")
     body = (
-        f"{table}\n\nServed, 1 robot, split by the timings in each reply: {split_text} (the rest of `added` "
-        "is the client's encode/decode and scheduling noise).\n\n"
+        f"{table}\n\nServed, 1 robot, split by the timings in each reply: {split_text} (network includes "
+        "the client's encode/decode; a server act() slower than the local one is the two processes sharing 2 cores).\n\n"
         f"Bundle `{args.bundle.name}`, onnxruntime CPU, server and clients on 127.0.0.1; "
         f"{args.robots} robots each asking every {period_s * 1e3:.0f} ms (chunk {chunk_length}, swap at half, "
         f"{args.hz:g} Hz) for {args.seconds:g} s; every reply compared with that robot's locally computed chunk. "
