@@ -116,6 +116,44 @@ def fold_weight_transposes(model: onnx.ModelProto) -> int:
     return len(folded) + len(rename)
 
 
+def gemm_to_matmul(model: onnx.ModelProto) -> int:
+    """Gemm(A, constant W[, C]) -> MatMul(A, W') [+ Add(C')] with alpha, beta and transB folded into W' and C'.
+
+    onnxruntime's int4 quantizer rewrites MatMul only; the exporter writes some Linears (the LM
+    head, the adaLN modulation) as Gemm with transB=1.
+    """
+    inits = {init.name: init for init in model.graph.initializer}
+    count = 0
+    for node in list(model.graph.node):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0):
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        w = (w.T if attrs.get("transB", 0) else w) * np.float32(attrs.get("alpha", 1.0))
+        name = f"{node.name or node.output[0]}_matmul_weight"
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), name))
+        has_bias = len(node.input) > 2 and node.input[2]
+        product = f"{node.output[0]}_matmul" if has_bias else node.output[0]
+        replacement = [onnx.helper.make_node("MatMul", [node.input[0], name], [product], name=f"{name}_MatMul")]
+        if has_bias:
+            beta = np.float32(attrs.get("beta", 1.0))
+            bias = node.input[2]
+            if beta != 1.0 and bias in inits:
+                bias = f"{name}_bias"
+                scaled = numpy_helper.to_array(inits[node.input[2]]) * beta
+                model.graph.initializer.append(numpy_helper.from_array(scaled.astype(np.float32), bias))
+            elif beta != 1.0:
+                continue  # a non-constant bias with beta != 1: leave this Gemm alone
+            replacement.append(onnx.helper.make_node("Add", [product, bias], [node.output[0]], name=f"{name}_Add"))
+        index = list(model.graph.node).index(node)
+        model.graph.node.remove(node)
+        for offset, new in enumerate(replacement):
+            model.graph.node.insert(index + offset, new)
+        count += 1
+    _drop_unused_initializers(model)
+    return count
+
+
 def _drop_unused_initializers(model: onnx.ModelProto) -> None:
     used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
     kept = [init for init in model.graph.initializer if init.name in used]
@@ -269,6 +307,7 @@ def quantize_int4(src: Path, dst: Path, block_size: int = INT4_BLOCK) -> dict[st
     model = onnx.load(str(src))
     _ensure_node_names(model)
     fold_weight_transposes(model)
+    gemm_to_matmul(model)
     weighted, _ = weight_matmuls(model)
     config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, quant_format=QuantFormat.QDQ)
     quantizer = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=True, algo_config=config)
