@@ -129,7 +129,7 @@ def parity_of(bundle: Path) -> str:
     verdict = "pass" if parity.get("passed") else "FAIL"
     if not e2e.get("limit"):
         return verdict
-    return f"{verdict} (e2e {e2e['ratio'] / e2e['limit']:.3f} of the limit)"
+    return f"{verdict} (e2e {e2e['ratio'] / e2e['limit']:.2g} of the limit)"
 
 
 def latency_table(report: dict[str, Any], threads: int, bundles: dict[str, Path]) -> list[list[str]]:
