@@ -25,6 +25,9 @@ from molmoact2_edge.errors import ExportError
 from molmoact2_edge.export import opset_check
 
 log = logging.getLogger(__name__)
+# torch's ONNX op registry warns, once per exported graph, that it skips torchvision's detection ops
+# (nms, roi_align, ...) when torchvision is absent; no graph here uses them, so a user has nothing to do
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 DEFAULT_OPSET = 20
 OPSET_RANGE = (18, 20)
