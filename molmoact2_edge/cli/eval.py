@@ -19,7 +19,10 @@ import click
               help="Action head [default: continuous when the checkpoint has an expert].")  # fmt: skip
 @click.option("--backend", default="onnxruntime", show_default=True, help="Backend for a BUNDLE.")
 @click.option(
-    "--videos", type=click.Path(path_type=Path), default=None, help="Write mp4s of the first episodes here."
+    "--videos",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write mp4s of the first episodes here (cameras beside commanded vs actual joints).",
 )
 @click.option("--num-videos", type=int, default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -74,9 +77,24 @@ def eval_command(
             torch.set_num_threads(threads)
         policy = Policy.from_checkpoint(path, mode=mode)
         image_size = int(policy.config.vit_config.image_default_input_size[0])
-    result = evaluate(
-        policy, task, episodes, seed=seed, image_size=image_size, video_dir=videos, num_videos=num_videos
-    )
+    from molmoact2_edge.cli.progress import StepProgress
+
+    progress = StepProgress(f"eval {task}: episode", episodes)
+    successes = 0
+
+    def on_episode(k: int, episode: Any) -> None:
+        nonlocal successes
+        successes += bool(episode.success)
+        outcome = "success" if episode.success else "failure"
+        progress.step(k + 1, f"{outcome} in {episode.steps} steps | success so far {successes}/{k + 1}")
+
+    try:
+        result = evaluate(
+            policy, task, episodes, seed=seed, image_size=image_size, video_dir=videos, num_videos=num_videos,
+            on_episode=on_episode,
+        )  # fmt: skip
+    finally:
+        progress.close()
     summary: dict[str, Any] = result.to_dict()
     summary["path"] = str(path)
     summary["mode"] = mode or getattr(policy, "mode", None) or getattr(policy, "action_mode", None)

@@ -1,4 +1,5 @@
-"""Closed-loop success rate of a policy in the simulator, with optional mp4 videos.
+"""Closed-loop success rate of a policy in the simulator, with optional mp4 videos (cameras beside
+commanded vs actual joints, ``viz.episode_video``).
 
 Protocol: episode k resets ``SimEnv(task)`` with seed ``seed + k`` (use seeds the training
 demos did not: ``molmo-edge sim record`` counts up from its --seed), then repeatedly asks the
@@ -16,13 +17,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from molmoact2_edge.types import ActionChunk, Observation
+
+if TYPE_CHECKING:
+    from molmoact2_edge.viz.episode_video import EpisodeFrames
 
 log = logging.getLogger(__name__)
 
@@ -76,29 +81,39 @@ def evaluate(
     image_size: int = 112,
     video_dir: Path | None = None,
     num_videos: int = 3,
+    on_episode: Callable[[int, EpisodeResult], None] | None = None,
 ) -> EvalResult:
-    """Run ``episodes`` closed-loop episodes of ``task``; writes the first ``num_videos`` as mp4 to ``video_dir``."""
+    """Run ``episodes`` closed-loop episodes of ``task``; writes the first ``num_videos`` as mp4 to ``video_dir``.
+
+    on_episode(k, result): called after each episode (live progress).
+    """
     from molmoact2_edge.sim.env import SimEnv
-    from molmoact2_edge.sim.scene import RenderConfig
+    from molmoact2_edge.sim.scene import JOINT_NAMES, RenderConfig
+    from molmoact2_edge.viz.episode_video import EpisodeFrames, write_episode_video
 
     result = EvalResult(task)
     with SimEnv(task, render=RenderConfig(width=image_size, height=image_size, depth=False)) as env:
         for k in range(episodes):
-            frames: list[np.ndarray] | None = [] if video_dir is not None and k < num_videos else None
+            frames = None
+            if video_dir is not None and k < num_videos:
+                lower, upper = env.scene.to_normalized(env.scene.joint_range.T)
+                frames = EpisodeFrames(JOINT_NAMES, lower, upper, env.control_hz)
             result.episodes.append(_episode(env, policy, seed + k, frames))
-            if frames:
+            if frames is not None and frames.frames:
                 assert video_dir is not None
                 path = (
                     video_dir
                     / f"{task}_seed{seed + k}_{'success' if result.episodes[-1].success else 'failure'}.mp4"
                 )
-                _write_video(path, frames, int(env.control_hz))
+                write_episode_video(frames, path)
                 result.videos.append(str(path))
             log.info("episode %d (seed %d): %s", k, seed + k, result.episodes[-1])
+            if on_episode is not None:
+                on_episode(k, result.episodes[-1])
     return result
 
 
-def _episode(env, policy: ChunkPolicy, seed: int, frames: list[np.ndarray] | None) -> EpisodeResult:  # type: ignore[no-untyped-def]
+def _episode(env, policy: ChunkPolicy, seed: int, frames: EpisodeFrames | None) -> EpisodeResult:  # type: ignore[no-untyped-def]
     obs = env.reset(seed)
     policy.reset()
     streak = steps = chunks = 0
@@ -109,22 +124,11 @@ def _episode(env, policy: ChunkPolicy, seed: int, frames: list[np.ndarray] | Non
         spent += time.perf_counter() - start
         chunks += 1
         for action in chunk.actions:
-            if frames is not None:
-                frames.append(np.concatenate([obs.images[c] for c in env.cameras], axis=1))
+            if frames is not None:  # the sim executes actions as given: commanded = sent
+                frames.add(np.concatenate([obs.images[c] for c in env.cameras], axis=1), obs.state, action, action)
             obs, success, done = env.step(np.asarray(action, dtype=np.float64))
             steps += 1
             streak = streak + 1 if success else 0
             if done:
                 return EpisodeResult(seed, streak >= env.task.hold_steps, steps, chunks, spent / chunks)
 
-
-def _write_video(path: Path, frames: list[np.ndarray], fps: int) -> None:
-    from molmoact2_edge.data.video import VideoEncoder
-
-    h, w = frames[0].shape[:2]
-    encoder = VideoEncoder(path, fps=fps, width=w, height=h, codec="libx264", crf=23)
-    try:
-        for frame in frames:
-            encoder.add(frame)
-    finally:
-        encoder.close()

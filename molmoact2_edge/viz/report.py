@@ -71,8 +71,12 @@ def _joints(plt: Any, log: TelemetryLog, t0: float, out: Path) -> Path | None:
     t = ticks["t"] - t0
     clipped = np.isin(ticks["rule"], CLIP_RULES)
     held = ticks["held"]
+    limits = log.safety[0] if log.safety else {}
     for j, name in enumerate(names):
         ax = axes[j // cols][j % cols]
+        for bound in ("lower", "upper"):
+            if bound in limits:
+                ax.axhline(limits[bound][j], color="0.5", lw=0.8, ls="-.", label="allowed range" if bound == "lower" else None)
         ax.plot(t, ticks["target"][:, j], color="#ff7f0e", lw=1.0, label="policy target")
         ax.plot(t, ticks["sent"][:, j], color="#2ca02c", lw=1.0, ls="--", label="sent")
         ax.plot(t, ticks["state"][:, j], color="#1f77b4", lw=1.2, label="measured")
@@ -84,11 +88,24 @@ def _joints(plt: Any, log: TelemetryLog, t0: float, out: Path) -> Path | None:
         ax.set_title(name, fontsize=10)
         if j // cols == rows - 1:
             ax.set_xlabel("time since start (s)")
+        if j % cols == 0:
+            ax.set_ylabel(f"position ({_units(log)})")
     for j in range(len(names), rows * cols):
         axes[j // cols][j % cols].axis("off")
-    axes[0][0].legend(fontsize=7, loc="best")
-    fig.suptitle("joints: target vs sent vs measured (grey: held ticks, dotted: new episode)", fontsize=10)
-    return _save(fig, plt, out / "joints.png")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    handles.append(plt.Rectangle((0, 0), 1, 1, color="0.85"))
+    labels.append("held (no action due)")
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.suptitle("joints: policy target vs what the safety layer sent vs measured (dotted line: new episode)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(out / "joints.png", dpi=100)
+    plt.close(fig)
+    return out / "joints.png"
+
+
+def _units(log: TelemetryLog) -> str:
+    robot = str(log.start.get("robot", ""))
+    return "rad; gripper 0-1" if "yam" in robot else "deg; gripper 0-100" if "so101" in robot else "robot units"
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -107,12 +124,11 @@ def _latency(plt: Any, log: TelemetryLog, t0: float, out: Path) -> Path | None:
         values = timings[stage]
         if np.nanmax(values, initial=0) > 0:
             ax.plot(t, values, ".-", lw=0.8, ms=3, label=stage, color="k" if stage == "total" else None)
-    if log.hz:
-        ax.axhline(1e3 / log.hz, color="r", ls="--", lw=0.8, label=f"one control period ({1e3 / log.hz:.0f} ms)")
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("time since start (s)")
     ax.set_ylabel("ms per chunk")
     ax.set_title("inference latency per stage (one point per action chunk)")
-    ax.legend(fontsize=7, ncol=4)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, plt, out / "latency.png")
 
 
@@ -121,14 +137,18 @@ def _period(plt: Any, log: TelemetryLog, t0: float, out: Path) -> Path | None:
     if len(ticks["t"]) == 0:
         return None
     fig, ax = plt.subplots(figsize=(9, 3))
-    ax.plot(ticks["t"] - t0, ticks["period_error_ms"], lw=0.7)
+    ax.plot(ticks["t"] - t0, ticks["period_error_ms"], ".-", lw=0.5, ms=3)
+    ax.set_ylim(bottom=0)
     if log.hz:
         ax.axhline(1e3 / log.hz, color="r", ls="--", lw=0.8, label=f"one period ({1e3 / log.hz:.0f} ms): an overrun")
         ax.legend(fontsize=7)
     ax.set_xlabel("time since start (s)")
     ax.set_ylabel("ms late")
     p50, p99 = np.nanpercentile(ticks["period_error_ms"], [50, 99])
-    ax.set_title(f"control loop: how late each command went out (p50 {p50:.2f} ms, p99 {p99:.2f} ms)")
+    overruns = int(np.sum(ticks["period_error_ms"] >= 1e3 / log.hz)) if log.hz else 0
+    ax.set_title(
+        f"control loop: how late each command went out (p50 {p50:.2f} ms, p99 {p99:.2f} ms, {overruns} overruns)"
+    )
     return _save(fig, plt, out / "loop_period_error.png")
 
 
