@@ -99,12 +99,21 @@ class RunProgress(_LiveOrLines):
 
 
 class StepProgress(_LiveOrLines):
-    """``label 3/50 | note`` for commands that count steps."""
+    """``label 3/50 | note`` for commands that count steps; ``update``/``set_postfix`` as tqdm names them."""
 
-    def __init__(self, label: str, total: int | None, console: Console | None = None, every_s: float = 5.0) -> None:
+    def __init__(
+        self, label: str, total: int | None, console: Console | None = None, every_s: float = 5.0, start: int = 0
+    ) -> None:
         super().__init__(console, every_s)
-        self.label, self.total = label, total
+        self.label, self.total, self.done, self.note = label, total, start, ""
 
     def step(self, done: int, note: str = "", force: bool = False) -> None:
+        self.done, self.note = done, note
         total = f"/{self.total}" if self.total is not None else ""
         self.show(f"{self.label} {done}{total}" + (f" | {note}" if note else ""), force=force)
+
+    def update(self, n: int = 1) -> None:
+        self.step(self.done + n, self.note)
+
+    def set_postfix(self, values: Mapping[str, Any]) -> None:
+        self.note = " ".join(f"{k} {v}" for k, v in values.items())

@@ -112,7 +112,7 @@ def run_policy(
     session = PolicySession(settings.bundle, settings.backend)
     monitor = PowerMonitor(detect_power_sampler()).start()
     meta = {"backend": session.backend.describe(), "robot": settings.robot, "task": settings.task}
-    display = open_display(settings)
+    display = open_display(settings.display, settings.save_rrd)
     watchers = [*observers, *([display] if display is not None else [])]
     telemetry = Telemetry(settings.telemetry, control_hz=settings.hz, power=monitor, meta=meta, observers=watchers)
     videos = EpisodeVideos(settings.video_dir, settings.hz, telemetry.observers)
@@ -174,14 +174,14 @@ def run_policy(
     return results, stats
 
 
-def open_display(settings: RunSettings) -> Any:
-    """The rerun display/recording asked for, or None (rerun-sdk is imported only then)."""
-    if settings.display is None and settings.save_rrd is None:
+def open_display(mode: str | None, save_rrd: Path | None) -> Any:
+    """The rerun display/recording asked for (``--display``, ``--save-rrd``), or None (rerun-sdk is imported only then)."""
+    if mode is None and save_rrd is None:
         return None
     from molmoact2_edge.viz.rerun_display import RerunDisplay, open_instructions, resolve_mode
 
-    display = RerunDisplay.open(settings.display, settings.save_rrd)
-    if settings.display is not None and resolve_mode(settings.display) == "serve":
+    display = RerunDisplay.open(mode, save_rrd)
+    if mode is not None and resolve_mode(mode) == "serve":
         click.echo(open_instructions(), err=True)
     return display
 

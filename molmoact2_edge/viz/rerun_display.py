@@ -119,10 +119,7 @@ class RerunDisplay:
         return _WatchedGate(gate, self)
 
     def observation(self, observation: Observation) -> None:
-        self._at(observation.timestamp)
-        for name, image in observation.images.items():
-            self._image_size[name] = (int(image.shape[1]), int(image.shape[0]))
-            self.rec.log(f"camera/{name}", self.rr.Image(image))
+        self._on_observation({"t": observation.timestamp, "images": observation.images})
 
     def close(self) -> None:
         self.rec.flush()
@@ -147,6 +144,12 @@ class RerunDisplay:
         self.joint_names = list(record.get("joint_names") or self.joint_names)
         self._at(float(record["t"]))
         self.rec.log("episode", self.rr.TextLog(f"episode {record['episode']}: {record.get('task', '')}"))
+
+    def _on_observation(self, record: Mapping[str, Any]) -> None:
+        self._at(float(record["t"]))
+        for name, image in record["images"].items():
+            self._image_size[name] = (int(image.shape[1]), int(image.shape[0]))
+            self.rec.log(f"camera/{name}", self.rr.Image(image))
 
     def _on_tick(self, record: Mapping[str, Any]) -> None:
         self._at(float(record["t"]))
