@@ -75,7 +75,7 @@ class _Panel:
         self.fig, self.ax = plt.subplots(figsize=(PANEL_PX / 100, PANEL_PX / 100), dpi=100)
         ax = self.ax
         ax.set_xlim(-0.05, 1.05)
-        ax.set_ylim(n - 0.5, -0.8)
+        ax.set_ylim(n - 0.5, -0.5)
         ax.set_yticks(range(n), list(data.joint_names), fontsize=8)
         ax.set_xticks([0, 0.5, 1], ["lower\nlimit", "", "upper\nlimit"], fontsize=7)
         ax.grid(axis="x", lw=0.4, alpha=0.5)
@@ -84,9 +84,9 @@ class _Panel:
         (self.state,) = ax.plot(np.zeros(n), y, "o", color="#1f77b4", ms=7, label="actual")
         (self.target,) = ax.plot(np.zeros(n), y, "|", color="#ff7f0e", ms=16, mew=3, label="policy target")
         (self.sent,) = ax.plot(np.zeros(n), y, "v", color="#2ca02c", ms=6, label="sent")
-        ax.legend(loc="upper center", ncol=3, fontsize=6.5, frameon=False, bbox_to_anchor=(0.5, 1.0))
-        self.title = ax.set_title("", fontsize=8)
-        self.fig.tight_layout()
+        self.fig.legend(loc="lower center", ncol=3, fontsize=7, frameon=False)
+        self.title = self.fig.suptitle("", fontsize=8)
+        self.fig.tight_layout(rect=(0, 0.06, 1, 0.94))
 
     def _scaled(self, values: np.ndarray) -> np.ndarray:
         span = np.maximum(self.data.upper - self.data.lower, 1e-6)
@@ -99,8 +99,8 @@ class _Panel:
         changed = ~np.isclose(d.sent[k], d.target[k], atol=1e-3) & np.isfinite(d.target[k])
         for row, hit in zip(self.rows, changed, strict=True):
             row.set_alpha(0.25 if hit and d.rule[k] else 0.0)
-        rule = f"  safety: {d.rule[k]}" if d.rule[k] else ""
-        self.title.set_text(f"tick {k}  t={k / d.fps:.1f} s{rule}")
+        rule = f"\nsafety rule: {d.rule[k]}" if d.rule[k] else "\n"
+        self.title.set_text(f"commanded vs actual, tick {k} (t = {k / d.fps:.1f} s){rule}")
         self.fig.canvas.draw()
         return np.asarray(self.fig.canvas.buffer_rgba())[..., :3].copy()
 
