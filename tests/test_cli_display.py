@@ -46,3 +46,36 @@ def test_rerun_is_not_imported_unless_asked() -> None:
         "assert 'rerun' not in sys.modules, 'rerun imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_display_marks_repredicted_depth_cells_on_the_camera(tmp_path) -> None:
+    import numpy as np
+
+    from molmoact2_edge.depth_cache import DepthCache
+    from molmoact2_edge.types import Observation
+    from molmoact2_edge.viz.rerun_display import RerunDisplay
+
+    cache = DepthCache(grid=10)
+    image = np.zeros((64, 64, 3), np.uint8)
+    cells, _, changed = cache.plan("front", image)
+    cache.update("front", cells, np.arange(100), changed)
+    moved = image.copy()
+    moved[:6, :6] = 255  # only the top-left cell changes
+    cells, _, changed = cache.plan("front", moved)
+    cache.update("front", cells, np.arange(100), changed)
+    info = cache.last_info()
+    assert info["depth_repredicted"] == [0] and info["depth_camera"] == "front" and info["depth_grid"] == 10
+
+    rrd = tmp_path / "depth.rrd"
+    display = RerunDisplay.open(None, rrd)
+    display({"type": "start", "t": 0.0, "control_hz": 10})
+    display.observation(Observation({"front": moved}, np.zeros(6, np.float32), "t", timestamp=0.1))
+    display({"type": "chunk", "index": 0, "t": 0.2, "timings_ms": {"depth": 4.0}, "info": info})
+    display.close()
+    chunks = rerun_chunk.RrdReader(rrd).stream().to_chunks()
+    boxes = [c for c in chunks if c.entity_path == "/camera/front/depth_repredicted"]
+    assert boxes and {"/depth/grid", "/latency/depth"} <= {c.entity_path for c in chunks}
+    batch = boxes[0].to_record_batch()
+    # one box on cell 0 of a 10 x 10 grid over the 64 px image: centre (3.2, 3.2), half size 3.2
+    np.testing.assert_allclose(batch.column("Boxes2D:centers").to_pylist(), [[[3.2, 3.2]]], atol=1e-5)
+    np.testing.assert_allclose(batch.column("Boxes2D:half_sizes").to_pylist(), [[[3.2, 3.2]]], atol=1e-5)

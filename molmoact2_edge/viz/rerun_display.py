@@ -15,6 +15,10 @@ gate wrapper (``watch``) that shows each observation the policy is fed. Entity p
 
 One timeline, ``time``: seconds since the run started (the telemetry's monotonic clock).
 
+The control thread only puts records on a queue; a ``rerun-display`` thread logs them, so
+serialization and sinks never run inside a control tick. A display that falls more than
+``QUEUE_LIMIT`` records behind drops the newest ones and says how many at close.
+
 Modes: ``viewer`` spawns the native viewer on this machine; ``serve`` (a headless Jetson) serves
 the data over gRPC on port 9876 and the web viewer on port 9090, for a browser on another
 machine; ``save_rrd`` writes the same stream to a file (``rerun FILE.rrd`` opens it).
@@ -25,8 +29,10 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
 import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +47,7 @@ log = logging.getLogger(__name__)
 MODES = ("auto", "viewer", "serve")
 GRPC_PORT = 9876
 WEB_PORT = 9090
+QUEUE_LIMIT = 20_000  # records (~10 min of ticks at 30 Hz)
 
 
 def _rerun() -> Any:
@@ -83,6 +90,10 @@ class RerunDisplay:
         self.hz = 30.0
         self._image_size: dict[str, tuple[int, int]] = {}
         self._last_rule: str | None = None
+        self.dropped = 0
+        self._queue: queue.Queue[Mapping[str, Any] | None] = queue.Queue(QUEUE_LIMIT)
+        self._thread = threading.Thread(target=self._drain, name="rerun-display", daemon=True)
+        self._thread.start()
 
     @classmethod
     def open(cls, mode: str | None, save_rrd: Path | None = None, app_id: str = "molmo-edge") -> RerunDisplay:
@@ -110,18 +121,34 @@ class RerunDisplay:
     # --- feeding -------------------------------------------------------------------------
 
     def __call__(self, record: Mapping[str, Any]) -> None:
-        handler = getattr(self, f"_on_{record.get('type')}", None)
-        if handler is not None:
-            handler(record)
+        """Queue ``record`` for the display thread (never blocks the caller)."""
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+    def _drain(self) -> None:
+        while (record := self._queue.get()) is not None:
+            handler = getattr(self, f"_on_{record.get('type')}", None)
+            if handler is not None:
+                try:
+                    handler(record)
+                except Exception:  # a display bug must not stop the robot: log it and go on
+                    log.exception("rerun display: could not log a %s record", record.get("type"))
 
     def watch(self, gate: Any) -> _WatchedGate:
         """``gate`` with every observation it returns also shown on ``camera/<name>``."""
         return _WatchedGate(gate, self)
 
     def observation(self, observation: Observation) -> None:
-        self._on_observation({"t": observation.timestamp, "images": observation.images})
+        self({"type": "observation", "t": observation.timestamp, "images": observation.images})
 
     def close(self) -> None:
+        """Log what is still queued, then flush and disconnect the sinks."""
+        self._queue.put(None)
+        self._thread.join()
+        if self.dropped:
+            log.warning("rerun display fell behind and dropped %d records", self.dropped)
         self.rec.flush()
         self.rec.disconnect()
 
