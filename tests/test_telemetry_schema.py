@@ -130,7 +130,7 @@ def test_progress_is_line_based_without_a_terminal(recorded) -> None:
     lines = out.getvalue().splitlines()
     assert "\r" not in out.getvalue() and "\x1b" not in out.getvalue()  # no redraws, no colour codes
     assert 1 <= len(lines) <= 4  # one line when the first tick arrives, then at most every 0.5 s, then the end
-    assert lines[-1].startswith("episode 1/1 | tick ") and "ended: duration" in lines[-1]
+    assert lines[-1].startswith("episode 0 [1/1] | tick ") and "ended: duration" in lines[-1]
     assert f"held {result.held_ticks}" in lines[-1]
 
 

@@ -58,7 +58,10 @@ class _LiveOrLines:
 
 
 class RunProgress(_LiveOrLines):
-    """A telemetry observer: ``episode 2/5 | tick 140 | chunk 14, 83 ms | held 3 | clipped 12 | success 1/1``."""
+    """A telemetry observer: ``episode 1 [2/5] | tick 140 | chunk 14, 83 ms | held 3 | clipped 12 | success 1/1``.
+
+    Episodes are numbered from 0 as in the summary and the telemetry; ``[2/5]`` counts them.
+    """
 
     def __init__(self, episodes: int, console: Console | None = None, every_s: float = 5.0) -> None:
         super().__init__(console, every_s)
@@ -73,6 +76,7 @@ class RunProgress(_LiveOrLines):
         if kind == "episode_start":
             self.episode = int(record["episode"])
             self.ticks = self.held = self.clipped = self.chunks = 0
+            self.chunk_ms = None
         elif kind == "tick":
             self.ticks += 1
             self.held += bool(record.get("held"))
@@ -93,7 +97,7 @@ class RunProgress(_LiveOrLines):
         latency = f", {self.chunk_ms:.0f} ms" if self.chunk_ms is not None else ""
         status = f" | ended: {end}" if end is not None else ""
         return (
-            f"episode {self.episode + 1}/{self.episodes} | tick {self.ticks} | chunk {self.chunks}{latency} | "
+            f"episode {self.episode} [{self.episode + 1}/{self.episodes}] | tick {self.ticks} | chunk {self.chunks}{latency} | "
             f"held {self.held} | clipped {self.clipped} | success {self.successes}/{self.done}{status}"
         )
 

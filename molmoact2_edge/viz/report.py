@@ -77,9 +77,11 @@ def _joints(plt: Any, log: TelemetryLog, t0: float, out: Path) -> Path | None:
         for bound in ("lower", "upper"):
             if bound in limits:
                 ax.axhline(limits[bound][j], color="0.5", lw=0.8, ls="-.", label="allowed range" if bound == "lower" else None)
-        ax.plot(t, ticks["target"][:, j], color="#ff7f0e", lw=1.0, label="policy target")
-        ax.plot(t, ticks["sent"][:, j], color="#2ca02c", lw=1.0, ls="--", label="sent")
-        ax.plot(t, ticks["state"][:, j], color="#1f77b4", lw=1.2, label="measured")
+        for n, rows_ in enumerate(_episodes(log)):  # one line per episode: no line across the gap between them
+            first = n == 0
+            ax.plot(t[rows_], ticks["target"][rows_, j], color="#ff7f0e", lw=1.0, label="policy target" if first else None)
+            ax.plot(t[rows_], ticks["sent"][rows_, j], color="#2ca02c", lw=1.0, ls="--", label="sent" if first else None)
+            ax.plot(t[rows_], ticks["state"][rows_, j], color="#1f77b4", lw=1.2, label="measured" if first else None)
         changed = clipped & ~np.isclose(ticks["sent"][:, j], ticks["target"][:, j], atol=1e-3)
         ax.plot(t[changed], ticks["sent"][changed, j], "x", color="#d62728", ms=4, label="changed by safety")
         for start, stop in _runs(held):
@@ -108,6 +110,12 @@ def _units(log: TelemetryLog) -> str:
     return "rad; gripper 0-1" if "yam" in robot else "deg; gripper 0-100" if "so101" in robot else "robot units"
 
 
+def _episodes(log: TelemetryLog) -> list[np.ndarray]:
+    """Tick row indices of each episode, in order."""
+    episode = log.ticks["episode"]
+    return [np.flatnonzero(episode == e) for e in np.unique(episode)]
+
+
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     """[start, stop) index ranges where ``mask`` is true."""
     edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
@@ -123,7 +131,11 @@ def _latency(plt: Any, log: TelemetryLog, t0: float, out: Path) -> Path | None:
     for stage in [s for s in STAGE_ORDER if s in timings] + [s for s in timings if s not in STAGE_ORDER]:
         values = timings[stage]
         if np.nanmax(values, initial=0) > 0:
-            ax.plot(t, values, ".-", lw=0.8, ms=3, label=stage, color="k" if stage == "total" else None)
+            color = "k" if stage == "total" else f"C{STAGE_ORDER.index(stage) if stage in STAGE_ORDER else 9}"
+            for n, episode in enumerate(np.unique(log.chunks["episode"])):
+                rows = log.chunks["episode"] == episode
+                ax.plot(t[rows], values[rows], ".-", lw=0.8, ms=3, color=color, label=stage if n == 0 else None)
+    _episode_lines(ax, log, t0)
     ax.set_ylim(bottom=0)
     ax.set_xlabel("time since start (s)")
     ax.set_ylabel("ms per chunk")
@@ -137,9 +149,11 @@ def _period(plt: Any, log: TelemetryLog, t0: float, out: Path) -> Path | None:
     if len(ticks["t"]) == 0:
         return None
     fig, ax = plt.subplots(figsize=(9, 3))
-    ax.plot(ticks["t"] - t0, ticks["period_error_ms"], ".-", lw=0.5, ms=3)
+    for rows_ in _episodes(log):
+        ax.plot(ticks["t"][rows_] - t0, ticks["period_error_ms"][rows_], ".-", lw=0.5, ms=3, color="#1f77b4")
+    _episode_lines(ax, log, t0)
     ax.set_ylim(bottom=0)
-    if log.hz:
+    if log.hz and np.nanmax(ticks["period_error_ms"]) >= 0.5e3 / log.hz:  # the line only where it is in range
         ax.axhline(1e3 / log.hz, color="r", ls="--", lw=0.8, label=f"one period ({1e3 / log.hz:.0f} ms): an overrun")
         ax.legend(fontsize=7)
     ax.set_xlabel("time since start (s)")
