@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from molmoact2_edge.cli.progress import RunProgress
 from molmoact2_edge.errors import DatasetError
 from molmoact2_edge.hardware.safety import SafetyConfig, SafetyLayer
 from molmoact2_edge.runtimes.control import LoopConfig, run_episode
 from molmoact2_edge.runtimes.telemetry import Telemetry
 from molmoact2_edge.runtimes.telemetry_schema import SCHEMA_VERSION, load_telemetry
 from molmoact2_edge.types import ActionChunk, Observation
+from molmoact2_edge.viz.progress import RunProgress
 from tests._hardware_helpers import emulated_so101
 
 HZ = 30.0
@@ -83,8 +83,9 @@ def test_schema_round_trip_gives_per_tick_arrays(recorded) -> None:
     assert np.all(ticks["sent"][moving, 1] <= upper[1] + 1e-3)
     # the target of each tick is the chunk's action at the recorded index
     chunks = log.chunks
+    assert (ticks["chunk_row"][moving] >= 0).all() and (ticks["chunk_row"][ticks["held"]][:1] == -1).all()
     for row in np.flatnonzero(moving)[:10]:
-        actions = chunks["actions"][int(ticks["chunk"][row])]
+        actions = chunks["actions"][int(ticks["chunk_row"][row])]
         np.testing.assert_allclose(ticks["target"][row], actions[int(ticks["action"][row])], atol=1e-3)
     assert np.isfinite(ticks["state"][moving]).all() and np.nanmax(ticks["state_age_ms"]) < 1000
     assert len(log.swaps["delay_ms"]) == result.chunks and np.all(log.swaps["delay_ms"] > 0)

@@ -88,8 +88,8 @@ def bench(
       molmo-edge bench bundle/
       molmo-edge bench bundle/ --backend onnxruntime --backend torch --json
     """
-    from molmoact2_edge.cli.progress import StepProgress
     from molmoact2_edge.runtimes.benchmark import run_benchmark
+    from molmoact2_edge.viz.progress import StepProgress
 
     progress = StepProgress("bench", None)
     progress.show(

@@ -141,8 +141,8 @@ def demo(
       molmo-edge demo
       molmo-edge demo --episodes 5 --task place --out demo_out/
     """
-    from molmoact2_edge.cli.progress import RunProgress
     from molmoact2_edge.cli.run import RunSettings, print_summary, run_policy, sim_episodes
+    from molmoact2_edge.viz.progress import RunProgress
 
     ckpt = checkpoint or bundled_checkpoint()
     bundle = cached_bundle(ckpt, precision, cache)

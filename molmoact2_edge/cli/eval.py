@@ -83,7 +83,7 @@ def eval_command(
             torch.set_num_threads(threads)
         policy = Policy.from_checkpoint(path, mode=mode)
         image_size = int(policy.config.vit_config.image_default_input_size[0])
-    from molmoact2_edge.cli.progress import StepProgress
+    from molmoact2_edge.viz.progress import StepProgress
 
     progress = StepProgress(f"eval {task}: episode", episodes)
     successes = 0

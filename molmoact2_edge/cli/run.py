@@ -18,8 +18,8 @@ from typing import Any
 
 import click
 
-from molmoact2_edge.cli.progress import RunProgress
 from molmoact2_edge.errors import CameraError, MolmoEdgeError
+from molmoact2_edge.viz.progress import RunProgress
 
 log = logging.getLogger(__name__)
 

@@ -261,7 +261,7 @@ def run_episode(
             if telemetry is not None:
                 fields = tick_fields(
                     tick=tick, chunk=result.chunks - 1, action=k, target=target, sent=sent, held=held, gate=gate,
-                    now=sent_at,
+                    now=sent_at, chunk_t=current.timestamp if current is not None else None,
                 )
                 telemetry.tick(deadline, sent_at, held, fields)
             result.sent.append(np.asarray(sent, dtype=np.float32))

@@ -40,6 +40,7 @@ TICK_SCALARS = {
     "period_error_ms": np.float64,
     "held": np.bool_,
     "chunk": np.int64,
+    "chunk_t": np.float64,
     "action": np.int64,
     "state_age_ms": np.float64,
 }
@@ -62,10 +63,13 @@ def tick_fields(
     held: bool,
     gate: Any,
     now: float,
+    chunk_t: float | None = None,
 ) -> dict[str, Any]:
     """The per-tick payload: state, target, sent, the safety rule that changed it and by how much.
 
     tick: the loop's tick number (deadline index since the episode started: skipped ticks show as gaps).
+    chunk: how many chunks this episode used before the current one; chunk_t: the current chunk's
+    observation time, which names it uniquely (a chunk record's ``obs_t``).
     gate: the loop's ``ActionGate``; a ``SafetyLayer`` exposes ``last_rule`` (which clamp fired on the
     last send) and ``measured``/``measured_t`` (the last joint state read from the bus and when). Gates
     without them (a dry run) leave those fields null.
@@ -79,6 +83,7 @@ def tick_fields(
     return {
         "tick": tick,
         "chunk": chunk,
+        "chunk_t": chunk_t,
         "action": action,
         "state": _rounded(measured),
         "state_age_ms": round((now - measured_t) * 1e3, 3) if measured_t is not None else None,
@@ -94,7 +99,8 @@ class TelemetryLog:
     """A telemetry file as arrays. Times are ``time.monotonic()`` seconds of the machine that ran.
 
     ticks: field -> (n,) or (n, joints) array (see ``TICK_SCALARS``, ``TICK_VECTORS``; ``rule`` is a
-        str array, "" where no rule fired). chunks: ``index``, ``episode``, ``t``, ``obs_t``,
+        str array, "" where no rule fired; ``chunk_row`` the row of the tick's chunk in ``chunks``, -1
+        when none). chunks: ``index``, ``episode``, ``t``, ``obs_t``,
         ``energy_j``, ``depth_cells_repredicted`` (n_chunks,) arrays, ``timings_ms`` stage -> (n_chunks,)
         and ``actions`` a list of (ah, ad) arrays. swaps: ``episode``, ``tick``, ``chunk``, ``t``,
         ``delay_ms``, ``start_action``. power: ``t``, ``w`` (n_samples,).
@@ -155,12 +161,18 @@ def load_telemetry(path: str | Path) -> TelemetryLog:
         width = max(len(r.get("sent") or []) for r in ticks)
         names = [f"joint{j}" for j in range(width)]
     summaries = by_type.get("summary", [])
+    tick_arrays = _tick_arrays(ticks, len(names))
+    chunk_arrays = _chunk_arrays(by_type.get("chunk", []))
+    # a chunk is named by its observation time: the loop's per-episode count and the telemetry's
+    # index differ when a chunk finished but was never used (replaced by a fresher one, or at episode end)
+    rows = {t: row for row, t in enumerate(chunk_arrays["obs_t"].tolist())}
+    tick_arrays["chunk_row"] = np.array([rows.get(t, -1) for t in tick_arrays["chunk_t"].tolist()], np.int64)
     return TelemetryLog(
         version=version,
         start=start,
         joint_names=names,
-        ticks=_tick_arrays(ticks, len(names)),
-        chunks=_chunk_arrays(by_type.get("chunk", [])),
+        ticks=tick_arrays,
+        chunks=chunk_arrays,
         swaps=_columns(by_type.get("swap", []), ("episode", "tick", "chunk", "t", "delay_ms", "start_action")),
         power=_power_arrays(by_type.get("power", [])),
         episodes=by_type.get("episode", []),
