@@ -148,3 +148,15 @@ def test_episode_video_shows_camera_beside_joints(tmp_path) -> None:
     with av.open(str(path)) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == 12 and frames[0].shape == (360, 720, 3)  # camera scaled to 360 px + a 360 px panel
+
+
+def test_step_progress_prints_its_last_state_at_close_without_a_terminal() -> None:
+    from molmoact2_edge.viz.progress import StepProgress
+
+    out = io.StringIO()
+    progress = StepProgress("train stage 1: step", 100, console=Console(file=out, force_terminal=False), every_s=60)
+    for _ in range(50):
+        progress.set_postfix({"loss": "0.5"})
+        progress.update(1)
+    progress.close()
+    assert out.getvalue().splitlines() == ["train stage 1: step 1/100 | loss 0.5", "train stage 1: step 50/100 | loss 0.5"]

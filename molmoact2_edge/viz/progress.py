@@ -32,6 +32,7 @@ class _LiveOrLines:
         self.every_s = every_s
         self._lock = threading.Lock()
         self._last_line = 0.0
+        self._pending: str | None = None  # the newest line not printed yet (not a terminal)
         self._live: Live | None = None
         if self.console.is_terminal:
             self._live = Live(Text(""), console=self.console, refresh_per_second=4, transient=True)
@@ -47,14 +48,20 @@ class _LiveOrLines:
                 return
             now = time.monotonic()
             if force or now - self._last_line >= self.every_s:
-                self._last_line = now
+                self._last_line, self._pending = now, None
                 self.console.print(line, highlight=False, soft_wrap=True)
+            else:
+                self._pending = line
 
     def close(self) -> None:
+        """Stop redrawing; without a terminal, print the last state if it was not printed yet."""
         with self._lock:
             if self._live is not None:
                 self._live.stop()
                 self._live = None
+            elif self._pending is not None:
+                self.console.print(self._pending, highlight=False, soft_wrap=True)
+                self._pending = None
 
 
 class RunProgress(_LiveOrLines):
