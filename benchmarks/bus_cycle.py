@@ -15,14 +15,29 @@ The emulator runs in a child process (a servo is separate hardware); it busy-wai
 adapter (>= 1 ms per direction on CDC-ACM, FTDI at its 16 ms latency timer), real servo
 turnaround.
 
-    python benchmarks/bus_cycle.py --cycles 500
+Two more tables:
+
+- **driver overhead over a raw pyserial floor** (Feetech): the same cycle written by hand with
+  packets precomputed once (``write`` the SYNC_READ, read until the 6 replies' bytes arrived,
+  ``write`` the SYNC_WRITE), against the same emulator, in alternated rounds (floor, driver,
+  floor, ...) so that load on the shared host hits both alike; the medians of the per-round
+  medians and the spread across rounds.
+- **emulator cost**: the emulator's own work per cycle (parse + execute the SYNC_READ and the
+  SYNC_WRITE, build the replies), timed in-process without the pty.
+
+``--baseline FILE`` adds the rows saved by an earlier ``--save FILE`` run (e.g. before a change)
+as a "before" column.
+
+    python benchmarks/bus_cycle.py --cycles 2000 --rounds 9
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
+import select
 import statistics
 import sys
 import time
@@ -31,10 +46,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import serial  # noqa: E402
+
 from benchmarks._report import markdown_table, write_section  # noqa: E402
 from molmoact2_edge.hardware.buses.base import Bus, wire_time_s  # noqa: E402
 from molmoact2_edge.hardware.buses.dynamixel import DynamixelBus  # noqa: E402
-from molmoact2_edge.hardware.buses.feetech import FeetechBus  # noqa: E402
+from molmoact2_edge.hardware.buses.dynamixel_tables import Instruction as DxlInstruction  # noqa: E402
+from molmoact2_edge.hardware.buses.dynamixel_tables import instruction_packet as dxl_packet  # noqa: E402
+from molmoact2_edge.hardware.buses.feetech import (  # noqa: E402
+    BROADCAST_ID,
+    FeetechBus,
+    Instruction,
+    instruction_packet,
+)
 from molmoact2_edge.hardware.emulators.dynamixel import DynamixelEmulator  # noqa: E402
 from molmoact2_edge.hardware.emulators.feetech import FeetechEmulator  # noqa: E402
 from molmoact2_edge.hardware.emulators.serial_chain import SerialServoChain  # noqa: E402
@@ -108,14 +132,111 @@ def measure(
     ]
 
 
+# --- driver vs raw pyserial floor (Feetech) ------------------------------------------------------
+
+FEETECH_SYNC_READ = instruction_packet(BROADCAST_ID, Instruction.SYNC_READ, bytes([56, 2, *IDS]))
+FEETECH_SYNC_WRITE = instruction_packet(
+    BROADCAST_ID, Instruction.SYNC_WRITE, bytes([42, 2]) + b"".join(bytes([i, 0x00, 0x08]) for i in IDS)
+)
+FEETECH_REPLY_BYTES = len(IDS) * (6 + 2)
+
+
+def floor_cycles(port: serial.Serial, cycles: int) -> list[float]:
+    """The least a host can do per cycle through pyserial: precomputed packets, one blocking read
+    loop for the replies' bytes, no decoding beyond counting them."""
+    fd = port.fileno()
+    times = []
+    for _ in range(cycles):
+        t0 = time.perf_counter()
+        port.reset_input_buffer()
+        port.write(FEETECH_SYNC_READ)
+        got = 0
+        while got < FEETECH_REPLY_BYTES:
+            if not select.select([fd], [], [], 2.0)[0]:
+                raise TimeoutError(f"the emulator stopped answering ({got} of {FEETECH_REPLY_BYTES} bytes)")
+            got += len(os.read(fd, FEETECH_REPLY_BYTES - got))
+        port.reset_input_buffer()
+        port.write(FEETECH_SYNC_WRITE)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def measure_floor(cycles: int, rounds: int) -> dict[str, float]:
+    """Alternated rounds of floor and driver cycles on one emulator; medians of round medians (us)."""
+    parent, child = multiprocessing.Pipe()
+    server = multiprocessing.Process(target=serve, args=(FeetechEmulator, False, child), daemon=True)
+    server.start()
+    floors: list[float] = []
+    drivers: list[float] = []
+    try:
+        port_path = parent.recv()
+        with serial.Serial(port_path, BAUD, timeout=0) as raw, FeetechBus(
+            port_path, baudrate=BAUD, timeout_margin_s=0.2
+        ) as bus:
+            floor_cycles(raw, max(cycles // 10, 10))
+            run_cycles(bus, 0, warmup=max(cycles // 10, 10))
+            for _ in range(rounds):
+                floors.append(statistics.median(floor_cycles(raw, cycles)))
+                reads, writes = run_cycles(bus, cycles, warmup=0)
+                drivers.append(statistics.median(r + w for r, w in zip(reads, writes, strict=True)))
+    finally:
+        parent.send("stop")
+        server.join(timeout=5)
+    floor, driver = statistics.median(floors), statistics.median(drivers)
+    overheads = [d - f for d, f in zip(drivers, floors, strict=True)]
+    return {
+        "floor_us": floor * 1e6,
+        "driver_us": driver * 1e6,
+        "overhead_us": statistics.median(overheads) * 1e6,
+        "overhead_min_us": min(overheads) * 1e6,
+        "overhead_max_us": max(overheads) * 1e6,
+        "ratio": driver / floor,
+    }
+
+
+# --- the emulator's own cost ----------------------------------------------------------------------
+
+
+def emulator_packets(protocol: str) -> tuple[bytes, bytes]:
+    """(SYNC_READ Present_Position, SYNC_WRITE Goal_Position) for the 6 servos, as on the wire."""
+    if protocol == "feetech":
+        return FEETECH_SYNC_READ, FEETECH_SYNC_WRITE
+    read = dxl_packet(BROADCAST_ID, DxlInstruction.SYNC_READ, bytes([132, 0, 4, 0, *IDS]))
+    write = dxl_packet(
+        BROADCAST_ID,
+        DxlInstruction.SYNC_WRITE,
+        bytes([116, 0, 4, 0]) + b"".join(bytes([i]) + (2048).to_bytes(4, "little") for i in IDS),
+    )
+    return read, write
+
+
+def measure_emulator(protocol: str, emulator_cls: type[SerialServoChain], cycles: int) -> dict[str, float]:
+    """Median time the emulator spends answering one cycle's two packets (no pty, no thread)."""
+    read, write = emulator_packets(protocol)
+    emu = emulator_cls(IDS, baudrate=BAUD, follow_goal=False)
+    assert len(emu._handle(read)) == len(IDS)  # the packets are the ones a driver sends
+    times = []
+    for _ in range(cycles):
+        t0 = time.perf_counter()
+        emu._handle(read)
+        emu._handle(write)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return {"p50_us": times[len(times) // 2] * 1e6, "p90_us": times[int(len(times) * 0.9)] * 1e6}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--cycles", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=9, help="alternated floor/driver rounds")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    parser.add_argument("--save", type=Path, help="also save the figures as JSON (a later --baseline)")
+    parser.add_argument("--baseline", type=Path, help="JSON of an earlier --save run, shown as 'before'")
     args = parser.parse_args()
     load = os.getloadavg()[0]  # the host is shared: say how busy it was
+    before = json.loads(args.baseline.read_text()) if args.baseline else None
 
     rows = [
         measure(protocol, emu_cls, bus_cls, wire, args.cycles)
@@ -125,21 +246,66 @@ def main() -> None:
         )
         for wire in (False, True)
     ]
-    headers = [
-        "bus",
-        "mode",
-        "sync read p50 (us)",
-        "sync write p50 (us)",
-        "cycle p50 (us)",
-        "cycle p99 (us)",
-        "wire time (us)",
-        "cycle / wire",
-        "max rate (Hz)",
-    ]
-    table = markdown_table(headers, rows)
-    print(table)
+    emulator = {
+        protocol: measure_emulator(protocol, cls, args.cycles * 4)
+        for protocol, cls in (("feetech", FeetechEmulator), ("dynamixel", DynamixelEmulator))
+    }
+    floor = measure_floor(args.cycles, args.rounds)
+    figures = {"cycle": rows, "emulator": emulator, "floor": floor, "load": load}
+    if args.save:
+        args.save.write_text(json.dumps(figures, indent=1))
+
+    cycle_table = markdown_table(
+        [
+            "bus",
+            "mode",
+            "sync read p50 (us)",
+            "sync write p50 (us)",
+            "cycle p50 (us)",
+            "cycle p99 (us)",
+            "wire time (us)",
+            "cycle / wire",
+            "max rate (Hz)",
+        ]
+        + (["before: cycle p50 (us)"] if before else []),
+        [row + ([before["cycle"][k][4]] if before else []) for k, row in enumerate(rows)],
+    )
+
+    def was(section: str, key: str, name: str | None = None) -> list[object]:
+        if not before:
+            return []
+        value = before[section][name][key] if name else before[section][key]
+        return [f"{value:.1f}"]
+
+    emulator_table = markdown_table(
+        ["emulator", "cycle p50 (us)", "cycle p90 (us)"] + (["before: p50 (us)"] if before else []),
+        [
+            [name, f"{e['p50_us']:.1f}", f"{e['p90_us']:.1f}", *was("emulator", "p50_us", name)]
+            for name, e in emulator.items()
+        ],
+    )
+    floor_table = markdown_table(
+        ["", "now"] + (["before"] if before else []),
+        [
+            ["raw pyserial floor, cycle p50 (us)", f"{floor['floor_us']:.1f}", *was("floor", "floor_us")],
+            ["FeetechBus, cycle p50 (us)", f"{floor['driver_us']:.1f}", *was("floor", "driver_us")],
+            [
+                "driver overhead over the floor (us)",
+                f"{floor['overhead_us']:.1f} ({floor['overhead_min_us']:.1f} .. {floor['overhead_max_us']:.1f})",
+                *was("floor", "overhead_us"),
+            ],
+            ["driver / floor", f"{floor['ratio']:.2f}", *([f"{before['floor']['ratio']:.2f}"] if before else [])],
+        ],
+    )
+    print(cycle_table, emulator_table, floor_table, sep="\n\n")
     if args.no_write:
         return
+    baseline_note = (
+        f" `before` columns: the same benchmark on the code before the change (`{args.baseline}`, "
+        f"host load average {before['load']:.1f} then)."
+        if before
+        else ""
+    )
     body = (
         f"6 servos, one SYNC_READ Present_Position + one SYNC_WRITE Goal_Position per cycle, "
         f"{args.cycles} cycles after warm-up, against the pty emulators. `host` = no wire-time emulation "
@@ -147,9 +313,18 @@ def main() -> None:
         "time at 1 Mbps. `wire time` is the theoretical time of the cycle's bytes at 1 Mbps (reference "
         "§4: Feetech 62 + 26 bytes, Dynamixel 110 + 44 bytes); `cycle / wire` > 1 is host overhead on "
         "top of the wire. Return_Delay_Time = 0; no USB adapter latency (a real CDC-ACM/FTDI adapter adds "
-        ">= 1 ms per direction). Feetech uses our driver, Dynamixel uses dynamixel_sdk (which busy-polls "
-        "the port with a zero read timeout). Host load average at start: "
-        f"{load:.1f} on {os.cpu_count()} cores, so p99 mostly shows other processes.\n\n" + table
+        ">= 1 ms per direction). Feetech uses our driver, Dynamixel uses dynamixel_sdk. Host load average "
+        f"at start: {load:.1f} on {os.cpu_count()} cores (a shared machine: p99 mostly shows other "
+        f"processes; compare medians).{baseline_note}\n\n"
+        + cycle_table
+        + "\n\n**Emulator cost**: the emulator's own work per cycle (answer the SYNC_READ, apply the "
+        f"SYNC_WRITE), in-process without the pty, median of {args.cycles * 4} cycles.\n\n"
+        + emulator_table
+        + "\n\n**Driver overhead over a raw pyserial floor** (Feetech, host mode): the floor writes "
+        "precomputed packets and only counts the reply bytes; floor and driver run in alternated rounds "
+        f"({args.rounds} rounds of {args.cycles} cycles) against one emulator; medians of the round "
+        "medians, overhead range across rounds in brackets.\n\n"
+        + floor_table
     )
     write_section("bus_cycle", "Servo bus cycle (emulated, 6 servos)", body)
 
