@@ -19,14 +19,16 @@ Two more tables:
 
 - **driver overhead over a raw pyserial floor** (Feetech): the same cycle written by hand with
   packets precomputed once (``write`` the SYNC_READ, read until the 6 replies' bytes arrived,
-  ``write`` the SYNC_WRITE), against the same emulator, in alternated rounds (floor, driver,
-  floor, ...) so that load on the shared host hits both alike; the medians of the per-round
-  medians and the spread across rounds.
+  ``write`` the SYNC_WRITE), against the same emulator, floor and driver cycles interleaved one
+  by one so that load on the shared host hits both alike; medians, and the median of the paired
+  differences with its quartiles.
 - **emulator cost**: the emulator's own work per cycle (parse + execute the SYNC_READ and the
   SYNC_WRITE, build the replies), timed in-process without the pty.
 
-``--baseline FILE`` adds the rows saved by an earlier ``--save FILE`` run (e.g. before a change)
-as a "before" column.
+``--baseline FILE`` adds the figures saved by an earlier ``--save FILE`` run as a "before" column.
+To measure a commit before a change, run this script from an export of that commit's tree
+(``git archive REV molmoact2_edge benchmarks | tar -x -C DIR``, copy this file into
+``DIR/benchmarks``, run it there with ``--no-write --save``): it imports the package next to it.
 
     python benchmarks/bus_cycle.py --cycles 2000 --rounds 9
 """
@@ -141,55 +143,70 @@ FEETECH_SYNC_WRITE = instruction_packet(
 FEETECH_REPLY_BYTES = len(IDS) * (6 + 2)
 
 
-def floor_cycles(port: serial.Serial, cycles: int) -> list[float]:
-    """The least a host can do per cycle through pyserial: precomputed packets, one blocking read
-    loop for the replies' bytes, no decoding beyond counting them."""
+def floor_cycle(port: serial.Serial) -> float:
+    """The least a host can do per cycle through pyserial: precomputed packets, one read loop for
+    the replies' bytes, no decoding beyond counting them."""
     fd = port.fileno()
-    times = []
-    for _ in range(cycles):
-        t0 = time.perf_counter()
-        port.reset_input_buffer()
-        port.write(FEETECH_SYNC_READ)
-        got = 0
-        while got < FEETECH_REPLY_BYTES:
-            if not select.select([fd], [], [], 2.0)[0]:
-                raise TimeoutError(f"the emulator stopped answering ({got} of {FEETECH_REPLY_BYTES} bytes)")
-            got += len(os.read(fd, FEETECH_REPLY_BYTES - got))
-        port.reset_input_buffer()
-        port.write(FEETECH_SYNC_WRITE)
-        times.append(time.perf_counter() - t0)
-    return times
+    t0 = time.perf_counter()
+    port.reset_input_buffer()
+    port.write(FEETECH_SYNC_READ)
+    got = 0
+    while got < FEETECH_REPLY_BYTES:
+        if not select.select([fd], [], [], 2.0)[0]:
+            raise TimeoutError(f"the emulator stopped answering ({got} of {FEETECH_REPLY_BYTES} bytes)")
+        got += len(os.read(fd, FEETECH_REPLY_BYTES - got))
+    port.reset_input_buffer()
+    port.write(FEETECH_SYNC_WRITE)
+    return time.perf_counter() - t0
+
+
+def driver_cycle(bus: Bus, goals: dict[int, int]) -> float:
+    t0 = time.perf_counter()
+    bus.sync_read("Present_Position", IDS)
+    bus.sync_write("Goal_Position", goals)
+    return time.perf_counter() - t0
 
 
 def measure_floor(cycles: int, rounds: int) -> dict[str, float]:
-    """Alternated rounds of floor and driver cycles on one emulator; medians of round medians (us)."""
+    """Floor and driver cycles interleaved one by one (the order swapped every cycle) on one
+    emulator, so load on the shared host hits both alike: medians, and the median and quartiles of
+    the paired differences (driver - floor) per round, medians across rounds (us)."""
     parent, child = multiprocessing.Pipe()
     server = multiprocessing.Process(target=serve, args=(FeetechEmulator, False, child), daemon=True)
     server.start()
+    goals = dict.fromkeys(IDS, 2048)
     floors: list[float] = []
     drivers: list[float] = []
+    diffs: list[list[float]] = []
     try:
         port_path = parent.recv()
-        with serial.Serial(port_path, BAUD, timeout=0) as raw, FeetechBus(
-            port_path, baudrate=BAUD, timeout_margin_s=0.2
-        ) as bus:
-            floor_cycles(raw, max(cycles // 10, 10))
-            run_cycles(bus, 0, warmup=max(cycles // 10, 10))
+        with (
+            serial.Serial(port_path, BAUD, timeout=0) as raw,
+            FeetechBus(port_path, baudrate=BAUD, timeout_margin_s=0.2) as bus,
+        ):
+            for _ in range(max(cycles // 10, 10)):  # warm-up
+                floor_cycle(raw), driver_cycle(bus, goals)
             for _ in range(rounds):
-                floors.append(statistics.median(floor_cycles(raw, cycles)))
-                reads, writes = run_cycles(bus, cycles, warmup=0)
-                drivers.append(statistics.median(r + w for r, w in zip(reads, writes, strict=True)))
+                pairs = []
+                for k in range(cycles):
+                    if k % 2:
+                        f, d = floor_cycle(raw), driver_cycle(bus, goals)
+                    else:
+                        d, f = driver_cycle(bus, goals), floor_cycle(raw)
+                    pairs.append((f, d))
+                floors.append(statistics.median(f for f, _ in pairs))
+                drivers.append(statistics.median(d for _, d in pairs))
+                diffs.append(statistics.quantiles([d - f for f, d in pairs], n=4))
     finally:
         parent.send("stop")
         server.join(timeout=5)
     floor, driver = statistics.median(floors), statistics.median(drivers)
-    overheads = [d - f for d, f in zip(drivers, floors, strict=True)]
     return {
         "floor_us": floor * 1e6,
         "driver_us": driver * 1e6,
-        "overhead_us": statistics.median(overheads) * 1e6,
-        "overhead_min_us": min(overheads) * 1e6,
-        "overhead_max_us": max(overheads) * 1e6,
+        "overhead_us": statistics.median(q[1] for q in diffs) * 1e6,
+        "overhead_q1_us": statistics.median(q[0] for q in diffs) * 1e6,
+        "overhead_q3_us": statistics.median(q[2] for q in diffs) * 1e6,
         "ratio": driver / floor,
     }
 
@@ -291,10 +308,14 @@ def main() -> None:
             ["FeetechBus, cycle p50 (us)", f"{floor['driver_us']:.1f}", *was("floor", "driver_us")],
             [
                 "driver overhead over the floor (us)",
-                f"{floor['overhead_us']:.1f} ({floor['overhead_min_us']:.1f} .. {floor['overhead_max_us']:.1f})",
+                f"{floor['overhead_us']:.1f} (quartiles {floor['overhead_q1_us']:.1f} .. {floor['overhead_q3_us']:.1f})",
                 *was("floor", "overhead_us"),
             ],
-            ["driver / floor", f"{floor['ratio']:.2f}", *([f"{before['floor']['ratio']:.2f}"] if before else [])],
+            [
+                "driver / floor",
+                f"{floor['ratio']:.2f}",
+                *([f"{before['floor']['ratio']:.2f}"] if before else []),
+            ],
         ],
     )
     print(cycle_table, emulator_table, floor_table, sep="\n\n")
@@ -321,10 +342,10 @@ def main() -> None:
         f"SYNC_WRITE), in-process without the pty, median of {args.cycles * 4} cycles.\n\n"
         + emulator_table
         + "\n\n**Driver overhead over a raw pyserial floor** (Feetech, host mode): the floor writes "
-        "precomputed packets and only counts the reply bytes; floor and driver run in alternated rounds "
-        f"({args.rounds} rounds of {args.cycles} cycles) against one emulator; medians of the round "
-        "medians, overhead range across rounds in brackets.\n\n"
-        + floor_table
+        "precomputed packets with pyserial and only counts the reply bytes; floor and driver cycles are "
+        f"interleaved one by one against one emulator ({args.rounds} rounds of {args.cycles} pairs); "
+        "medians of the round medians; the overhead is the median of the paired differences "
+        "(driver - floor), quartiles in brackets.\n\n" + floor_table
     )
     write_section("bus_cycle", "Servo bus cycle (emulated, 6 servos)", body)
 

@@ -39,6 +39,18 @@ from molmoact2_edge.hardware.emulators.serial_chain import SerialServoChain, Ser
 
 logger = logging.getLogger(__name__)
 
+_STATUS, _VOLTAGE, _MIN_VOLTAGE, _MAX_VOLTAGE, _TEMPERATURE, _MAX_TEMPERATURE = (
+    STS3215_CONTROL_TABLE[name].address
+    for name in (
+        "Status",
+        "Present_Voltage",
+        "Min_Voltage_Limit",
+        "Max_Voltage_Limit",
+        "Present_Temperature",
+        "Max_Temperature_Limit",
+    )
+)
+
 
 class FeetechEmulator(SerialServoChain):
     """STS3215 chain; see ``SerialServoChain`` for the constructor and the test/simulator API."""
@@ -112,11 +124,12 @@ class FeetechEmulator(SerialServoChain):
         return servo.motor_id, status_packet(servo.motor_id, self._error_byte(servo), data)
 
     def _error_byte(self, servo: Servo) -> int:
-        """The Status register, plus what the servo derives itself from its limit registers."""
-        error = self._reg(servo, "Status")
-        voltage = self._reg(servo, "Present_Voltage")
-        if not self._reg(servo, "Min_Voltage_Limit") <= voltage <= self._reg(servo, "Max_Voltage_Limit"):
+        """The Status register, plus what the servo derives itself from its limit registers (all
+        1-byte unsigned registers: read straight from memory, this runs for every reply)."""
+        memory = servo.memory
+        error = memory[_STATUS]
+        if not memory[_MIN_VOLTAGE] <= memory[_VOLTAGE] <= memory[_MAX_VOLTAGE]:
             error |= 1 << 0
-        if self._reg(servo, "Present_Temperature") > self._reg(servo, "Max_Temperature_Limit"):
+        if memory[_TEMPERATURE] > memory[_MAX_TEMPERATURE]:
             error |= 1 << 2
         return error

@@ -331,15 +331,18 @@ class SerialServoChain(ABC):
         """Apply a host write byte range: read-only registers keep their value (as on the servo),
         every writable register fully covered by the range is logged."""
         now = time.monotonic()
+        memory = servo.memory
         for reg in self._covered_registers(address, len(data)):
             start = reg.address - address
             chunk = data[start : start + reg.size]
-            old = reg.from_bytes(servo.memory[reg.address : reg.address + reg.size])
-            servo.memory[reg.address : reg.address + reg.size] = chunk
             value = reg.from_bytes(chunk)
             self.write_log.append(WriteRecord(now, servo.motor_id, reg.name, value))
             if reg.name in self._WRITE_EFFECTS:
+                old = reg.from_bytes(memory[reg.address : reg.address + reg.size])
+                memory[reg.address : reg.address + reg.size] = chunk
                 self._on_write(servo, reg, old, value)
+            else:
+                memory[reg.address : reg.address + reg.size] = chunk
 
     def _covered_registers(self, address: int, length: int) -> tuple[Register, ...]:
         """Writable registers fully inside ``address .. address + length``; resolved once per range
