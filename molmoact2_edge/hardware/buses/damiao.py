@@ -449,7 +449,12 @@ class DamiaoBus(Bus):
             _require_frame(data, "feedback")  # a truncated reply: ChecksumError, retried
             if self._is_param_reply(data, motor_id):
                 continue
-            replies[motor_id] = decode_feedback(data, self._model(motor_id))
+            feedback = decode_feedback(data, self._model(motor_id))
+            if feedback.motor_id != motor_id & 0xF:
+                raise ChecksumError(
+                    f"feedback on the master id of motor {motor_id} names motor {feedback.motor_id}"
+                )
+            replies[motor_id] = feedback
         self.last_feedback.update(replies)
         if raise_on_fault:
             faults = {i: fb.state for i, fb in replies.items() if fb.state.is_fault}
