@@ -34,6 +34,7 @@ import logging
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -127,6 +128,8 @@ class DamiaoEmulator:
         self._schedule: FaultSchedule | None = None
         self._late: list[tuple[float, int, can.Message]] = []  # (due time, sequence, frame), a heap
         self._late_sequence = 0
+        # MIT targets the enabled drives accepted, newest 100k: what the wire commanded
+        self.command_log: deque[tuple[float, int, MitCommand]] = deque(maxlen=100_000)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -222,6 +225,11 @@ class DamiaoEmulator:
         with self._lock:
             self._injector.clear()
             self._late.clear()
+
+    def fault_counts(self) -> dict[str, int]:
+        """Replies each fault kind hit so far."""
+        with self._lock:
+            return dict(self._injector.counts)
 
     # --- the server thread ------------------------------------------------------------------
 
@@ -319,6 +327,7 @@ class DamiaoEmulator:
             motor.mit_count += 1
             if motor.state == MotorState.ENABLED:
                 motor.command = unpack_mit(data, motor.model)
+                self.command_log.append((motor.last_command, motor.motor_id, motor.command))
         return self._feedback(motor)
 
     def _special(self, motor: _Motor, code: int) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -79,6 +80,7 @@ class FaultInjector:
     def __init__(self, seed: int = 0):
         self._faults: list[Fault] = []
         self._rng = random.Random(seed)
+        self.counts: Counter[str] = Counter()  # replies each kind hit so far
 
     def add(
         self,
@@ -114,6 +116,7 @@ class FaultInjector:
                 fault.count -= 1
                 if fault.count <= 0:
                     self._faults.remove(fault)
+            self.counts[fault.kind] += 1
             if fault.kind in ("drop_reply", "silence"):
                 return None
             delay += fault.delay_s if fault.kind == "delay" else 0.0

@@ -256,6 +256,11 @@ class SerialServoChain(ABC):
         with self._lock:
             self._injector.clear()
 
+    def fault_counts(self) -> dict[str, int]:
+        """Replies each fault kind hit so far."""
+        with self._lock:
+            return dict(self._injector.counts)
+
     # --- vendor hooks -----------------------------------------------------------------------------
 
     def _split_packet(self, buffer: bytearray) -> bytes | None:
