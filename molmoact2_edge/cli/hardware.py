@@ -429,20 +429,16 @@ def emulate(
 
 def _serial_emulator(robot_kind: str, baudrate: int, sweep: bool, sweep_period: float, seed: int) -> Any:
     """The started pty emulator of an SO-101 (Feetech) or Koch (Dynamixel) arm."""
-    options = {"baudrate": baudrate, "sweep": sweep, "sweep_period_s": sweep_period, "seed": seed}
-    if robot_kind == "so101":
-        from molmoact2_edge.hardware.emulators.feetech import FeetechEmulator
-
-        emulator = FeetechEmulator(range(1, 7), **options)
-        emulator.start()
-        return emulator
     from molmoact2_edge.hardware.emulators.dynamixel import DynamixelEmulator
+    from molmoact2_edge.hardware.emulators.feetech import FeetechEmulator
     from molmoact2_edge.hardware.robots.koch import KOCH_MOTORS
 
-    emulator = DynamixelEmulator(range(1, 7), **options)
+    kind = FeetechEmulator if robot_kind == "so101" else DynamixelEmulator
+    emulator = kind(range(1, 7), baudrate=baudrate, sweep=sweep, sweep_period_s=sweep_period, seed=seed)
     emulator.start()
-    for i, (_, model) in enumerate(KOCH_MOTORS):
-        emulator.set_register(i + 1, "Model_Number", model)
+    if robot_kind == "koch":
+        for i, (_, model) in enumerate(KOCH_MOTORS):
+            emulator.set_register(i + 1, "Model_Number", model)
     return emulator
 
 

@@ -85,21 +85,24 @@ def _serial_calibration(names: tuple[str, ...]) -> dict[str, MotorCalibration]:
 
 
 @contextmanager
-def rig(robot_kind: str, seed: int = 0, reply_margin_s: float = 0.05) -> Iterator[Rig]:
+def rig(
+    robot_kind: str, seed: int = 0, reply_margin_s: float = 0.05, log_limit: int = 100_000
+) -> Iterator[Rig]:
     """A robot of ``robot_kind`` on a started emulator. ``reply_margin_s`` is the drivers' reply
-    deadline margin: the emulator is a Python thread on a possibly loaded host."""
+    deadline margin: the emulator is a Python thread on a possibly loaded host. ``log_limit``:
+    wire commands the emulator keeps (all of a soak's must fit)."""
     if robot_kind == "yam":
-        with _yam_rig(seed, reply_margin_s) as made:
+        with _yam_rig(seed, reply_margin_s, log_limit) as made:
             yield made
         return
     if robot_kind not in ROBOTS:
         raise MolmoEdgeError(f"unknown soak robot {robot_kind!r}; known: {', '.join(ROBOTS)}")
-    with _serial_rig(robot_kind, seed, reply_margin_s) as made:
+    with _serial_rig(robot_kind, seed, reply_margin_s, log_limit) as made:
         yield made
 
 
 @contextmanager
-def _serial_rig(robot_kind: str, seed: int, margin_s: float) -> Iterator[Rig]:
+def _serial_rig(robot_kind: str, seed: int, margin_s: float, log_limit: int) -> Iterator[Rig]:
     from molmoact2_edge.hardware.robots.serial_arm import SerialArm
 
     if robot_kind == "so101":
@@ -107,7 +110,9 @@ def _serial_rig(robot_kind: str, seed: int, margin_s: float) -> Iterator[Rig]:
         from molmoact2_edge.hardware.emulators.feetech import FeetechEmulator
         from molmoact2_edge.hardware.robots.so101 import SO101, SO101_JOINTS
 
-        emu: FeetechEmulator | DynamixelEmulator = FeetechEmulator(range(1, 7), seed=seed)
+        emu: FeetechEmulator | DynamixelEmulator = FeetechEmulator(
+            range(1, 7), seed=seed, write_log_limit=log_limit
+        )
         port = emu.start()
         robot: SerialArm = SO101(
             port,
@@ -120,7 +125,7 @@ def _serial_rig(robot_kind: str, seed: int, margin_s: float) -> Iterator[Rig]:
         from molmoact2_edge.hardware.emulators.dynamixel import DynamixelEmulator
         from molmoact2_edge.hardware.robots.koch import KOCH_MOTORS, Koch
 
-        emu = DynamixelEmulator(range(1, 7), seed=seed)
+        emu = DynamixelEmulator(range(1, 7), seed=seed, write_log_limit=log_limit)
         port = emu.start()
         for i, (_, model) in enumerate(KOCH_MOTORS):
             emu.set_register(i + 1, "Model_Number", model)
@@ -166,7 +171,7 @@ def _serial_rig(robot_kind: str, seed: int, margin_s: float) -> Iterator[Rig]:
 
 
 @contextmanager
-def _yam_rig(seed: int, margin_s: float) -> Iterator[Rig]:
+def _yam_rig(seed: int, margin_s: float, log_limit: int) -> Iterator[Rig]:
     from molmoact2_edge.hardware.buses.damiao import DamiaoBus
     from molmoact2_edge.hardware.emulators.damiao import DamiaoEmulator
     from molmoact2_edge.hardware.robots.yam import ARM_MODELS, GRIPPER_ID, YAM
@@ -174,7 +179,11 @@ def _yam_rig(seed: int, margin_s: float) -> Iterator[Rig]:
     motors = {i + 1: m for i, m in enumerate(ARM_MODELS)} | {GRIPPER_ID: "dm4310"}
     gripper_range = (-0.2, 1.8)
     emu = DamiaoEmulator(
-        motors, channel=f"molmo-soak-{next(_channels)}", hard_limits={GRIPPER_ID: gripper_range}, seed=seed
+        motors,
+        channel=f"molmo-soak-{next(_channels)}",
+        hard_limits={GRIPPER_ID: gripper_range},
+        seed=seed,
+        command_log_limit=log_limit,
     )
     emu.start()
     emu.set_positions({2: 0.5, 3: 0.4})  # inside the joint limits (their lower bound is 0)
@@ -240,7 +249,8 @@ def soak(
     time the safe stop. ``plan.seed`` seeds the faults and the policy."""
     rng = np.random.default_rng(plan.seed)
     t0 = time.perf_counter()
-    with rig(robot_kind, plan.seed, reply_margin_s) as r:
+    # every joint of every tick, plus the holds of the reconnects, must stay in the emulator's log
+    with rig(robot_kind, plan.seed, reply_margin_s, log_limit=10 * cycles + 10_000) as r:
         limits = r.robot.limits()
         lower, upper = np.asarray(limits.lower, np.float32), np.asarray(limits.upper, np.float32)
         targets = policy_targets(rng, cycles, lower, upper)
@@ -338,6 +348,7 @@ def _unplug_and_time_stop(
     stopped_after: float | None = None
     try:
         with SafetyLayer(r.robot, config, clock=clock) as safety:
+            assert safety.last_commanded is not None  # set by start()
             hold = safety.last_commanded.copy()
             r.inject("unplug")
             unplugged = time.perf_counter()

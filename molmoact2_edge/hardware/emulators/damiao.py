@@ -102,6 +102,7 @@ class DamiaoEmulator:
         master_offset: int = MASTER_OFFSET,
         hard_limits: Mapping[int, tuple[float, float]] | None = None,
         seed: int = 0,
+        command_log_limit: int = 100_000,
     ):
         self.channel = channel
         self.interface = interface
@@ -128,8 +129,8 @@ class DamiaoEmulator:
         self._schedule: FaultSchedule | None = None
         self._late: list[tuple[float, int, can.Message]] = []  # (due time, sequence, frame), a heap
         self._late_sequence = 0
-        # MIT targets the enabled drives accepted, newest 100k: what the wire commanded
-        self.command_log: deque[tuple[float, int, MitCommand]] = deque(maxlen=100_000)
+        # (time, motor id, MIT target) the enabled drives accepted, newest first out: what the wire commanded
+        self.command_log: deque[tuple[float, int, MitCommand]] = deque(maxlen=command_log_limit)
 
     # --- lifecycle --------------------------------------------------------------------------
 
