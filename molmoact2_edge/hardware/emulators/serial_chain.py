@@ -37,16 +37,9 @@ from typing import NamedTuple, TypeVar
 from molmoact2_edge.errors import ChecksumError, ConfigError, PortError, RegisterError
 from molmoact2_edge.hardware.buses.base import wire_time_s
 from molmoact2_edge.hardware.buses.registers import ControlTable, Register
-from molmoact2_edge.hardware.emulators.faults import (
-    FAULT_KINDS,
-    FaultInjector,
-    FaultPlan,
-    FaultSchedule,
-)
+from molmoact2_edge.hardware.emulators.faults import FaultInjector, FaultPlan, FaultSchedule
 
 logger = logging.getLogger(__name__)
-
-__all__ = ["FAULT_KINDS", "SerialServoChain", "Servo", "WriteRecord"]
 
 C = TypeVar("C", bound="SerialServoChain")
 
