@@ -7,7 +7,7 @@ import itertools
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
@@ -71,24 +71,36 @@ def test_wrong_id_reply_is_refused_and_retried() -> None:
 
 def test_silence_for_a_time_then_the_servo_answers_again() -> None:
     with feetech() as (emu, bus):
-        emu.inject_fault("silence", motor_id=3, duration_s=0.3)
+        emu.inject_fault("silence", motor_id=3, duration_s=1.0)
         with pytest.raises(BusTimeoutError, match="no status packet from motor 3"):
             bus.sync_read("Present_Position", [1, 2, 3])
-        time.sleep(0.35)
+        time.sleep(1.05)
         assert bus.read("Present_Position", 3) == 2048
+
+
+def _outcomes_until_unplugged(read: Callable[[], object], limit_s: float = 5.0) -> list[str]:
+    """Poll ``read`` (timers on a loaded host fire late, so no fixed sleeps): what each try met."""
+    outcomes: list[str] = []
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            read()
+            outcomes.append("ok")
+        except BusTimeoutError:
+            outcomes.append("silent")
+        except PortError:
+            return [*outcomes, "unplugged"]
+        time.sleep(0.02)
+    return outcomes
 
 
 def test_a_fault_plan_silences_then_unplugs_on_schedule() -> None:
     with feetech() as (emu, bus):
-        emu.apply_faults(FaultPlan(silences=(Silence(1, 0.0, 0.2),), unplug_after_s=0.5))
-        time.sleep(0.05)
-        with pytest.raises(BusTimeoutError):
-            bus.read("Present_Position", 1)
-        time.sleep(0.25)
-        assert bus.read("Present_Position", 1) == 2048
-        time.sleep(0.4)
-        with pytest.raises(PortError):
-            bus.read("Present_Position", 1)
+        emu.apply_faults(FaultPlan(silences=(Silence(1, 0.1, 0.3),), unplug_after_s=0.8))
+        outcomes = _outcomes_until_unplugged(lambda: bus.read("Present_Position", 1))
+    assert outcomes[0] == "ok" and outcomes[-1] == "unplugged", outcomes
+    silent = outcomes.index("silent")  # the silence came, then went, then the port
+    assert "ok" in outcomes[silent:-1], outcomes
 
 
 def test_a_driver_at_the_wrong_baud_rate_gets_nothing() -> None:
@@ -160,11 +172,17 @@ def test_damiao_reply_faults_map_to_typed_errors(kind: str, error: type, match: 
 
 def test_damiao_plan_unplugs_the_chain() -> None:
     with damiao() as (emu, bus):
-        emu.apply_faults(parse_faults("unplug=0.1"))
-        assert set(bus.refresh()) == {1, 2}
-        time.sleep(0.3)
-        with pytest.raises(BusTimeoutError):
-            bus.refresh()
+        emu.apply_faults(parse_faults("unplug=0.3"))
+        outcomes = []
+        deadline = time.monotonic() + 5.0
+        while "silent" not in outcomes and time.monotonic() < deadline:
+            try:
+                bus.refresh()
+                outcomes.append("ok")
+            except BusTimeoutError:
+                outcomes.append("silent")
+            time.sleep(0.02)
+    assert outcomes[0] == "ok" and outcomes[-1] == "silent", outcomes
 
 
 # --- the CLI ------------------------------------------------------------------------------------------
