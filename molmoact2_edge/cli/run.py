@@ -6,6 +6,7 @@ Examples:
       --camera wrist=/dev/video2 --task "put the cube in the bowl" --duration 60
   molmo-edge run bundle/ --robot yam --can can0 --camera front=/dev/video0 --task "wipe the table"
   molmo-edge run bundle/ --robot sim-so101 --task "pick up the red cube" --telemetry run.jsonl
+  molmo-edge run --policy ws://gpu-box:8000 --robot so101 --port /dev/ttyACM0 --camera front=/dev/video0
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import click
 
-from molmoact2_edge.errors import CameraError, MolmoEdgeError
+from molmoact2_edge.errors import CameraError, DependencyError, MolmoEdgeError
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def open_cameras(specs: dict[str, str], fps: float) -> dict[str, Any]:
 class RunSettings:
     """What one ``run`` invocation does, gathered from the options."""
 
-    bundle: Path
+    bundle: Path | None  # None: --policy names a server
     robot: str
     task: str | None  # None: the target's own instruction (the simulator's task)
     backend: str = "auto"
@@ -73,6 +74,9 @@ class RunSettings:
     telemetry: Path | None = None
     on_exit: str = "hold"
     stall_timeout_s: float = 2.0
+    policy_url: str | None = None  # ws:// or wss:// of a `molmo-edge serve`
+    api_key_file: Path | None = None
+    tls_ca: Path | None = None
 
 
 @dataclass
@@ -83,6 +87,33 @@ class EpisodeTarget:
     success: Callable[[], bool] | None = None
     instruction: str | None = None
     close: Callable[[], None] | None = None
+
+
+def open_policy(settings: RunSettings) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """(policy, its robot contract, its description): a local PolicySession, or a RemotePolicy for ws:// URLs.
+
+    Both have ``act``/``reset``/``close``; a remote one gives up after the stall timeout without a reply.
+    """
+    if settings.policy_url is None:
+        from molmoact2_edge.runtimes.session import PolicySession
+        from molmoact2_edge.serving.contract import policy_contract
+
+        session = PolicySession(settings.bundle, settings.backend)  # type: ignore[arg-type]
+        return session, policy_contract(session.bundle), session.backend.describe()
+    try:
+        from molmoact2_edge.serving.remote import RemotePolicy
+    except ImportError as err:
+        raise DependencyError(f"--policy ws:// needs websockets ({err}): pip install 'molmoact2-edge[serve]'") from err
+    from molmoact2_edge.serving.auth import load_api_key
+
+    remote = RemotePolicy(
+        settings.policy_url,
+        load_api_key(settings.api_key_file),
+        ca_file=settings.tls_ca,
+        timeout_s=settings.stall_timeout_s,
+        reconnect_s=settings.stall_timeout_s,
+    )
+    return remote, remote.contract, remote.describe()
 
 
 def run_policy(
@@ -100,12 +131,12 @@ def run_policy(
     from molmoact2_edge.runtimes.control import LoopConfig, run_episode, summarize
     from molmoact2_edge.runtimes.power import PowerMonitor, detect_power_sampler
     from molmoact2_edge.runtimes.recording import DatasetRecorder
-    from molmoact2_edge.runtimes.session import PolicySession
     from molmoact2_edge.runtimes.telemetry import Telemetry
+    from molmoact2_edge.serving.contract import check_robot
 
-    session = PolicySession(settings.bundle, settings.backend)
+    session, contract, described = open_policy(settings)
     monitor = PowerMonitor(detect_power_sampler()).start()
-    meta = {"backend": session.backend.describe(), "robot": settings.robot, "task": settings.task}
+    meta = {"backend": described, "robot": settings.robot, "task": settings.task}
     telemetry = Telemetry(settings.telemetry, control_hz=settings.hz, power=monitor, meta=meta)
     recorder: DatasetRecorder | None = None
     results: list[dict[str, Any]] = []
@@ -114,6 +145,7 @@ def run_policy(
             target = open_episode(episode)
             try:
                 robot = target.robot
+                check_robot(contract, list(robot.cameras), robot.joint_names, settings.hz)  # before the bus opens
                 if not robot.is_connected:
                     robot.connect()
                 if settings.record is not None and recorder is None:
@@ -220,7 +252,16 @@ def print_summary(results: list[dict[str, Any]], stats: dict[str, Any]) -> None:
 
 
 @click.command("run")
-@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("bundle", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--policy", "policy_url", help="ws://HOST:PORT or wss://HOST:PORT of a `molmo-edge serve`, instead of BUNDLE.")
+@click.option(
+    "--api-key-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="--policy: file holding the server's API key (default: $MOLMO_EDGE_API_KEY).",
+)
+@click.option(
+    "--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="--policy wss://: CA of a self-signed server."
+)
 @click.option("--robot", type=click.Choice(ROBOTS), required=True, help="Which robot to drive.")
 @click.option("--port", help="Serial port of an SO-101 bus adapter (e.g. /dev/ttyACM0).")
 @click.option("--can", multiple=True, help="CAN channel(s) of a YAM (two for bimanual-yam).")
@@ -270,7 +311,10 @@ def print_summary(results: list[dict[str, Any]], stats: dict[str, Any]) -> None:
     "--telemetry", type=click.Path(dir_okay=False, path_type=Path), help="Write JSONL telemetry here."
 )
 def run(
-    bundle: Path,
+    bundle: Path | None,
+    policy_url: str | None,
+    api_key_file: Path | None,
+    tls_ca: Path | None,
     robot: str,
     port: str | None,
     can: tuple[str, ...],
@@ -297,6 +341,8 @@ def run(
       molmo-edge run bundle/ --robot so101 --port /dev/ttyACM0 --camera front=/dev/video0 --task "pick up the cube"
       molmo-edge run bundle/ --robot sim-so101 --task "pick up the red cube" --duration 20
     """
+    if (bundle is None) == (policy_url is None):
+        raise MolmoEdgeError("give either BUNDLE or --policy ws://HOST:PORT (a `molmo-edge serve`), not both or neither")
     if robot == "so101" and not port:
         raise MolmoEdgeError(
             "--robot so101 needs --port (the bus adapter, e.g. /dev/ttyACM0; see `molmo-edge doctor`)"
@@ -316,6 +362,9 @@ def run(
         telemetry,
         on_exit,
         stall_timeout,
+        policy_url,
+        api_key_file,
+        tls_ca,
     )
     if robot == "sim-so101":
         results, stats = run_policy(settings, sim_episodes(sim_task, sim_size, hz))
