@@ -12,7 +12,7 @@ Examples:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from typing import Any
 import click
 
 from molmoact2_edge.errors import CameraError, DependencyError, MolmoEdgeError
+from molmoact2_edge.viz.progress import RunProgress
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,9 @@ class RunSettings:
     policy_url: str | None = None  # ws:// or wss:// of a `molmo-edge serve`
     api_key_file: Path | None = None
     tls_ca: Path | None = None
+    display: str | None = None  # rerun: auto | viewer | serve (viz/rerun_display.py)
+    save_rrd: Path | None = None  # rerun recording file
+    video_dir: Path | None = None  # one MP4 per episode (sim only: needs the robot's cameras)
 
 
 @dataclass
@@ -120,11 +124,13 @@ def run_policy(
     settings: RunSettings,
     open_episode: Callable[[int], EpisodeTarget],
     finish: Callable[[], None] | None = None,
+    observers: Sequence[Callable[[Mapping[str, Any]], None]] = (),
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Load the bundle once, then run ``settings.episodes`` episodes; (episode summaries, telemetry summary).
 
     open_episode(i): the target of episode i (connected here if it is not yet); its ``close`` runs
-    after the episode. finish: runs once at the end (a real robot's disconnect).
+    after the episode. finish: runs once at the end (a real robot's disconnect). observers: see every
+    telemetry record as it is written (live progress).
     Each episode gets its own SafetyLayer: it starts from the measured pose and ends with the torque policy.
     """
     from molmoact2_edge.hardware.safety import SafetyConfig, SafetyLayer
@@ -137,7 +143,10 @@ def run_policy(
     session, contract, described = open_policy(settings)
     monitor = PowerMonitor(detect_power_sampler()).start()
     meta = {"backend": described, "robot": settings.robot, "task": settings.task}
-    telemetry = Telemetry(settings.telemetry, control_hz=settings.hz, power=monitor, meta=meta)
+    display = open_display(settings.display, settings.save_rrd)
+    watchers = [*observers, *([display] if display is not None else [])]
+    telemetry = Telemetry(settings.telemetry, control_hz=settings.hz, power=monitor, meta=meta, observers=watchers)
+    videos = EpisodeVideos(settings.video_dir, settings.hz, telemetry.observers)
     recorder: DatasetRecorder | None = None
     results: list[dict[str, Any]] = []
     try:
@@ -159,9 +168,12 @@ def run_policy(
                     task, settings.hz, settings.swap_threshold, settings.duration_s, settings.stall_timeout_s
                 )
                 session.reset()
+                telemetry.begin_episode(episode, joint_names=list(robot.joint_names), task=task)
                 with SafetyLayer(robot, SafetyConfig(on_exit=settings.on_exit, control_hz=settings.hz)) as layer:  # type: ignore[arg-type]
                     telemetry.write({"type": "safety", "episode": episode, **layer.telemetry()})
-                    result = run_episode(session.act, layer, config, telemetry, target.success, recorder)
+                    videos.begin(episode, robot, layer)
+                    gate = display.watch(layer) if display is not None else layer
+                    result = run_episode(session.act, gate, config, telemetry, target.success, recorder)
                     summary = {
                         "episode": episode,
                         "task": task,
@@ -172,6 +184,7 @@ def run_policy(
                 if target.close is not None:
                     target.close()
             telemetry.write({"type": "episode", **summary})
+            summary["video"] = videos.end(summary["success"])
             results.append(summary)
             if recorder is not None:
                 recorder.end_episode(keep=True)
@@ -186,9 +199,53 @@ def run_policy(
         stats["power_trace"] = monitor.trace()
         monitor.stop()
         session.close()
+        if display is not None:
+            display.close()
         if recorder is not None and results:
             recorder.finalize()
     return results, stats
+
+
+def open_display(mode: str | None, save_rrd: Path | None) -> Any:
+    """The rerun display/recording asked for (``--display``, ``--save-rrd``), or None (rerun-sdk is imported only then)."""
+    if mode is None and save_rrd is None:
+        return None
+    from molmoact2_edge.viz.rerun_display import RerunDisplay, open_instructions, resolve_mode
+
+    display = RerunDisplay.open(mode, save_rrd)
+    if mode is not None and resolve_mode(mode) == "serve":
+        click.echo(open_instructions(), err=True)
+    return display
+
+
+class EpisodeVideos:
+    """One MP4 per episode (camera beside commanded vs actual joints) when ``video_dir`` is set."""
+
+    def __init__(self, video_dir: Path | None, hz: float, observers: list[Any]) -> None:
+        self.video_dir, self.hz, self.observers = video_dir, hz, observers
+        self.collector: Any = None
+
+    def begin(self, episode: int, robot: Any, layer: Any) -> None:
+        if self.video_dir is None or not robot.cameras:
+            return
+        from molmoact2_edge.viz.episode_video import EpisodeFrames, TickFrameCollector
+
+        camera = next(iter(robot.cameras.values()))
+        frames = EpisodeFrames(robot.joint_names, layer.lower, layer.upper, self.hz)
+        self.collector = TickFrameCollector(episode, frames, lambda: camera.read_latest().rgb)
+        self.observers.append(self.collector)
+
+    def end(self, success: bool) -> str | None:
+        if self.collector is None:
+            return None
+        from molmoact2_edge.viz.episode_video import write_episode_video
+
+        collector, self.collector = self.collector, None
+        self.observers.remove(collector)
+        assert self.video_dir is not None
+        outcome = "success" if success else "failure"
+        path = write_episode_video(collector.data, self.video_dir / f"episode_{collector.episode:03d}_{outcome}.mp4")
+        return str(path) if path is not None else None
 
 
 def sim_episodes(sim_task: str, size: int, hz: float) -> Callable[[int], EpisodeTarget]:
@@ -225,6 +282,25 @@ def make_hardware_robot(
 def hardware_episodes(robot: Any) -> tuple[Callable[[int], EpisodeTarget], Callable[[], None]]:
     """(open_episode, finish) for a real robot: the same robot every episode, disconnected at the end."""
     return (lambda i: EpisodeTarget(robot)), robot.disconnect
+
+
+def display_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--display [auto|viewer|serve]`` and ``--save-rrd FILE`` (run, demo)."""
+    command = click.option(
+        "--save-rrd",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Write a rerun recording of the run (cameras, joints, chunks, latency, power) to this .rrd file.",
+    )(command)
+    return click.option(
+        "--display",
+        type=click.Choice(["auto", "viewer", "serve"]),
+        is_flag=False,
+        flag_value="auto",
+        default=None,
+        help="Stream the run to rerun (pip install 'molmoact2-edge[display]'): viewer = a native viewer on this "
+        "machine; serve = for a headless robot computer, a web viewer other machines open (the command is "
+        "printed); --display alone = viewer when this machine has a screen, else serve.",
+    )(command)
 
 
 def print_summary(results: list[dict[str, Any]], stats: dict[str, Any]) -> None:
@@ -310,6 +386,7 @@ def print_summary(results: list[dict[str, Any]], stats: dict[str, Any]) -> None:
 @click.option(
     "--telemetry", type=click.Path(dir_okay=False, path_type=Path), help="Write JSONL telemetry here."
 )
+@display_options
 def run(
     bundle: Path | None,
     policy_url: str | None,
@@ -333,6 +410,8 @@ def run(
     stall_timeout: float,
     record: Path | None,
     telemetry: Path | None,
+    display: str | None,
+    save_rrd: Path | None,
 ) -> None:
     """Drive a robot with BUNDLE at a fixed rate, inference running ahead; Ctrl-C stops it safely.
 
@@ -365,16 +444,24 @@ def run(
         policy_url,
         api_key_file,
         tls_ca,
+        display,
+        save_rrd,
     )
-    if robot == "sim-so101":
-        results, stats = run_policy(settings, sim_episodes(sim_task, sim_size, hz))
-    else:
-        if not task:
-            raise MolmoEdgeError(f'--robot {robot} needs --task "<instruction>"')
-        arm = make_hardware_robot(
-            robot, port, can, open_cameras(parse_cameras(cameras), hz), robot_id, joint_frame
-        )
-        results, stats = run_policy(settings, *hardware_episodes(arm))
+    progress = RunProgress(episodes)
+    try:
+        if robot == "sim-so101":
+            results, stats = run_policy(settings, sim_episodes(sim_task, sim_size, hz), observers=[progress])
+        else:
+            if not task:
+                raise MolmoEdgeError(f'--robot {robot} needs --task "<instruction>"')
+            arm = make_hardware_robot(
+                robot, port, can, open_cameras(parse_cameras(cameras), hz), robot_id, joint_frame
+            )
+            results, stats = run_policy(settings, *hardware_episodes(arm), observers=[progress])
+    finally:
+        progress.close()
     print_summary(results, stats)
+    if save_rrd is not None:
+        click.echo(f"rerun recording: {save_rrd} (open it with: rerun {save_rrd})")
     if results and results[-1]["end"] == "interrupted":
         raise KeyboardInterrupt  # stopped safely already; the CLI group turns this into exit code 130
