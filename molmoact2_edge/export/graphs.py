@@ -13,11 +13,13 @@ lengths, chunk length); nothing is data-dependent, so no If/Loop nodes appear.
   padded to its static length.
 - ``decode_step``: one token against the static cache (written with ``index_copy``
   and returned, never mutated) -> logits, new cache, this token's projected context.
+- ``decode_block`` (Think bundles): k tokens at once the same way -> per-token argmaxes
+  (depth rows, whole vocabulary), one token's logits, new cache, the k projected contexts.
 - ``flow``: every Euler step unrolled, the accumulator in fp32 even when the expert
   runs in fp16 (``FlowGraph(dtype=torch.float16)``, ``model/flow.py``).
 
 Shape legend: b batch, n cameras, h w pixels, q pooled tokens per camera, t bucket,
-tm cache length, tc context length, l layers, kh KV heads, hd head dim, d LLM width,
+tm cache length, tc context length, k block length, l layers, kh KV heads, hd head dim, d LLM width,
 e expert width, v vocabulary, ah chunk length, ad max action dim.
 """
 
@@ -53,6 +55,7 @@ class GraphShapes:
     context_length: int  # tc: positions the expert attends to (bucket, or tm for Think bundles)
     chunk_length: int  # ah
     pooled_per_camera: int  # q
+    block_length: int = 0  # k: tokens per decode_block call (Think bundles; 0 = no decode_block graph)
 
     def example_inputs(self, config: MolmoAct2Config) -> dict[str, tuple[torch.Tensor, ...]]:
         """Zero-valued example inputs of every graph (export traces shapes and dtypes only)."""
@@ -78,6 +81,14 @@ class GraphShapes:
                 cache,
                 cache.clone(),
                 torch.zeros(BATCH, 1, 1, self.cache_length),
+            ),
+            B.DECODE_BLOCK.name: (
+                torch.zeros(BATCH, self.block_length, dtype=torch.int64),
+                torch.arange(self.block_length)[None],
+                cache,
+                cache.clone(),
+                torch.zeros(BATCH, 1, self.block_length, self.cache_length),
+                torch.zeros(BATCH, dtype=torch.int64),
             ),
             B.FLOW.name: (
                 torch.zeros(BATCH, self.chunk_length, config.max_action_dim),
@@ -154,6 +165,39 @@ class DecodeStepGraph(nn.Module):
         return logits[:, -1], keys, values, context_k, context_v
 
 
+class DecodeBlockGraph(nn.Module):
+    """``decode_block``: k tokens against the static cache in one call (batch 1), for the Think depth codes.
+
+    The caller's bias says which slots each token sees (causal inside the block); padding tokens are
+    written too and simply never marked valid. Argmaxes are taken in the graph so a call returns
+    O(k) integers instead of k x v logits (``runtimes.depth_decode`` verifies drafts with them).
+    """
+
+    def __init__(self, model: MolmoAct2) -> None:
+        super().__init__()
+        self.model = model
+        first, count = model.config.require_token_ids("depth_token_start_id", "num_depth_tokens")
+        self.depth_rows = (first, first + count)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        block_bias: torch.Tensor,
+        last_index: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        slots = positions[0]  # (k,): batch 1, positions are the cache slots
+        logits, keys, values = self.model.decode_step(input_ids, positions, slots, cache_k, cache_v, block_bias)
+        b, _, v = logits.shape  # (b, k, v)
+        lo, hi = self.depth_rows
+        last = torch.gather(logits, 1, last_index[:, None, None].expand(b, 1, v))[:, 0]  # (b, v)
+        expert: ActionExpert = self.model.model.action_expert
+        context_k, context_v = expert.project_context(keys.index_select(3, slots), values.index_select(3, slots))
+        return logits[..., lo:hi].argmax(-1), logits.argmax(-1), last, keys, values, context_k, context_v
+
+
 class FlowGraph(nn.Module):
     """``flow``: N Euler steps of the expert, unrolled; the accumulator is fp32 whatever ``dtype`` is.
 
@@ -201,6 +245,8 @@ def build_graphs(model: MolmoAct2, shapes: GraphShapes, with_decode: bool, with_
     }
     if with_decode:
         graphs[B.DECODE_STEP.name] = DecodeStepGraph(model)
+    if shapes.block_length:
+        graphs[B.DECODE_BLOCK.name] = DecodeBlockGraph(model)
     if with_flow:
         graphs[B.FLOW.name] = FlowGraph(inner.action_expert, config.flow_matching_num_steps, config.mask_action_dim_padding)
     return {k: g.eval() for k, g in graphs.items()}

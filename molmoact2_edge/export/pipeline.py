@@ -34,6 +34,7 @@ from molmoact2_edge.export import calibration, parity, quantize
 from molmoact2_edge.export.graphs import FlowGraph, GraphShapes, build_graphs
 from molmoact2_edge.export.onnx_export import DEFAULT_OPSET, data_file, export_module, io_specs
 from molmoact2_edge.runtimes import bundle as B
+from molmoact2_edge.runtimes.depth_decode import depth_block_length
 from molmoact2_edge.runtimes.session import PolicySession
 from molmoact2_edge.types import Observation
 
@@ -253,14 +254,18 @@ def _shapes(policy: Any, cameras: Sequence[str], bucket: int) -> GraphShapes:
         budget += 1 + cfg.num_depth_codes + max(8, policy.horizon)
     if policy.mode == "discrete":
         budget += 16 * policy.horizon
+    # Think: <depth_start>, the codes and <depth_end> fit one decode_block call; its padding tokens are
+    # written past the last real one, so the cache keeps k scratch slots the expert never reads.
+    block = depth_block_length(cfg.num_depth_codes) if policy.depth else 0
     return GraphShapes(
         num_cameras=len(cameras),
         image_size=tuple(cfg.vit_config.image_default_input_size),
         bucket=bucket,
-        cache_length=bucket + budget,
+        cache_length=bucket + budget + block,
         context_length=bucket + budget if policy.depth else bucket,  # Think: the expert reads the depth tokens too
         chunk_length=policy.horizon,
         pooled_per_camera=cfg.tokens_per_image,
+        block_length=block,
     )
 
 
@@ -375,6 +380,7 @@ def _write_manifest(
         "n_action_steps": policy.n_action_steps,
         "cache_length": shapes.cache_length,
         "context_length": shapes.context_length,
+        "block_length": shapes.block_length,
         "norm_tag": tag,
         "norm_mode": policy.norm.norm_mode,
     }

@@ -10,6 +10,7 @@ Layout of a bundle directory::
     vision.onnx(.data)       one ONNX graph per entry of GRAPHS (external data beside it)
     prefill.onnx(.data)
     decode_step.onnx(.data)  only when the model decodes tokens (depth codes or discrete actions)
+    decode_block.onnx(.data) Think bundles: a block of depth tokens in one call (``runtimes.depth_decode``)
     flow.onnx(.data)
     config.json              the checkpoint's config, copied
     norm_stats.json          normalization statistics, copied
@@ -99,6 +100,26 @@ DECODE_STEP = GraphSpec(
         "context_v",
     ),
 )
+DECODE_BLOCK = GraphSpec(
+    "decode_block",
+    inputs=(
+        "input_ids",  # (b, k) int64: a block of k tokens; only the first n are real (the rest is padding)
+        "positions",  # (b, k) int64: cache slot and rotary position of each token (consecutive)
+        "cache_k",  # (l, b, kh, tm, hd)
+        "cache_v",  # (l, b, kh, tm, hd)
+        "block_bias",  # (b, 1, k, tm) float32 additive: the cache slots each token may attend to
+        "last_index",  # (b,) int64: block index whose full logits are returned (the last real token)
+    ),
+    outputs=(
+        "depth_argmax",  # (b, k) int64: argmax over the depth-code rows after each token (code index)
+        "token_argmax",  # (b, k) int64: argmax over the whole vocabulary after each token
+        "logits",  # (b, v) the logits after token last_index
+        "cache_k_out",  # (l, b, kh, tm, hd) the cache with all k tokens written (inputs are not mutated)
+        "cache_v_out",
+        "context_k",  # (l, b, k, e) each token's keys projected for the expert
+        "context_v",
+    ),
+)
 FLOW = GraphSpec(
     "flow",
     inputs=(
@@ -110,7 +131,7 @@ FLOW = GraphSpec(
     ),
     outputs=("actions",),  # (b, ah, ad) normalized actions after all Euler steps
 )
-GRAPHS: dict[str, GraphSpec] = {g.name: g for g in (VISION, PREFILL, DECODE_STEP, FLOW)}
+GRAPHS: dict[str, GraphSpec] = {g.name: g for g in (VISION, PREFILL, DECODE_STEP, DECODE_BLOCK, FLOW)}
 
 # Large negative used in additive attention biases. Not finfo.min: fp16 graphs must not overflow it
 # (vla-edge clamps to -30000 for the same reason); exp(-30000) underflows to exactly 0 in every dtype.
