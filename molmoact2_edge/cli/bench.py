@@ -43,6 +43,14 @@ def render(report: dict[str, Any]) -> str:
         f"p99 {_ms(err, 'p99')} ms, max {_ms(err, 'max')} ms, overruns {loop['overruns']}/{loop['ticks']}, "
         f"held {loop['held']}"
     )
+    depth = report.get("depth")
+    if depth:
+        lines.append(
+            f"depth (Think, {depth['frames']} moving frames): graph calls per frame {depth['graph_calls_per_frame']:.1f} "
+            f"(no cache {depth['graph_calls_per_frame_uncached']:.1f}), stage p50 {depth['stage_ms_p50']:.1f} ms "
+            f"(no cache {depth['stage_ms_p50_uncached']:.1f} ms), cells re-predicted {depth['cells_repredicted_mean']:.1f}"
+            f"/{depth['cells']}, drafts rejected {depth['drafts_rejected_mean']:.1f}"
+        )
     power = report["power"]
     if power.get("available"):
         energy = power["energy_per_chunk_j"]

@@ -15,6 +15,8 @@ lengths, chunk length); nothing is data-dependent, so no If/Loop nodes appear.
   and returned, never mutated) -> logits, new cache, this token's projected context.
 - ``decode_block`` (Think bundles): k tokens at once the same way -> per-token argmaxes
   (depth rows, whole vocabulary), one token's logits, new cache, the k projected contexts.
+- ``expert_context`` (Think bundles with the expert's depth gate): the cache -> the whole
+  expert context with the gate applied (it needs the depth tokens, so it runs after them).
 - ``flow``: every Euler step unrolled, the accumulator in fp32 even when the expert
   runs in fp16 (``FlowGraph(dtype=torch.float16)``, ``model/flow.py``).
 
@@ -89,6 +91,12 @@ class GraphShapes:
                 cache.clone(),
                 torch.zeros(BATCH, 1, self.block_length, self.cache_length),
                 torch.zeros(BATCH, dtype=torch.int64),
+            ),
+            B.EXPERT_CONTEXT.name: (
+                cache,
+                cache.clone(),
+                torch.ones(BATCH, self.context_length, dtype=torch.bool),
+                torch.zeros(BATCH, self.context_length, dtype=torch.bool),
             ),
             B.FLOW.name: (
                 torch.zeros(BATCH, self.chunk_length, config.max_action_dim),
@@ -198,6 +206,25 @@ class DecodeBlockGraph(nn.Module):
         return logits[..., lo:hi].argmax(-1), logits.argmax(-1), last, keys, values, context_k, context_v
 
 
+class ExpertContextGraph(nn.Module):
+    """``expert_context`` (Think bundles with ``action_expert_depth_gate``): the expert's context over the cache.
+
+    The gate (per layer, or from the last layer, as released) pools V over every valid non-depth
+    position and scales K and V at depth positions before the projection, so it can only be applied
+    once the depth tokens are in the cache: this graph re-projects the first tc slots with it.
+    """
+
+    def __init__(self, model: MolmoAct2, context_length: int) -> None:
+        super().__init__()
+        self.model, self.context_length = model, context_length
+
+    def forward(
+        self, cache_k: torch.Tensor, cache_v: torch.Tensor, context_valid: torch.Tensor, depth_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        tc = self.context_length
+        return self.model.expert_context(cache_k[:, :, :, :tc], cache_v[:, :, :, :tc], context_valid, depth_mask)
+
+
 class FlowGraph(nn.Module):
     """``flow``: N Euler steps of the expert, unrolled; the accumulator is fp32 whatever ``dtype`` is.
 
@@ -233,11 +260,6 @@ def build_graphs(model: MolmoAct2, shapes: GraphShapes, with_decode: bool, with_
     config = model.config
     if not config.add_action_expert:
         raise ExportError("the checkpoint has no action expert (add_action_expert=false); nothing to export")
-    if config.action_expert_depth_gate:
-        raise ExportError(
-            "action_expert_depth_gate=true is not exported yet: the gate needs per-prompt depth masks the "
-            "bundle graphs do not take"
-        )
     inner = model.model
     graphs: dict[str, nn.Module] = {
         B.VISION.name: VisionGraph(inner.vision_backbone),
@@ -247,6 +269,8 @@ def build_graphs(model: MolmoAct2, shapes: GraphShapes, with_decode: bool, with_
         graphs[B.DECODE_STEP.name] = DecodeStepGraph(model)
     if shapes.block_length:
         graphs[B.DECODE_BLOCK.name] = DecodeBlockGraph(model)
+        if config.action_expert_depth_gate:  # without depth tokens (not Think) the gate scales nothing
+            graphs[B.EXPERT_CONTEXT.name] = ExpertContextGraph(model, shapes.context_length)
     if with_flow:
         graphs[B.FLOW.name] = FlowGraph(inner.action_expert, config.flow_matching_num_steps, config.mask_action_dim_padding)
     return {k: g.eval() for k, g in graphs.items()}

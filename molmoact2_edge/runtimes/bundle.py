@@ -11,6 +11,7 @@ Layout of a bundle directory::
     prefill.onnx(.data)
     decode_step.onnx(.data)  only when the model decodes tokens (depth codes or discrete actions)
     decode_block.onnx(.data) Think bundles: a block of depth tokens in one call (``runtimes.depth_decode``)
+    expert_context.onnx(.data) Think bundles of checkpoints with the expert's depth gate
     flow.onnx(.data)
     config.json              the checkpoint's config, copied
     norm_stats.json          normalization statistics, copied
@@ -120,6 +121,19 @@ DECODE_BLOCK = GraphSpec(
         "context_v",
     ),
 )
+EXPERT_CONTEXT = GraphSpec(
+    "expert_context",
+    inputs=(
+        "cache_k",  # (l, b, kh, tm, hd) the decoder cache after the depth tokens
+        "cache_v",
+        "context_valid",  # (b, tc) bool: the expert's cross-attention mask (pools the gate's mean)
+        "depth_mask",  # (b, tc) bool: depth-token positions (scaled by the gate)
+    ),
+    outputs=(
+        "context_k",  # (l, b, tc, e) the whole expert context, the depth gate applied
+        "context_v",
+    ),
+)
 FLOW = GraphSpec(
     "flow",
     inputs=(
@@ -131,7 +145,9 @@ FLOW = GraphSpec(
     ),
     outputs=("actions",),  # (b, ah, ad) normalized actions after all Euler steps
 )
-GRAPHS: dict[str, GraphSpec] = {g.name: g for g in (VISION, PREFILL, DECODE_STEP, DECODE_BLOCK, FLOW)}
+GRAPHS: dict[str, GraphSpec] = {
+    g.name: g for g in (VISION, PREFILL, DECODE_STEP, DECODE_BLOCK, EXPERT_CONTEXT, FLOW)
+}
 
 # Large negative used in additive attention biases. Not finfo.min: fp16 graphs must not overflow it
 # (vla-edge clamps to -30000 for the same reason); exp(-30000) underflows to exactly 0 in every dtype.

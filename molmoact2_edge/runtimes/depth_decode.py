@@ -40,6 +40,17 @@ def depth_block_length(num_cells: int) -> int:
     return num_cells + 2
 
 
+def depth_token_mask(ids: np.ndarray, token_ids: Mapping[str, int]) -> np.ndarray:
+    """Bool mask of ``ids`` at <depth_output>, <depth_start>, <depth_end> and <depth_i>: the positions the
+    expert's depth gate scales (numpy twin of ``model.masks.depth_token_mask``)."""
+    marks = [token_ids[k] for k in ("depth_output_token_id", "depth_start_token_id", "depth_end_token_id") if k in token_ids]
+    out = np.isin(ids, np.asarray(marks, dtype=np.int64))
+    first, count = token_ids.get("depth_token_start_id"), token_ids.get("num_depth_tokens", 0)
+    if first is not None and count:
+        out |= (ids >= first) & (ids < first + count)
+    return out
+
+
 @dataclass(frozen=True)
 class DepthTokens:
     """The token ids of the depth span."""

@@ -37,7 +37,7 @@ from molmoact2_edge.normalization import NormStats
 from molmoact2_edge.preprocess import resize_cameras
 from molmoact2_edge.runtimes import bundle as B
 from molmoact2_edge.runtimes.backends.base import BackendSession, load_backend
-from molmoact2_edge.runtimes.depth_decode import DepthTokens, decode_depth
+from molmoact2_edge.runtimes.depth_decode import DepthTokens, decode_depth, depth_token_mask
 from molmoact2_edge.tokenizers.openfast import OpenFASTTokenizer, action_span, llm_to_fast_ids
 from molmoact2_edge.tokenizers.prompt import (
     ImageLayout,
@@ -225,6 +225,18 @@ class PolicySession:
             speculative=self.speculative_depth,
         )
         self.depth_cache.update(camera, cells, result.codes, changed)
+        if B.EXPERT_CONTEXT.name in self.bundle.graph_names:  # the depth gate needs the depth tokens first
+            ids, valid = ctx.ids(), ctx.cache_valid[: self._context_len]
+            out = self._run(
+                B.EXPERT_CONTEXT.name,
+                {
+                    "cache_k": ctx.cache_k,
+                    "cache_v": ctx.cache_v,
+                    "context_valid": cross_attention_valid(ids, valid, self.token_ids, self.action_mode)[None],
+                    "depth_mask": (depth_token_mask(ids, self.token_ids) & valid)[None],
+                },
+            )
+            ctx.context_k, ctx.context_v = out["context_k"], out["context_v"]
         return result.stats.info()
 
     def _decode_discrete(self, ctx: _Context) -> tuple[np.ndarray, bool]:
