@@ -134,7 +134,10 @@ def render(result: dict, hz: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, help="a MolmoAct2-Think checkpoint (default: a tiny random one)")
-    parser.add_argument("--continuous", type=Path, help="the continuous checkpoint to compare act() with (default: the bundled one)")
+    parser.add_argument(
+        "--continuous", type=Path,
+        help="continuous checkpoint to compare act() with (default: the bundled one; with no --checkpoint a tiny random one)",
+    )  # fmt: skip
     parser.add_argument("--episodes", type=int, default=2)
     parser.add_argument("--chunks", type=int, default=8, help="chunk requests per episode")
     parser.add_argument("--hz", type=float, default=10.0, help="control rate (the sim's and the checkpoints' default)")
@@ -149,19 +152,22 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     CACHE.mkdir(parents=True, exist_ok=True)
-    checkpoint = args.checkpoint
-    if checkpoint is None:
+    checkpoint, other = args.checkpoint, args.continuous or bundled_checkpoint()
+    note = ""
+    if checkpoint is None:  # tiny random checkpoints, Think and continuous, of the same preset and seed
         from tests._runtime_bundle import make_checkpoint
 
-        checkpoint = CACHE / "think-ckpt"
-        if not (checkpoint / "config.json").is_file():
-            make_checkpoint(checkpoint, think=True)
+        checkpoint, other = CACHE / "think-ckpt", args.continuous or CACHE / "continuous-ckpt"
+        for path, think in ((checkpoint, True), (other, False)):
+            if not (path / "config.json").is_file():
+                make_checkpoint(path, think=think)
+        note = " Random weights: nearly every changed cell's code changes, so drafts are rejected far more than a trained model's would be."
     options = ExportOptions(cameras=tuple(args.cameras))
     think = cached_bundle(checkpoint, "fp32", CACHE, options)
-    continuous = cached_bundle(args.continuous or bundled_checkpoint(), "fp32", CACHE, options)
+    continuous = cached_bundle(other, "fp32", CACHE, options)
     result = measure(think, continuous, args.episodes, args.chunks, args.hz, args.threads)
     body = render(result, args.hz)
-    body += f"\n\nThink checkpoint `{checkpoint.name}`, continuous `{(args.continuous or bundled_checkpoint()).name}`, {args.threads} CPU thread(s)."
+    body += f"\n\nThink checkpoint `{checkpoint.name}`, continuous `{other.name}`, {args.threads} CPU thread(s).{note}"
     print(body)
     write_section(f"think-depth-{checkpoint.name}", f"Think depth stage ({checkpoint.name}): cache vs no cache, act() vs continuous", body)
 

@@ -28,6 +28,7 @@ SOURCES = (
     "runtimes/bundle.py",
     "runtimes/session.py",
     "depth_cache.py",
+    "runtimes/depth_decode.py",
 )
 CORPUS = [
     "The task is to pick up the red cube. The setup is so101 arm. The current state of the robot is"
