@@ -50,7 +50,9 @@ def sim_frames(episodes: int, chunks: int, hz: float, every: int):  # type: igno
                     obs, _, _ = env.step(env.expert_action())
 
 
-def measure(think: Path, continuous: Path | None, episodes: int, chunks: int, hz: float, threads: int) -> dict:
+def measure(
+    think: Path, continuous: Path | None, episodes: int, chunks: int, hz: float, threads: int
+) -> dict:
     opts = {"intra_op_threads": threads, "providers": ("CPUExecutionProvider",)}
     sessions = {name: PolicySession(think, "onnxruntime", **opts) for name in ("cache", "sequential", "none")}
     sessions["sequential"].speculative_depth = False
@@ -78,7 +80,9 @@ def measure(think: Path, continuous: Path | None, episodes: int, chunks: int, hz
             t0 = time.perf_counter()
             other.act(obs, seed=frames)
             act_ms["continuous"].append((time.perf_counter() - t0) * 1e3)
-        if not np.array_equal(sessions["cache"].depth_cache.codes(camera), sessions["sequential"].depth_cache.codes(camera)):
+        if not np.array_equal(
+            sessions["cache"].depth_cache.codes(camera), sessions["sequential"].depth_cache.codes(camera)
+        ):
             mismatched_frames += 1
         frames += 1
         if first:
@@ -105,13 +109,17 @@ def render(result: dict, hz: float) -> str:
     rows = result["rows"]
     base_calls, base_ms = np.mean(rows["none"]["calls"]), np.median(rows["none"]["ms"])
     table = []
-    labels = {"cache": "cache (speculative block)", "sequential": "cache, sequential steps", "none": "no cache"}
+    labels = {
+        "cache": "cache (speculative block)",
+        "sequential": "cache, sequential steps",
+        "none": "no cache",
+    }
     for name, label in labels.items():
         calls, ms = np.mean(rows[name]["calls"]), np.median(rows[name]["ms"])
-        table.append([label, f"{calls:.1f}", f"{1 - calls / base_calls:.0%}", f"{ms:.1f}", f"{1 - ms / base_ms:.0%}"])
-    body = markdown_table(
-        ["depth stage", "graph calls / frame", "fewer calls", "p50 ms", "less time"], table
-    )
+        table.append(
+            [label, f"{calls:.1f}", f"{1 - calls / base_calls:.0%}", f"{ms:.1f}", f"{1 - ms / base_ms:.0%}"]
+        )
+    body = markdown_table(["depth stage", "graph calls / frame", "fewer calls", "p50 ms", "less time"], table)
     body += (
         f"\n\n{result['frames']} frames at {hz:g} Hz (one chunk request per n_action_steps control steps); "
         f"first frame of each episode left out. Cells re-predicted per frame: "
@@ -132,15 +140,21 @@ def render(result: dict, hz: float) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, help="a MolmoAct2-Think checkpoint (default: a tiny random one)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--checkpoint", type=Path, help="a MolmoAct2-Think checkpoint (default: a tiny random one)"
+    )
     parser.add_argument(
         "--continuous", type=Path,
         help="continuous checkpoint to compare act() with (default: the bundled one; with no --checkpoint a tiny random one)",
     )  # fmt: skip
     parser.add_argument("--episodes", type=int, default=2)
     parser.add_argument("--chunks", type=int, default=8, help="chunk requests per episode")
-    parser.add_argument("--hz", type=float, default=10.0, help="control rate (the sim's and the checkpoints' default)")
+    parser.add_argument(
+        "--hz", type=float, default=10.0, help="control rate (the sim's and the checkpoints' default)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cameras", nargs="+", default=["front", "wrist"])
     args = parser.parse_args()
@@ -169,7 +183,11 @@ def main() -> None:
     body = render(result, args.hz)
     body += f"\n\nThink checkpoint `{checkpoint.name}`, continuous `{other.name}`, {args.threads} CPU thread(s).{note}"
     print(body)
-    write_section(f"think-depth-{checkpoint.name}", f"Think depth stage ({checkpoint.name}): cache vs no cache, act() vs continuous", body)
+    write_section(
+        f"think-depth-{checkpoint.name}",
+        f"Think depth stage ({checkpoint.name}): cache vs no cache, act() vs continuous",
+        body,
+    )
 
 
 if __name__ == "__main__":

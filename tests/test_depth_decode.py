@@ -180,7 +180,9 @@ def test_decode_block_graph_matches_single_steps() -> None:
         for i, token in enumerate(tokens):
             allowed = np.zeros(tm, dtype=bool)
             allowed[: prompt + i + 1] = True
-            out = step(torch.tensor([[token]]), torch.tensor([prompt + i]), ks, vs, bias(allowed)[None, None, None])
+            out = step(
+                torch.tensor([[token]]), torch.tensor([prompt + i]), ks, vs, bias(allowed)[None, None, None]
+            )
             ks, vs = out[1], out[2]
             steps.append(out)
         allowed = np.zeros((k, tm), dtype=bool)
@@ -188,7 +190,12 @@ def test_decode_block_graph_matches_single_steps() -> None:
         allowed[:, prompt : prompt + k] |= np.tril(np.ones((k, k), dtype=bool))
         ids = torch.tensor([tokens + [0] * (k - len(tokens))])
         depth_am, token_am, last, bk, bv, ctx_k, ctx_v = block(
-            ids, torch.arange(prompt, prompt + k)[None], cache_k, cache_v, bias(allowed)[None, None], torch.tensor([2])
+            ids,
+            torch.arange(prompt, prompt + k)[None],
+            cache_k,
+            cache_v,
+            bias(allowed)[None, None],
+            torch.tensor([2]),
         )
     n = len(tokens)
     for i, out in enumerate(steps):
@@ -237,7 +244,9 @@ def test_think_export_has_the_block_graph_and_a_depth_parity_gate(think_bundle) 
     for graph in ("decode_block", "expert_context"):  # TensorRT 10.3 parser allow-list, as export ran it
         assert opset_check.check_file(str(bundle / f"{graph}.onnx"))
     model, parity = manifest["model"], manifest["parity"]
-    assert model["block_length"] == CELLS + 2 and {"decode_block", "expert_context"} <= set(manifest["artifacts"])
+    assert model["block_length"] == CELLS + 2 and {"decode_block", "expert_context"} <= set(
+        manifest["artifacts"]
+    )
     assert model["cache_length"] == model["context_length"] + model["block_length"]  # k scratch slots
     assert parity["passed"] and parity["graphs"]["decode_block"]["passed"], parity
     assert parity["graphs"]["expert_context"]["passed"], parity  # the depth gate, per layer
@@ -267,7 +276,11 @@ def test_think_bundle_matches_the_reference_and_replays_an_unchanged_frame(think
         again = spec.act(obs, seed=0)
         # every code replayed: one block call, plus one per greedy tail token that is not <depth_end>
         assert again.info["depth_cells_repredicted"] == 0
-        assert again.info["depth_graph_calls"] == again.info["depth_block_calls"] == 1 + again.info["depth_drafts_rejected"]
+        assert (
+            again.info["depth_graph_calls"]
+            == again.info["depth_block_calls"]
+            == 1 + again.info["depth_drafts_rejected"]
+        )
         assert again.info["depth_drafts_rejected"] <= TAIL
         np.testing.assert_allclose(again.actions, first.actions, atol=1e-4)
 
@@ -287,12 +300,16 @@ def test_bundle_codes_equal_sequential_on_frames_and_adversarial_masks(think_bun
         for step in range(4):
             a, b = spec.act(obs, seed=step), seq.act(obs, seed=step)
             assert np.array_equal(spec.depth_cache.codes(camera), seq.depth_cache.codes(camera)), step
-            np.testing.assert_allclose(a.actions, b.actions, rtol=1e-5, atol=1e-4)  # block vs step: fp noise only
+            np.testing.assert_allclose(
+                a.actions, b.actions, rtol=1e-5, atol=1e-4
+            )  # block vs step: fp noise only
             assert a.info["depth_cells_repredicted"] == b.info["depth_cells_repredicted"]
             infos.append((a.info, b.info))
             for _ in range(3):
                 obs, _, _ = env.step(env.expert_action())
-        assert infos[0][0]["depth_graph_calls"] == infos[0][1]["depth_graph_calls"] >= 1 + CELLS + 1  # no drafts yet
+        assert (
+            infos[0][0]["depth_graph_calls"] == infos[0][1]["depth_graph_calls"] >= 1 + CELLS + 1
+        )  # no drafts yet
         for fast, slow in infos[1:]:
             assert fast["depth_block_calls"] == fast["depth_graph_calls"] <= 1 + fast["depth_drafts_rejected"]
             assert fast["depth_drafts_rejected"] <= fast["depth_cells_repredicted"] + TAIL  # + tail tokens
@@ -309,7 +326,9 @@ def test_bundle_codes_equal_sequential_on_frames_and_adversarial_masks(think_bun
                 monkeypatch.setattr(session.depth_cache, "plan", lambda *_, p=plan: p)
             a, b = spec.act(obs, seed=0), seq.act(obs, seed=0)
             assert np.array_equal(spec.depth_cache.codes(camera), seq.depth_cache.codes(camera)), trial
-            np.testing.assert_allclose(a.actions, b.actions, rtol=1e-5, atol=1e-4)  # block vs step: fp noise only
+            np.testing.assert_allclose(
+                a.actions, b.actions, rtol=1e-5, atol=1e-4
+            )  # block vs step: fp noise only
             rejected = int(np.sum(changed & (spec.depth_cache.codes(camera) != drafts)))
             assert a.info["depth_drafts_rejected"] >= rejected
             assert a.info["depth_block_calls"] <= 1 + a.info["depth_drafts_rejected"]
@@ -324,11 +343,24 @@ def test_bench_json_reports_the_depth_stage_with_and_without_the_cache(think_bun
     from molmoact2_edge.cli import main as cli_main
 
     _, bundle, _ = think_bundle
-    args = ["bench", str(bundle), "--backend", "onnxruntime", "--iterations", "1", "--loop-seconds", "0.5", "--threads", "1"]
+    args = [
+        "bench",
+        str(bundle),
+        "--backend",
+        "onnxruntime",
+        "--iterations",
+        "1",
+        "--loop-seconds",
+        "0.5",
+        "--threads",
+        "1",
+    ]
     result = CliRunner().invoke(cli_main.cli, [*args, "--json"])
     assert result.exit_code == 0, result.output
     depth = json.loads(result.output)["depth"]
-    assert depth["graph_calls_per_frame_uncached"] >= 1 + CELLS + 1  # every cell predicted, one call per token
+    assert (
+        depth["graph_calls_per_frame_uncached"] >= 1 + CELLS + 1
+    )  # every cell predicted, one call per token
     assert 1 <= depth["graph_calls_per_frame"] <= 1 + depth["drafts_rejected_mean"] + 1e-9
     assert depth["graph_calls_per_frame"] < depth["graph_calls_per_frame_uncached"]
     assert 0 < depth["cells_repredicted_mean"] < CELLS  # the sliding block changes some cells, not all

@@ -33,11 +33,16 @@ def moving_frames(base: Observation, camera: str, count: int) -> Iterator[Observ
         x = (i * size // 2) % (w - size)
         frame[y : y + size, x : x + size] = 128
         yield Observation(
-            images={**base.images, camera: frame}, state=base.state, task=base.task, timestamp=time.monotonic()
+            images={**base.images, camera: frame},
+            state=base.state,
+            task=base.task,
+            timestamp=time.monotonic(),
         )
 
 
-def depth_benchmark(cached: PolicySession, uncached: PolicySession, base: Observation, frames: int = 10) -> dict[str, Any]:
+def depth_benchmark(
+    cached: PolicySession, uncached: PolicySession, base: Observation, frames: int = 10
+) -> dict[str, Any]:
     """The ``depth`` object of ``bench --json`` (two sessions of the same Think bundle and backend)."""
     uncached.depth_cache.enabled = False
     cached.reset()

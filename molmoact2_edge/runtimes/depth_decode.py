@@ -43,7 +43,11 @@ def depth_block_length(num_cells: int) -> int:
 def depth_token_mask(ids: np.ndarray, token_ids: Mapping[str, int]) -> np.ndarray:
     """Bool mask of ``ids`` at <depth_output>, <depth_start>, <depth_end> and <depth_i>: the positions the
     expert's depth gate scales (numpy twin of ``model.masks.depth_token_mask``)."""
-    marks = [token_ids[k] for k in ("depth_output_token_id", "depth_start_token_id", "depth_end_token_id") if k in token_ids]
+    marks = [
+        token_ids[k]
+        for k in ("depth_output_token_id", "depth_start_token_id", "depth_end_token_id")
+        if k in token_ids
+    ]
     out = np.isin(ids, np.asarray(marks, dtype=np.int64))
     first, count = token_ids.get("depth_token_start_id"), token_ids.get("num_depth_tokens", 0)
     if first is not None and count:
@@ -169,7 +173,11 @@ def decode_speculative(
     """Same tokens as ``decode_sequential``, in 1 + (drafts rejected) block calls (see the module doc)."""
     n = len(changed)
     changed = np.asarray(changed, dtype=bool)
-    seq = [ids.start, *(ids.first_code + int(c) for c in previous), ids.end]  # drafts; seq grows on tail rejections
+    seq = [
+        ids.start,
+        *(ids.first_code + int(c) for c in previous),
+        ids.end,
+    ]  # drafts; seq grows on tail rejections
     stats = DepthStats(cells_repredicted=int(changed.sum()))
     k = decoder.block_length
     done = 0  # tokens of seq fed and final

@@ -226,18 +226,22 @@ class PolicySession:
         )
         self.depth_cache.update(camera, cells, result.codes, changed)
         if B.EXPERT_CONTEXT.name in self.bundle.graph_names:  # the depth gate needs the depth tokens first
-            ids, valid = ctx.ids(), ctx.cache_valid[: self._context_len]
-            out = self._run(
-                B.EXPERT_CONTEXT.name,
-                {
-                    "cache_k": ctx.cache_k,
-                    "cache_v": ctx.cache_v,
-                    "context_valid": cross_attention_valid(ids, valid, self.token_ids, self.action_mode)[None],
-                    "depth_mask": (depth_token_mask(ids, self.token_ids) & valid)[None],
-                },
-            )
-            ctx.context_k, ctx.context_v = out["context_k"], out["context_v"]
+            self._gated_context(ctx)
         return result.stats.info()
+
+    def _gated_context(self, ctx: _Context) -> None:
+        """Replace the expert context with the ``expert_context`` graph's: the depth gate applied over all of it."""
+        ids, valid = ctx.ids(), ctx.cache_valid[: self._context_len]
+        out = self._run(
+            B.EXPERT_CONTEXT.name,
+            {
+                "cache_k": ctx.cache_k,
+                "cache_v": ctx.cache_v,
+                "context_valid": cross_attention_valid(ids, valid, self.token_ids, self.action_mode)[None],
+                "depth_mask": (depth_token_mask(ids, self.token_ids) & valid)[None],
+            },
+        )
+        ctx.context_k, ctx.context_v = out["context_k"], out["context_v"]
 
     def _decode_discrete(self, ctx: _Context) -> tuple[np.ndarray, bool]:
         """Greedy decoding to eos (at most 16 * ah tokens), then OpenFAST on the action span (§4.14)."""
