@@ -99,10 +99,13 @@ def test_speculative_equals_sequential_on_adversarial_masks_and_drafts(seed: int
     assert got.tokens == expected.tokens and np.array_equal(got.codes, expected.codes)
     assert dec.fed == fed_seq  # the decoder ends in the same state (same cache), nothing stale kept
     cells_changed_code = int(np.sum(changed & (got.codes != previous)))
-    tail_rejections = min(len(tail), 8)
-    assert got.stats.drafts_rejected == cells_changed_code + tail_rejections
+    assert got.stats.drafts_rejected == cells_changed_code + (1 if tail else 0)  # <depth_end> rejected once
     assert got.stats.block_calls <= 1 + got.stats.drafts_rejected
-    assert got.stats.step_calls == 0 and got.stats.cells_repredicted == int(changed.sum())
+    tail_fed = min(len(tail), 8) + (
+        1 if len(tail) < 8 else 0
+    )  # the tail tokens, then <depth_end> within budget
+    assert got.stats.step_calls == (tail_fed if tail else 0)
+    assert got.stats.cells_repredicted == int(changed.sum())
 
 
 def test_all_drafts_right_is_one_block_call() -> None:
@@ -274,14 +277,9 @@ def test_think_bundle_matches_the_reference_and_replays_an_unchanged_frame(think
         np.testing.assert_allclose(first.actions, policy.act(obs, seed=0).actions, atol=1e-3)
         assert np.array_equal(spec.depth_cache.codes(CAMERAS[0]), policy.depth_cache.codes(CAMERAS[0]))
         again = spec.act(obs, seed=0)
-        # every code replayed: one block call, plus one per greedy tail token that is not <depth_end>
-        assert again.info["depth_cells_repredicted"] == 0
-        assert (
-            again.info["depth_graph_calls"]
-            == again.info["depth_block_calls"]
-            == 1 + again.info["depth_drafts_rejected"]
-        )
-        assert again.info["depth_drafts_rejected"] <= TAIL
+        # every code replayed: one block call (plus the greedy tail step by step, if <depth_end> does not follow)
+        assert again.info["depth_cells_repredicted"] == 0 and again.info["depth_block_calls"] == 1
+        assert again.info["depth_drafts_rejected"] <= 1 and again.info["depth_graph_calls"] <= 1 + TAIL
         np.testing.assert_allclose(again.actions, first.actions, atol=1e-4)
 
 
@@ -309,8 +307,13 @@ def test_bundle_codes_equal_sequential_on_frames_and_adversarial_masks(think_bun
         first_fast, first_slow = infos[0]  # no drafts yet: both sequential
         assert first_fast["depth_graph_calls"] == first_slow["depth_graph_calls"] >= 1 + CELLS + 1
         for fast, slow in infos[1:]:
-            assert fast["depth_block_calls"] == fast["depth_graph_calls"] <= 1 + fast["depth_drafts_rejected"]
-            assert fast["depth_drafts_rejected"] <= fast["depth_cells_repredicted"] + TAIL  # + tail tokens
+            assert fast["depth_block_calls"] <= 1 + fast["depth_drafts_rejected"]
+            assert (
+                fast["depth_graph_calls"] <= fast["depth_block_calls"] + TAIL
+            )  # + a greedy tail, step by step
+            assert (
+                fast["depth_drafts_rejected"] <= fast["depth_cells_repredicted"] + 1
+            )  # + the <depth_end> draft
             assert slow["depth_graph_calls"] >= 1 + CELLS + 1
 
         rng = np.random.default_rng(0)

@@ -11,13 +11,15 @@ down before anything runs: ``<depth_start>``, every cell's cached code (a change
 code stands in as its draft) and ``<depth_end>`` as the draft of the first tail token. One
 ``decode_block`` call feeds that sequence (k = N + 2 tokens) and returns, after every token,
 the argmax over the depth rows and over the whole vocabulary. Walking the sequence in order:
-a replayed cell is never checked; at a predicted position (a changed cell, or a tail token)
+a replayed cell is never checked; at a predicted position (a changed cell, or the first tail token)
 the prediction is exact as long as every earlier token was right, so where it equals the
 draft the walk goes on, and at the first difference the prediction replaces the draft, the
 block's tokens after it are dropped (their cache slots are rewritten by the next call) and
 the next call starts there. So a frame costs 1 + (drafts rejected) calls, where a rejected
-draft is a changed cell whose code actually changed (or a tail token that is not
-``<depth_end>``), and the result is identical to sequential decoding by construction.
+draft is a changed cell whose code actually changed, and the result is identical to
+sequential decoding by construction. Should the model not close the span right after the
+codes (a rejected ``<depth_end>`` draft, rare after training), the rest of the greedy tail is
+decoded with ``decode_step``: there is no draft worth a block call beyond it.
 Why this scheme and not another: a rejection must cost a call (the tokens after a changed
 code depend on it), so no exact scheme needs fewer calls than 1 + rejections without
 guessing the new code; with the cache as the draft the unchanged cells (88-91 % on sim
@@ -156,15 +158,22 @@ def decode_sequential(
             codes[cell] = int(previous[cell])
         tokens.append(ids.first_code + int(codes[cell]))
         logits = decoder.step(tokens[-1])
-    token = int(np.argmax(logits))
-    for _ in range(tail_budget):  # greedy until <depth_end> has been fed
+    stats.step_calls = len(tokens) + _greedy_tail(decoder, ids, tokens, int(np.argmax(logits)), tail_budget)
+    return DepthResult(codes, tokens, stats)
+
+
+def _greedy_tail(decoder: Decoder, ids: DepthTokens, tokens: list[int], token: int, budget: int) -> int:
+    """Feed ``token`` and greedy tokens after it until <depth_end> has been fed (at most ``budget``); appends
+    them to ``tokens`` and returns how many step calls that took."""
+    fed = 0
+    while fed < budget:
         tokens.append(token)
         logits = decoder.step(token)
+        fed += 1
         if token == ids.end:
             break
         token = int(np.argmax(logits))
-    stats.step_calls = len(tokens)
-    return DepthResult(codes, tokens, stats)
+    return fed
 
 
 def decode_speculative(
@@ -173,22 +182,19 @@ def decode_speculative(
     """Same tokens as ``decode_sequential``, in 1 + (drafts rejected) block calls (see the module doc)."""
     n = len(changed)
     changed = np.asarray(changed, dtype=bool)
-    seq = [
-        ids.start,
-        *(ids.first_code + int(c) for c in previous),
-        ids.end,
-    ]  # drafts; seq grows on tail rejections
+    seq = [ids.start, *(ids.first_code + int(c) for c in previous), ids.end]  # the drafts
     stats = DepthStats(cells_repredicted=int(changed.sum()))
     k = decoder.block_length
     done = 0  # tokens of seq fed and final
-    while done < len(seq):
+    tail: int | None = None  # the first tail token, when it is not <depth_end>
+    while done < len(seq) and tail is None:
         block = seq[done : done + k]
         depth_argmax, token_argmax = decoder.block(block)
         stats.block_calls += 1
         kept = len(block)
         for j in range(len(block)):
             nxt = done + j + 1  # the token the logits after block[j] predict
-            if nxt >= len(seq):
+            if nxt > n + 1:
                 break
             if nxt <= n and not changed[nxt - 1]:
                 continue  # a replayed cell: its code is given, not predicted
@@ -196,16 +202,18 @@ def decode_speculative(
             if pred == seq[nxt]:
                 continue
             stats.drafts_rejected += 1
-            seq[nxt] = pred
-            if nxt > n:  # a tail token that is not <depth_end>: greedy goes on, <depth_end> drafted again
-                del seq[nxt + 1 :]
-                if nxt - n < tail_budget:
-                    seq.append(ids.end)
+            if nxt > n:  # the model goes on after the codes: the tail is decoded step by step below
+                tail = pred
+                del seq[nxt:]
+            else:
+                seq[nxt] = pred
             if nxt < done + len(block):  # the block fed the wrong draft at nxt: drop it and what follows
                 kept = j + 1
-                break
+            break
         if kept < len(block):
             decoder.drop(len(block) - kept)
         done += kept
+    if tail is not None:  # rare after training: no draft beyond <depth_end> is worth a block call
+        stats.step_calls = _greedy_tail(decoder, ids, seq, tail, tail_budget)
     codes = np.asarray(seq[1 : n + 1], dtype=np.int64) - ids.first_code
     return DepthResult(codes, seq, stats)
