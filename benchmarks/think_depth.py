@@ -175,7 +175,10 @@ def main() -> None:
         for path, think in ((checkpoint, True), (other, False)):
             if not (path / "config.json").is_file():
                 make_checkpoint(path, think=think)
-        note = " Random weights: nearly every changed cell's code changes, so drafts are rejected far more than a trained model's would be."
+        note = (
+            " Random weights: the model does not close the span with `<depth_end>` after the codes, so every frame"
+            " also decodes a greedy tail of 8 tokens step by step, which a trained model does not."
+        )
     options = ExportOptions(cameras=tuple(args.cameras))
     think = cached_bundle(checkpoint, "fp32", CACHE, options)
     continuous = cached_bundle(other, "fp32", CACHE, options)

@@ -47,13 +47,16 @@ def depth_benchmark(
     uncached.depth_cache.enabled = False
     cached.reset()
     uncached.reset()
-    rows: dict[str, list[float]] = {k: [] for k in ("calls", "calls_u", "ms", "ms_u", "cells", "rejected")}
+    rows: dict[str, list[float]] = {
+        k: [] for k in ("calls", "blocks", "calls_u", "ms", "ms_u", "cells", "rejected")
+    }
     for i, obs in enumerate(moving_frames(base, cached.camera_order[0], frames + 1)):
         a = cached.act(obs, seed=i)
         b = uncached.act(obs, seed=i)
         if i == 0:
             continue  # nothing cached yet
         rows["calls"].append(_count(a.info, "depth_graph_calls"))
+        rows["blocks"].append(_count(a.info, "depth_block_calls"))
         rows["calls_u"].append(_count(b.info, "depth_graph_calls"))
         rows["ms"].append(a.timings["depth"] * 1e3)
         rows["ms_u"].append(b.timings["depth"] * 1e3)
@@ -64,6 +67,7 @@ def depth_benchmark(
         "cells": cached.depth_cache.num_cells,
         "graph_calls_per_frame": float(np.mean(rows["calls"])),
         "graph_calls_per_frame_uncached": float(np.mean(rows["calls_u"])),
+        "block_calls_per_frame": float(np.mean(rows["blocks"])),
         "stage_ms_p50": float(np.median(rows["ms"])),
         "stage_ms_p50_uncached": float(np.median(rows["ms_u"])),
         "cells_repredicted_mean": float(np.mean(rows["cells"])),
