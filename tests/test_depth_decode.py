@@ -357,7 +357,7 @@ def test_bench_json_reports_the_depth_stage_with_and_without_the_cache(think_bun
     ]
     result = CliRunner().invoke(cli_main.cli, [*args, "--json"])
     assert result.exit_code == 0, result.output
-    depth = json.loads(result.output)["depth"]
+    depth = json.loads(result.stdout)["depth"]  # stdout only: logs go to stderr
     # without the cache every cell is predicted, one call per token
     assert depth["graph_calls_per_frame_uncached"] >= 1 + CELLS + 1
     assert 1 <= depth["block_calls_per_frame"] <= 1 + depth["drafts_rejected_mean"] + 1e-9
