@@ -71,6 +71,10 @@ class BundleError(MolmoEdgeError):
     """A bundle is missing a file, has an altered or extra file, or an unknown schema."""
 
 
+class ContractError(BundleError):
+    """A robot contract is missing or malformed, or disagrees with the robot, a flag or a remote server."""
+
+
 class PromptTooLongError(MolmoEdgeError, ValueError):
     """A prompt does not fit the bundle's fixed bucket (never truncated)."""
 
@@ -134,6 +138,14 @@ class CameraError(HardwareError):
 
 class SafetyError(HardwareError):
     """The safety layer stopped the robot (dead bus, servo fault, watchdog)."""
+
+
+class PreflightError(HardwareError):
+    """A check before the bus opens failed (camera, calibration, port, record folder, contract); nothing moved."""
+
+
+class FirstMoveError(SafetyError):
+    """The policy's first target is too far from the present pose (frame or calibration mistake); nothing moved."""
 
 
 class RegisterError(HardwareError, ValueError):
