@@ -22,6 +22,7 @@ from typing import Any
 
 import click
 
+from molmoact2_edge.cli.run import DEFAULT_SIM_TASK, SIM_TASKS
 from molmoact2_edge.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -96,11 +97,20 @@ def save_plots(stats: dict[str, Any], telemetry_path: Path, out: Path, hz: float
 )
 @click.option("--backend", default="auto", show_default=True, help="auto | onnxruntime | tensorrt | torch.")
 @click.option(
-    "--task", "sim_task", default="touch", show_default=True, help="Simulated task: touch | lift | place."
+    "--task",
+    "--sim-task",
+    "sim_task",
+    type=click.Choice(SIM_TASKS),
+    default=DEFAULT_SIM_TASK,
+    show_default=True,
+    help="Simulated task (checked before exporting).",
 )
 @click.option("--episodes", default=3, show_default=True)
 @click.option("--duration", default=20.0, show_default=True, help="Seconds per episode at most.")
-@click.option("--hz", default=10.0, show_default=True, help="Control rate (the sim data's rate).")
+@click.option(
+    "--hz", type=float, default=None, help="Control rate [default: the bundle's robot contract, the rate it was trained at]."
+)
+@click.option("--override-contract", is_flag=True, help="Let --hz differ from the bundle's robot contract.")
 @click.option("--size", default=128, show_default=True, help="Camera resolution (square).")
 @click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), default=CACHE / "demo", show_default=True
@@ -120,7 +130,8 @@ def demo(
     sim_task: str,
     episodes: int,
     duration: float,
-    hz: float,
+    hz: float | None,
+    override_contract: bool,
     size: int,
     out: Path,
     plots: bool,
@@ -134,21 +145,27 @@ def demo(
       molmo-edge demo --episodes 5 --task place --out demo_out/
     """
     from molmoact2_edge.cli.run import RunSettings, print_summary, run_policy, sim_episodes
+    from molmoact2_edge.runtimes.bundle import Bundle
+    from molmoact2_edge.runtimes.preflight import preflight, resolve_run
 
     ckpt = checkpoint or bundled_checkpoint()
-    bundle = cached_bundle(ckpt, precision, cache)
+    bundle = Bundle.open(cached_bundle(ckpt, precision, cache))
+    choices = resolve_run(bundle.contract, "sim-so101", hz=hz, override=override_contract)
+    preflight(bundle.contract, "sim-so101", None, task=sim_task)
+    click.echo(f"control rate {choices.hz:g} Hz (the bundle's robot contract), joint frame {choices.joint_frame}")
     out.mkdir(parents=True, exist_ok=True)
     telemetry = out / "telemetry.jsonl"
     telemetry.unlink(missing_ok=True)
     # a simulated arm holding still is harmless: tolerate a slow or busy laptop starving inference
     settings = RunSettings(
-        bundle, "sim-so101", None, backend, duration, episodes, hz, telemetry=telemetry, stall_timeout_s=10.0
-    )
-    results, stats = run_policy(settings, sim_episodes(sim_task, size, hz))
+        bundle, "sim-so101", None, backend, duration, episodes, choices.hz, telemetry=telemetry,
+        stall_timeout_s=10.0, joint_frame=choices.joint_frame, overrides=choices.overrides,
+    )  # fmt: skip
+    results, stats = run_policy(settings, sim_episodes(sim_task, size, choices.hz, choices.joint_frame))
     print_summary(results, stats)
     successes = sum(r["success"] for r in results)
     click.echo(f"success: {successes}/{len(results)} episodes ({sim_task})")
     click.echo(f"telemetry: {telemetry}")
     if plots:
-        written = save_plots(stats, telemetry, out / "plots", hz)
+        written = save_plots(stats, telemetry, out / "plots", choices.hz)
         click.echo(f"plots: {', '.join(str(p) for p in written)}")

@@ -6,25 +6,36 @@ Examples:
       --camera wrist=/dev/video2 --task "put the cube in the bowl" --duration 60
   molmo-edge run bundle/ --robot yam --can can0 --camera front=/dev/video0 --task "wipe the table"
   molmo-edge run bundle/ --robot sim-so101 --task "pick up the red cube" --telemetry run.jsonl
+
+The rate, the joint frame, the camera names and the steps executed per chunk come from the
+bundle's robot contract; a flag that disagrees is refused unless --override-contract is given
+(printed, and recorded in the telemetry). Everything checkable without motion is checked
+before the bus opens (``runtimes.preflight``); the first move is a slow approach or a refusal
+(``runtimes.first_move``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
 
 from molmoact2_edge.errors import CameraError, MolmoEdgeError
+from molmoact2_edge.runtimes.bundle import Bundle
 
 log = logging.getLogger(__name__)
 
-ROBOTS = ("so101", "yam", "bimanual-yam", "sim-so101")
+SIM_TASKS = ("touch", "lift", "place")  # sim.tasks.TASKS (not imported: the sim extra may be absent)
+DEFAULT_SIM_TASK = "touch"  # the bundled checkpoint's task; run, demo and eval agree
+
+ROBOTS = ("so101", "koch", "yam", "bimanual-yam", "sim-so101")
 ROBOT_TYPES = {
     "so101": "so101_follower",
+    "koch": "koch_follower",
     "yam": "yam",
     "bimanual-yam": "bimanual_yam",
     "sim-so101": "so101_follower",
@@ -61,18 +72,20 @@ def open_cameras(specs: dict[str, str], fps: float) -> dict[str, Any]:
 class RunSettings:
     """What one ``run`` invocation does, gathered from the options."""
 
-    bundle: Path
+    bundle: Path | Bundle  # an opened Bundle is not hashed again
     robot: str
     task: str | None  # None: the target's own instruction (the simulator's task)
     backend: str = "auto"
     duration_s: float | None = None
     episodes: int = 1
-    hz: float = 30.0
+    hz: float = 30.0  # the contract's (``preflight.resolve_run``)
     swap_threshold: float = 0.5
     record: Path | None = None
     telemetry: Path | None = None
     on_exit: str = "hold"
     stall_timeout_s: float = 2.0
+    joint_frame: str = "lerobot"  # what the robot presents (recorded datasets say so)
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # contract values overridden by flags
 
 
 @dataclass
@@ -98,6 +111,7 @@ def run_policy(
     """
     from molmoact2_edge.hardware.safety import SafetyConfig, SafetyLayer
     from molmoact2_edge.runtimes.control import LoopConfig, run_episode, summarize
+    from molmoact2_edge.runtimes.first_move import FirstMoveConfig, FirstMoveGuard
     from molmoact2_edge.runtimes.power import PowerMonitor, detect_power_sampler
     from molmoact2_edge.runtimes.recording import DatasetRecorder
     from molmoact2_edge.runtimes.session import PolicySession
@@ -105,7 +119,12 @@ def run_policy(
 
     session = PolicySession(settings.bundle, settings.backend)
     monitor = PowerMonitor(detect_power_sampler()).start()
-    meta = {"backend": session.backend.describe(), "robot": settings.robot, "task": settings.task}
+    meta = {
+        "backend": session.backend.describe(),
+        "robot": settings.robot,
+        "task": settings.task,
+        "contract": {"hz": settings.hz, "joint_frame": settings.joint_frame, "overrides": settings.overrides},
+    }
     telemetry = Telemetry(settings.telemetry, control_hz=settings.hz, power=monitor, meta=meta)
     recorder: DatasetRecorder | None = None
     results: list[dict[str, Any]] = []
@@ -118,7 +137,11 @@ def run_policy(
                     robot.connect()
                 if settings.record is not None and recorder is None:
                     recorder = DatasetRecorder(
-                        settings.record, int(settings.hz), robot.joint_names, ROBOT_TYPES[settings.robot]
+                        settings.record,
+                        int(settings.hz),
+                        robot.joint_names,
+                        ROBOT_TYPES[settings.robot],
+                        joint_frame=settings.joint_frame,
                     )
                 task = settings.task or target.instruction
                 if not task:
@@ -129,7 +152,8 @@ def run_policy(
                 session.reset()
                 with SafetyLayer(robot, SafetyConfig(on_exit=settings.on_exit, control_hz=settings.hz)) as layer:  # type: ignore[arg-type]
                     telemetry.write({"type": "safety", "episode": episode, **layer.telemetry()})
-                    result = run_episode(session.act, layer, config, telemetry, target.success, recorder)
+                    gate = FirstMoveGuard(layer, settings.hz, FirstMoveConfig(likely_cause=first_move_cause(settings)))
+                    result = run_episode(session.act, gate, config, telemetry, target.success, recorder)
                     summary = {
                         "episode": episode,
                         "task": task,
@@ -159,12 +183,25 @@ def run_policy(
     return results, stats
 
 
-def sim_episodes(sim_task: str, size: int, hz: float) -> Callable[[int], EpisodeTarget]:
+def first_move_cause(settings: RunSettings) -> str:
+    """What most likely put the first target far away, for the first-move error."""
+    if "joint_frame" in settings.overrides:
+        o = settings.overrides["joint_frame"]
+        return (
+            f"the joint frame: the bundle's policy was trained in {o['contract']} but --override-contract ran it "
+            f"in {o['used']}; drop --joint-frame"
+        )
+    return f"the calibration of the arm (or a policy trained in another joint frame than {settings.joint_frame})"
+
+
+def sim_episodes(
+    sim_task: str, size: int, hz: float, joint_frame: str = "lerobot"
+) -> Callable[[int], EpisodeTarget]:
     """Episode i on a fresh simulated SO-101 scene seeded with i, reached through the Feetech driver."""
     from molmoact2_edge.sim.robot import make_sim_so101
 
     def open_episode(i: int) -> EpisodeTarget:
-        handle = make_sim_so101(sim_task, seed=i, size=size, control_hz=hz)
+        handle = make_sim_so101(sim_task, seed=i, size=size, control_hz=hz, joint_frame=joint_frame)
         return EpisodeTarget(handle.robot, handle.success, handle.instruction, handle.close)
 
     return open_episode
@@ -183,6 +220,8 @@ def make_hardware_robot(
 
     if kind == "so101":
         return make_robot(kind, port=port, cameras=cameras, robot_id=robot_id, joint_frame=joint_frame)
+    if kind == "koch":
+        return make_robot(kind, port=port, cameras=cameras, robot_id=robot_id)
     if kind == "yam":
         return make_robot(kind, channel=can[0], cameras=cameras)
     if len(can) != 2:
@@ -233,20 +272,25 @@ def print_summary(results: list[dict[str, Any]], stats: dict[str, Any]) -> None:
 @click.option(
     "--joint-frame",
     type=click.Choice(["lerobot", "so100_101_legacy"]),
-    default="lerobot",
-    show_default=True,
-    help="SO-101 joint frame the policy was trained in: so100_101_legacy for the released MolmoAct2 "
-    "SO100_101 checkpoints (LeRobot < 0.5 frame), lerobot for checkpoints trained on current LeRobot data.",
+    default=None,
+    help="SO-101 joint frame the policy was trained in [default: the bundle's robot contract].",
 )
 @click.option("--task", help="The language instruction (sim-so101: defaults to the sim task's).")
-@click.option("--sim-task", default="lift", show_default=True, help="sim-so101 only: touch | lift | place.")
+@click.option(
+    "--sim-task", type=click.Choice(SIM_TASKS), default=DEFAULT_SIM_TASK, show_default=True, help="sim-so101 only."
+)
 @click.option(
     "--sim-size", default=128, show_default=True, help="sim-so101 only: camera resolution (square)."
 )
 @click.option("--backend", default="auto", show_default=True, help="auto | onnxruntime | tensorrt | torch.")
 @click.option("--duration", type=float, help="Seconds per episode (default: until Ctrl-C).")
 @click.option("--episodes", default=1, show_default=True)
-@click.option("--hz", default=30.0, show_default=True, help="Control rate.")
+@click.option("--hz", type=float, default=None, help="Control rate [default: the bundle's robot contract].")
+@click.option(
+    "--override-contract",
+    is_flag=True,
+    help="Let --hz / --joint-frame differ from the bundle's robot contract (printed and recorded in telemetry).",
+)
 @click.option(
     "--swap-threshold", default=0.5, show_default=True, help="Ask for the next chunk at this fraction left."
 )
@@ -283,7 +327,8 @@ def run(
     backend: str,
     duration: float | None,
     episodes: int,
-    hz: float,
+    hz: float | None,
+    override_contract: bool,
     swap_threshold: float,
     on_exit: str,
     stall_timeout: float,
@@ -297,34 +342,41 @@ def run(
       molmo-edge run bundle/ --robot so101 --port /dev/ttyACM0 --camera front=/dev/video0 --task "pick up the cube"
       molmo-edge run bundle/ --robot sim-so101 --task "pick up the red cube" --duration 20
     """
-    if robot == "so101" and not port:
+    from molmoact2_edge.runtimes.preflight import preflight, resolve_run
+
+    if robot in ("so101", "koch") and not port:
         raise MolmoEdgeError(
-            "--robot so101 needs --port (the bus adapter, e.g. /dev/ttyACM0; see `molmo-edge doctor`)"
+            f"--robot {robot} needs --port (the bus adapter, e.g. /dev/ttyACM0; see `molmo-edge doctor`)"
         )
     if robot in ("yam", "bimanual-yam") and not can:
         raise MolmoEdgeError(f"--robot {robot} needs --can (e.g. --can can0; see `molmo-edge doctor`)")
+    opened = Bundle.open(bundle)  # hashes checked once, before anything else
+    choices = resolve_run(opened.contract, robot, hz=hz, joint_frame=joint_frame, override=override_contract)
+    for name, o in choices.overrides.items():
+        click.echo(f"OVERRIDE: {name} {o['used']} instead of the bundle's {o['contract']} (--override-contract)")
     settings = RunSettings(
-        bundle,
+        opened,
         robot,
         task,
         backend,
         duration,
         episodes,
-        hz,
+        choices.hz,
         swap_threshold,
         record,
         telemetry,
         on_exit,
         stall_timeout,
+        choices.joint_frame,
+        choices.overrides,
     )
     if robot == "sim-so101":
-        results, stats = run_policy(settings, sim_episodes(sim_task, sim_size, hz))
+        preflight(opened.contract, robot, None, task=task or sim_task, record=record)
+        results, stats = run_policy(settings, sim_episodes(sim_task, sim_size, choices.hz, choices.joint_frame))
     else:
-        if not task:
-            raise MolmoEdgeError(f'--robot {robot} needs --task "<instruction>"')
-        arm = make_hardware_robot(
-            robot, port, can, open_cameras(parse_cameras(cameras), hz), robot_id, joint_frame
-        )
+        camera_objects = open_cameras(parse_cameras(cameras), choices.hz)
+        arm = make_hardware_robot(robot, port, can, camera_objects, robot_id, choices.joint_frame)
+        preflight(opened.contract, robot, arm, task=task, record=record, port=port, can=can)
         results, stats = run_policy(settings, *hardware_episodes(arm))
     print_summary(results, stats)
     if results and results[-1]["end"] == "interrupted":

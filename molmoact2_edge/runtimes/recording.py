@@ -65,8 +65,11 @@ class DatasetRecorder:
         joint_names: tuple[str, ...],
         robot_type: str,
         codec: str | None = None,
+        joint_frame: str | None = None,
     ):
+        """joint_frame: the frame of state and action (written to meta/info.json for the robot contract)."""
         self.root = Path(root)
+        self.joint_frame = joint_frame
         self.fps, self.joint_names, self.robot_type, self.codec = (
             int(fps),
             tuple(joint_names),
@@ -85,7 +88,7 @@ class DatasetRecorder:
         codec = writer.pick_codec(self.codec)
         feats = features(self.joint_names, cameras, self.fps, codec)
         self._writer = writer.LeRobotWriter(
-            self.root, fps=self.fps, features=feats, robot_type=self.robot_type, codec=codec
+            self.root, fps=self.fps, features=feats, robot_type=self.robot_type, joint_frame=self.joint_frame, codec=codec
         )
 
     def add(self, observation: Observation, action: np.ndarray) -> None:
