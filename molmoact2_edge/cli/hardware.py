@@ -296,6 +296,7 @@ def calibrate(
     from molmoact2_edge.hardware.calibration import load_calibration
     from molmoact2_edge.hardware.robots import make_robot
     from molmoact2_edge.hardware.robots.serial_arm import SerialArm
+    from molmoact2_edge.runtimes.preflight import check_output_file
 
     # an empty calibration keeps the robot from loading (and validating) an existing file here
     bus = _open_bus(_bus_of(robot_kind), port, None, "", [], timeout_ms)
@@ -303,6 +304,7 @@ def calibrate(
     assert isinstance(robot, SerialArm)
     robot.calibration = None
     path = Path(output) if output else robot.calibration_path()
+    check_output_file(path, "--output")  # before any servo is touched: a calibration must never be lost
     robot.connect_for_calibration()
     try:
         if path.exists() and not force:

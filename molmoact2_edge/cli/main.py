@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "demo": "molmoact2_edge.cli.demo:demo",
     "doctor": "molmoact2_edge.cli.doctor:doctor",
     "run": "molmoact2_edge.cli.run:run",
+    "recover": "molmoact2_edge.cli.recover:recover",
     "sim": "molmoact2_edge.cli.sim:sim",
     "train": "molmoact2_edge.cli.train:train",
     "eval": "molmoact2_edge.cli.eval:eval_command",

@@ -185,6 +185,23 @@ def check_record_folder(record: Path) -> str:
     return f"record: {record} (new, writable)"
 
 
+def check_output_file(path: Path, option: str) -> str:
+    """``path`` can be written (created with its parent folders, or replaced); checked before touching hardware."""
+    if path.is_dir():
+        raise PreflightError(f"{option} {path} is a directory; give a file path")
+    parent = _existing_parent(path)
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".molmo-edge-write-test-"):
+            pass
+    except OSError as err:
+        raise PreflightError(
+            f"{option} {path}: cannot write in {parent} ({err.strerror}); nothing was sent to the servos"
+        ) from err
+    if path.exists() and not os.access(path, os.W_OK):
+        raise PreflightError(f"{option} {path} exists and is read-only; nothing was sent to the servos")
+    return f"{option}: {path} (writable)"
+
+
 def _existing_parent(path: Path) -> Path:
     parent = path.absolute().parent
     while not parent.exists():
