@@ -11,7 +11,7 @@ power is unavailable), and saves plots.
 Examples:
   molmo-edge demo
   molmo-edge demo --episodes 5 --task place --backend onnxruntime --out demo_out/
-  molmo-edge demo --checkpoint my_ckpt/ --precision int8
+  molmo-edge demo --checkpoint my_ckpt/ --precision fp16
 """
 
 from __future__ import annotations

@@ -96,9 +96,9 @@ def motors() -> None:
     \b
     Examples:
       molmo-edge motors scan --bus feetech --port /dev/ttyACM0
-      molmo-edge motors read --bus feetech --port /dev/ttyACM0 --id 1-6 Present_Position Status
-      molmo-edge motors write --bus feetech --port /dev/ttyACM0 --id 6 Torque_Enable 0
-      molmo-edge motors read --bus damiao --port can0 --id 1-7 Timeout
+      molmo-edge motors read --bus feetech --port /dev/ttyACM0 --ids 1-6 Present_Position Status
+      molmo-edge motors write --bus feetech --port /dev/ttyACM0 --ids 6 Torque_Enable 0
+      molmo-edge motors read --bus damiao --port can0 --ids 1-7 Timeout
       molmo-edge motors setup so101 --port /dev/ttyACM0
     """
 
@@ -108,7 +108,7 @@ def motors() -> None:
 @port_option
 @interface_option
 @timeout_option
-@click.option("--ids", default="1-20", show_default=True, help="Ids to ping.")
+@click.option("--ids", "--id", "ids", default="1-20", show_default=True, help="Motor ids to ping, e.g. 1-20.")
 @click.option(
     "--all-baudrates/--default-baudrate",
     default=False,
@@ -140,7 +140,7 @@ def _bus_options(command: Callable[..., None]) -> Callable[..., None]:
 
 @motors.command()
 @_bus_options
-@click.option("--id", "ids", default="1", show_default=True, help="Motor ids, e.g. 1-6.")
+@click.option("--ids", "--id", "ids", default="1", show_default=True, help="Motor ids, e.g. 6, 1-6 or 1,3.")
 @click.argument("registers", nargs=-1)
 def read(
     bus_kind: str,
@@ -167,7 +167,7 @@ def read(
 
 @motors.command()
 @_bus_options
-@click.option("--id", "ids", required=True, help="Motor ids, e.g. 6 or 1-6.")
+@click.option("--ids", "--id", "ids", required=True, help="Motor ids, e.g. 6, 1-6 or 1,3.")
 @click.argument("register")
 @click.argument("value", type=int)
 def write(
@@ -202,7 +202,9 @@ def write(
 @click.argument("robot_kind", type=click.Choice(["so101", "koch"]))
 @port_option
 @click.option("--motor", "only", default=None, help="Set up this joint only (default: all, gripper first).")
-@click.option("--ids", default="1-20", show_default=True, help="Ids to look for the connected motor at.")
+@click.option(
+    "--ids", "--id", "ids", default="1-20", show_default=True, help="Motor ids to look for the connected motor at."
+)
 @timeout_option
 def setup(robot_kind: str, port: str, only: str | None, ids: str, timeout_ms: float) -> None:
     """Give each motor of an arm its id and the bus baud rate, one motor connected at a time.
