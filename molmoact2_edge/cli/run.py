@@ -26,6 +26,7 @@ import click
 
 from molmoact2_edge.errors import CameraError, MolmoEdgeError
 from molmoact2_edge.runtimes.bundle import Bundle
+from molmoact2_edge.runtimes.first_move import FirstMoveConfig
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class RunSettings:
     on_exit: str = "hold"
     stall_timeout_s: float = 2.0
     joint_frame: str = "lerobot"  # what the robot presents (recorded datasets say so)
+    first_move_limit: float = FirstMoveConfig.max_fraction  # of each joint's range (``runtimes.first_move``)
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # contract values overridden by flags
 
 
@@ -111,7 +113,7 @@ def run_policy(
     """
     from molmoact2_edge.hardware.safety import SafetyConfig, SafetyLayer
     from molmoact2_edge.runtimes.control import LoopConfig, run_episode, summarize
-    from molmoact2_edge.runtimes.first_move import FirstMoveConfig, FirstMoveGuard
+    from molmoact2_edge.runtimes.first_move import FirstMoveGuard
     from molmoact2_edge.runtimes.power import PowerMonitor, detect_power_sampler
     from molmoact2_edge.runtimes.recording import DatasetRecorder
     from molmoact2_edge.runtimes.session import PolicySession
@@ -152,7 +154,8 @@ def run_policy(
                 session.reset()
                 with SafetyLayer(robot, SafetyConfig(on_exit=settings.on_exit, control_hz=settings.hz)) as layer:  # type: ignore[arg-type]
                     telemetry.write({"type": "safety", "episode": episode, **layer.telemetry()})
-                    gate = FirstMoveGuard(layer, settings.hz, FirstMoveConfig(likely_cause=first_move_cause(settings)))
+                    guard = FirstMoveConfig(settings.first_move_limit, likely_cause=first_move_cause(settings))
+                    gate = FirstMoveGuard(layer, settings.hz, guard)
                     result = run_episode(session.act, gate, config, telemetry, target.success, recorder)
                     summary = {
                         "episode": episode,
@@ -292,6 +295,13 @@ def print_summary(results: list[dict[str, Any]], stats: dict[str, Any]) -> None:
     help="Let --hz / --joint-frame differ from the bundle's robot contract (printed and recorded in telemetry).",
 )
 @click.option(
+    "--first-move-limit",
+    default=FirstMoveConfig.max_fraction,
+    show_default=True,
+    help="Refuse a first target farther than this fraction of a joint's range from the present pose "
+    "(1 allows anything within the range; it is still approached slowly).",
+)
+@click.option(
     "--swap-threshold", default=0.5, show_default=True, help="Ask for the next chunk at this fraction left."
 )
 @click.option(
@@ -329,6 +339,7 @@ def run(
     episodes: int,
     hz: float | None,
     override_contract: bool,
+    first_move_limit: float,
     swap_threshold: float,
     on_exit: str,
     stall_timeout: float,
@@ -367,8 +378,9 @@ def run(
         telemetry,
         on_exit,
         stall_timeout,
-        choices.joint_frame,
-        choices.overrides,
+        joint_frame=choices.joint_frame,
+        first_move_limit=first_move_limit,
+        overrides=choices.overrides,
     )
     if robot == "sim-so101":
         preflight(opened.contract, robot, None, task=task or sim_task, record=record)
