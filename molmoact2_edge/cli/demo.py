@@ -17,6 +17,7 @@ Examples:
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -60,12 +61,18 @@ def cached_bundle(checkpoint: Path, precision: str, cache: Path = CACHE, options
         except BundleError as err:
             log.warning("cached bundle %s is unusable (%s); exporting again", target, err)
     click.echo(f"exporting {checkpoint} ({precision}) to {target} ...")
+    # into a staging folder renamed when complete: an export killed mid-way (kill -9 runs no cleanup)
+    # leaves only the staging folder, which the next export replaces
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
     export_bundle(
         checkpoint,
-        target,
+        staging,
         options or ExportOptions(precision=precision),
         progress=lambda m: click.echo(f"  {m}"),
     )
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
     return target
 
 
