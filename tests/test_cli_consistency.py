@@ -73,3 +73,30 @@ def test_help_example_parses(owner: str, example: str) -> None:
         assert missing and not names_repo_path, f"{example}: {err}"
     except click.UsageError as err:
         pytest.fail(f"{owner} --help example does not parse: {example}: {err}")
+
+
+def _param(command_name: str, option: str) -> click.Parameter:
+    command = cli.get_command(click.Context(cli), command_name)
+    assert command is not None
+    return next(p for p in command.params if option in getattr(p, "opts", ()))
+
+
+def test_shared_options_agree_across_run_demo_eval_bench() -> None:
+    assert {_param(c, "--sim-task").default for c in ("run", "demo", "eval")} == {"touch"}
+    assert {_param(c, "--backend").default for c in ("run", "demo", "eval")} == {"auto"}
+    assert "default: auto" in (_param("bench", "--backend").help or "")  # repeatable; none given means auto
+    assert {_param(c, "--hz").default for c in ("run", "demo", "bench")} == {None}  # from the bundle's contract
+    for sub in ("scan", "read", "write", "setup"):
+        motors = cli.get_command(click.Context(cli), "motors")
+        assert isinstance(motors, click.Group)
+        opts = next(p.opts for p in motors.commands[sub].params if p.name == "ids")
+        assert opts[0] == "--ids", (sub, opts)
+    assert "koch" in _param("run", "--robot").type.choices  # type: ignore[attr-defined]
+
+
+def test_demo_checks_the_sim_task_before_exporting(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(cli, ["demo", "--task", "fly", "--cache", str(tmp_path)])
+    assert result.exit_code == 2 and "'fly' is not one of" in result.output
+    assert not any(tmp_path.iterdir())  # nothing was exported
