@@ -167,3 +167,22 @@ def test_first_move_near_target_is_approached_at_bounded_speed() -> None:
         assert np.allclose(layer.last_commanded, target, atol=360 / 4096)  # one servo step
         guard.close()
         robot.disconnect()
+
+
+def test_calibrate_with_an_unwritable_output_leaves_the_servos_untouched(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from molmoact2_edge.cli.main import cli
+    from molmoact2_edge.hardware.emulators.feetech import FeetechEmulator
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the calibration folder should be")  # unwritable even for root
+    with FeetechEmulator(range(1, 7), seed=0) as emulator:
+        before = {i: emulator.get_register(i, "Homing_Offset") for i in range(1, 7)}
+        args = ["calibrate", "so101", "--port", emulator.port, "--output", str(blocker / "follower.json")]
+        result = CliRunner().invoke(cli, [*args, "--duration", "0.5"], input="\n")
+        assert result.exit_code == 4, result.output
+        assert "cannot write" in result.output and "nothing was sent to the servos" in result.output
+        assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+        assert list(emulator.write_log) == []  # no register (EEPROM or RAM) was written
+        assert {i: emulator.get_register(i, "Homing_Offset") for i in range(1, 7)} == before
