@@ -142,8 +142,8 @@ def test_first_move_far_target_stops_before_moving_and_names_the_joints() -> Non
         target[1] += 90.0  # the legacy-frame mistake on shoulder_lift and elbow_flex
         target[2] += 90.0
         with pytest.raises(FirstMoveError, match=r"\['shoulder_lift', 'elbow_flex'\].*not moved"):
-            guard.send(target)
-        guard.close()
+            guard.approach(target)
+        layer.close()
         goal_writes(emulator, at_least=6)
         per_motor: dict[int, set[int]] = {}
         for r in list(emulator.write_log):
@@ -161,11 +161,11 @@ def test_first_move_near_target_is_approached_at_bounded_speed() -> None:
         guard = FirstMoveGuard(layer, 30.0, sleep=lambda s: None)
         target = start.copy()
         target[0] += 20.0
-        guard.send(target)
+        guard.approach(target)
         per_tick = float(guard.speed[0]) / 30.0
         assert guard.approach_ticks >= 20.0 / per_tick - 1  # a quarter of the rated speed: many small steps
         assert np.allclose(layer.last_commanded, target, atol=360 / 4096)  # one servo step
-        guard.close()
+        layer.close()
         robot.disconnect()
 
 

@@ -113,7 +113,7 @@ def run_policy(
     """
     from molmoact2_edge.hardware.safety import SafetyConfig, SafetyLayer
     from molmoact2_edge.runtimes.control import LoopConfig, run_episode, summarize
-    from molmoact2_edge.runtimes.first_move import FirstMoveGuard
+    from molmoact2_edge.runtimes.first_move import first_move
     from molmoact2_edge.runtimes.power import PowerMonitor, detect_power_sampler
     from molmoact2_edge.runtimes.recording import DatasetRecorder
     from molmoact2_edge.runtimes.session import PolicySession
@@ -155,8 +155,9 @@ def run_policy(
                 with SafetyLayer(robot, SafetyConfig(on_exit=settings.on_exit, control_hz=settings.hz)) as layer:  # type: ignore[arg-type]
                     telemetry.write({"type": "safety", "episode": episode, **layer.telemetry()})
                     guard = FirstMoveConfig(settings.first_move_limit, likely_cause=first_move_cause(settings))
-                    gate = FirstMoveGuard(layer, settings.hz, guard)
-                    result = run_episode(session.act, gate, config, telemetry, target.success, recorder)
+                    moved = first_move(session.act, layer, task, settings.hz, guard)
+                    telemetry.write({"type": "first_move", "episode": episode, **moved})
+                    result = run_episode(session.act, layer, config, telemetry, target.success, recorder)
                     summary = {
                         "episode": episode,
                         "task": task,

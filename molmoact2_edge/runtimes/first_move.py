@@ -10,10 +10,11 @@ instead:
   ``FirstMoveError`` that names the joints, the distances and the likely cause before a single
   position is commanded (the safety layer then applies its exit policy: hold where it is);
 - otherwise approaches the first target at ``approach_fraction`` of the arm's rated joint
-  speed, one interpolated target per control period through the safety layer, then hands
-  over to the loop.
+  speed, one interpolated target per control period through the safety layer.
 
-It wraps the safety layer as an ``ActionGate`` (``runtimes.control``), so the loop is unchanged.
+``first_move`` runs before the control loop: one policy call on the present observation gives
+the first target (it also warms the backend up), the arm approaches it, and the loop then starts
+from there with fresh observations, so no stale chunk is replayed after a long approach.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from molmoact2_edge.errors import FirstMoveError
-from molmoact2_edge.types import Observation
+from molmoact2_edge.types import ActionChunk, Observation
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class FirstMoveConfig:
 
 
 class FirstMoveGuard:
-    """An ``ActionGate`` around a started ``SafetyLayer`` that makes the first target a slow approach or an error."""
+    """Around a started ``SafetyLayer``: the first target becomes a slow approach, or an error before any motion."""
 
     def __init__(
         self,
@@ -62,23 +63,7 @@ class FirstMoveGuard:
             ["gripper" in n for n in self.names], np.inf, span * np.float32(self.config.max_fraction)
         ).astype(np.float32)
         self.speed = np.asarray(limits.max_step, np.float32) * np.float32(limits.control_hz * self.config.approach_fraction)
-        self.approach_ticks = 0  # control periods the approach took (0 until the first send)
-        self._first = True
-
-    def observe(self, task: str) -> Observation:
-        return self.layer.observe(task)  # type: ignore[no-any-return]
-
-    def hold(self) -> np.ndarray:
-        return self.layer.hold()  # type: ignore[no-any-return]
-
-    def close(self) -> None:
-        self.layer.close()
-
-    def send(self, target: np.ndarray) -> np.ndarray:
-        if self._first:
-            self._first = False
-            self._approach(np.asarray(target, np.float32))
-        return self.layer.send(target)  # type: ignore[no-any-return]
+        self.approach_ticks = 0  # control periods the approach took
 
     def check(self, present: np.ndarray, target: np.ndarray) -> None:
         """Raise FirstMoveError when ``target`` is farther than allowed from ``present`` on any joint."""
@@ -95,14 +80,36 @@ class FirstMoveGuard:
                 f"{detail}; the arm was not moved. Likely cause: {self.config.likely_cause}"
             )
 
-    def _approach(self, target: np.ndarray) -> None:
+    def approach(self, target: np.ndarray) -> None:
+        """Check ``target`` against the pose the layer started from, then move there slowly (ending on it)."""
+        target = np.asarray(target, np.float32)
         present = np.asarray(self.layer.last_commanded, np.float32)  # the measured pose the layer started from
         self.check(present, target)
         finite = np.isfinite(target)
         seconds = float(np.max(np.abs(target - present)[finite] / self.speed[finite], initial=0.0))
         ticks = max(1, math.ceil(seconds * self.hz))
         log.info("first move: approaching the first target over %.2f s (%d ticks)", seconds, ticks)
-        for i in range(1, ticks):
+        for i in range(1, ticks + 1):
             self.layer.send(present + (target - present) * np.float32(i / ticks))
             self.sleep(1.0 / self.hz)
         self.approach_ticks = ticks
+
+
+def first_move(
+    policy: Callable[[Observation], ActionChunk],
+    layer: Any,
+    task: str,
+    hz: float,
+    config: FirstMoveConfig | None = None,
+) -> dict[str, Any]:
+    """Before the loop: the policy's first target from the present observation, approached slowly or refused.
+
+    Returns what happened, for telemetry: the target, the ticks the approach took, the policy call's seconds.
+    """
+    t0 = time.perf_counter()
+    chunk = policy(layer.observe(task))
+    seconds = time.perf_counter() - t0
+    target = np.asarray(chunk.actions[0], np.float32)
+    guard = FirstMoveGuard(layer, hz, config)
+    guard.approach(target)
+    return {"target": target.round(3).tolist(), "approach_ticks": guard.approach_ticks, "policy_s": round(seconds, 3)}
