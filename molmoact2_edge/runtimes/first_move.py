@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FirstMoveConfig:
-    max_fraction: float = 1 / 3  # of each joint's envelope (SO-101: ~60 deg; the frame mistake is ~90)
+    max_fraction: float = 0.35  # of each joint's envelope (SO-101: ~60 deg; the frame mistake is ~90)
     approach_fraction: float = 0.25  # of the robot's rated joint speed (limits.max_step * limits.control_hz)
     likely_cause: str = "the joint frame or the calibration"  # named in the error (the caller knows more)
 
