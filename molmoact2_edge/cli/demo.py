@@ -25,6 +25,7 @@ import click
 
 from molmoact2_edge.cli.run import DEFAULT_SIM_TASK, SIM_TASKS
 from molmoact2_edge.errors import CheckpointError
+from molmoact2_edge.runtimes.first_move import FirstMoveConfig
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,12 @@ def save_plots(stats: dict[str, Any], telemetry_path: Path, out: Path, hz: float
     "--hz", type=float, default=None, help="Control rate [default: the bundle's robot contract, the rate it was trained at]."
 )
 @click.option("--override-contract", is_flag=True, help="Let --hz differ from the bundle's robot contract.")
+@click.option(
+    "--first-move-limit",
+    default=FirstMoveConfig.max_fraction,
+    show_default=True,
+    help="Refuse a first target farther than this fraction of a joint's range (as `run`).",
+)
 @click.option("--size", default=128, show_default=True, help="Camera resolution (square).")
 @click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), default=CACHE / "demo", show_default=True
@@ -139,6 +146,7 @@ def demo(
     duration: float,
     hz: float | None,
     override_contract: bool,
+    first_move_limit: float,
     size: int,
     out: Path,
     plots: bool,
@@ -167,6 +175,7 @@ def demo(
     settings = RunSettings(
         bundle, "sim-so101", None, backend, duration, episodes, choices.hz, telemetry=telemetry,
         stall_timeout_s=10.0, joint_frame=choices.joint_frame, overrides=choices.overrides,
+        first_move_limit=first_move_limit,
     )  # fmt: skip
     results, stats = run_policy(settings, sim_episodes(sim_task, size, choices.hz, choices.joint_frame))
     print_summary(results, stats)
