@@ -39,7 +39,7 @@ def _child(layers: int, root: Path) -> dict[str, float]:
     import torch
 
     from molmoact2_edge.checkpoint import save_checkpoint
-    from molmoact2_edge.config import get_preset
+    from molmoact2_edge.config import QWEN3_BASE_VOCAB, get_preset
     from molmoact2_edge.contract import ContractFlags
     from molmoact2_edge.export.pipeline import ExportOptions, export_bundle
     from molmoact2_edge.model.molmoact2 import MolmoAct2
@@ -54,6 +54,10 @@ def _child(layers: int, root: Path) -> dict[str, float]:
         adapter_config=dataclasses.replace(base.adapter_config, vit_layers=(-1,) if layers == 1 else (-1, -2)),
         text_config=dataclasses.replace(base.text_config, num_hidden_layers=layers),
         action_expert_config=dataclasses.replace(base.action_expert_config, num_layers=layers),
+        # the stand-in tokenizer (a small BPE padded to Qwen3's 151,669 ids) puts its chat markers last
+        pad_token_id=QWEN3_BASE_VOCAB - 3,
+        bos_token_id=QWEN3_BASE_VOCAB - 1,
+        eos_token_id=QWEN3_BASE_VOCAB - 1,
     )
     model = MolmoAct2.from_config(config, seed=0)
     params = {
@@ -68,7 +72,8 @@ def _child(layers: int, root: Path) -> dict[str, float]:
     ckpt = root / "ckpt"
     save_checkpoint(model, config, ckpt, norm_stats=norm)
     del model
-    train_small_tokenizer(["The task is to pick up the red cube."] * 20).save(ckpt / "tokenizer.json")
+    corpus = ["The task is to pick up the red cube."] * 20
+    train_small_tokenizer(corpus, base_vocab_size=QWEN3_BASE_VOCAB).save(ckpt / "tokenizer.json")
     ckpt_bytes = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
     start = time.perf_counter()
     options = ExportOptions(cameras=("front", "wrist"), allow_parity_failure=True, contract_flags=ContractFlags())
@@ -89,7 +94,7 @@ def _child(layers: int, root: Path) -> dict[str, float]:
 def measure(layers: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         out = subprocess.run(
-            [sys.executable, __file__, "--child", str(layers), "--root", tmp], check=True, capture_output=True, text=True
+            [sys.executable, __file__, "--child", str(layers), "--root", tmp], check=True, stdout=subprocess.PIPE, text=True
         )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
