@@ -72,7 +72,8 @@ class BundleError(MolmoEdgeError):
 
 
 class ContractError(BundleError):
-    """A robot contract is missing or malformed, or disagrees with the robot, a flag or a remote server."""
+    """A policy's robot contract (``contract.py``; cameras, joints and frame, rate, dims) is missing or malformed,
+    or does not match the robot driving it, a flag, or what a remote server sent."""
 
 
 class PromptTooLongError(MolmoEdgeError, ValueError):
@@ -150,3 +151,18 @@ class FirstMoveError(SafetyError):
 
 class RegisterError(HardwareError, ValueError):
     """A register name is unknown for the servo model, is read-only, or a value does not fit it."""
+
+
+# --- serving (``molmo-edge serve`` and ``run --policy ws://``) ----------------------------------
+
+
+class ServingError(MolmoEdgeError):
+    """The policy server cannot start, or refused a request (the message says why)."""
+
+
+class CodecError(ServingError, ValueError):
+    """A message is not msgpack-numpy, or carries a refused dtype or an inconsistent array."""
+
+
+class PolicyConnectionError(ServingError, ConnectionError):
+    """The connection to a remote policy server was lost, refused or timed out."""
