@@ -162,7 +162,7 @@ def test_legacy_bundle_forced_into_the_lerobot_frame_stops_before_moving(
         forced = [*args, "--joint-frame", "lerobot", "--override-contract", "--telemetry", tmp_path / "forced.jsonl"]
         result = CliRunner().invoke(cli, [str(a) for a in forced])
         assert result.exit_code == 4, result.output
-        assert "OVERRIDE: joint_frame lerobot instead of the bundle's so100_101_legacy" in result.output
+        assert "OVERRIDE: joint_frame lerobot instead of the policy's so100_101_legacy" in result.output
         assert "['shoulder_lift', 'elbow_flex']" in result.output and "joint frame" in result.output
         time.sleep(0.2)
         goals = _goals(emulator)
