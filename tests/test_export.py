@@ -42,6 +42,7 @@ from molmoact2_edge.runtimes import bundle as B
 from molmoact2_edge.runtimes.session import PolicySession
 from molmoact2_edge.tokenizers.text import train_small_tokenizer
 from molmoact2_edge.types import STAGES
+from tests._runtime_bundle import contract_of
 
 CAMERAS = ("front", "wrist")
 CORPUS = ["The task is to pick up the red cube. The setup is so101 arm. The current state of the robot is"] * 20
@@ -72,6 +73,7 @@ def write_checkpoint(path: Path, **changes) -> Path:
     )  # fmt: skip
     save_checkpoint(model, config, path, norm_stats=norm)
     train_small_tokenizer(CORPUS).save(path / "tokenizer.json")
+    contract_of("so101", CAMERAS, 6).save(path / "robot_contract.json")
     return path
 
 

@@ -6,7 +6,8 @@ schema, the graph names and every tensor name exist exactly once. Torch-free
 
 Layout of a bundle directory::
 
-    manifest.json            this module's schema (SCHEMA_VERSION), built by ``build_manifest``
+    manifest.json            this module's schema (SCHEMA_VERSION), built by ``build_manifest``,
+                             with the robot contract (``molmoact2_edge.contract``) under ``robot_contract``
     vision.onnx(.data)       one ONNX graph per entry of GRAPHS (external data beside it)
     prefill.onnx(.data)
     decode_step.onnx(.data)  only when the model decodes tokens (depth codes or discrete actions)
@@ -40,11 +41,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from molmoact2_edge.contract import RobotContract
 from molmoact2_edge.errors import BundleError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the robot contract (contract.py) is part of the manifest
 MANIFEST = "manifest.json"
 ENGINES_DIR = "engines"
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
@@ -193,6 +195,7 @@ def build_manifest(
     artifacts: Mapping[str, Mapping[str, Any]],
     parity: Mapping[str, Any] | None,
     exporter_version: str,
+    robot_contract: Mapping[str, Any],
 ) -> dict[str, Any]:
     """The whole export-side manifest, built once from what export computed. Hashes every file in root.
 
@@ -202,6 +205,7 @@ def build_manifest(
     prompt: bucket, tokenizer files, template info (special token ids, setup/control text)
     cameras: {'order': [...], 'image_size': [h, w]}
     artifacts: graph name -> {file, data_file, precision, opset, inputs, outputs}
+    robot_contract: ``RobotContract.to_dict()`` (robot kinds, joints and frame, rate, cameras, semantics)
     """
     required_model = ("chunk_length", "flow_steps", "action_dim", "max_action_dim", "state_dim")
     missing = [k for k in required_model if k not in model]
@@ -231,6 +235,7 @@ def build_manifest(
         "cameras": dict(cameras),
         "artifacts": {k: dict(v) for k, v in artifacts.items()},
         "parity": dict(parity) if parity is not None else None,
+        "robot_contract": dict(robot_contract),
         "files": {rel: file_entry(root / rel) for rel in list_files(root)},
         "engines": {},
     }
@@ -267,6 +272,12 @@ class Bundle:
         except json.JSONDecodeError as err:
             raise BundleError(f"{manifest_path}: not valid JSON ({err})") from err
         version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+        if isinstance(version, int) and version < SCHEMA_VERSION:
+            raise BundleError(
+                f"{manifest_path}: schema_version {version} predates the robot contract (rate, joint frame, "
+                f"cameras the policy was trained with; this runtime reads {SCHEMA_VERSION}) and cannot be run "
+                "safely; re-export it: molmo-edge export CHECKPOINT -o BUNDLE"
+            )
         if version != SCHEMA_VERSION:
             raise BundleError(
                 f"{manifest_path}: schema_version {version!r} is not supported (this runtime reads "
@@ -362,6 +373,11 @@ class Bundle:
     def image_size(self) -> tuple[int, int]:
         h, w = self.manifest["cameras"]["image_size"]
         return int(h), int(w)
+
+    @property
+    def contract(self) -> RobotContract:
+        """The robot contract this bundle's policy was trained under (checked when read)."""
+        return RobotContract.from_dict(self.manifest["robot_contract"], f"{self.root / MANIFEST} robot_contract")
 
     @property
     def engines(self) -> dict[str, Any]:

@@ -399,6 +399,7 @@ def describe(bundle: B.Bundle) -> dict[str, Any]:
         "model": m["model"],
         "prompt_bucket": m["prompt"]["bucket"],
         "cameras": m["cameras"],
+        "robot_contract": bundle.contract.to_dict(),
         "artifacts": m["artifacts"],
         "parity": m.get("parity"),
         "engines": m.get("engines", {}),
