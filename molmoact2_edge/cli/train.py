@@ -48,6 +48,13 @@ import click
 @click.option(
     "--finetune-backbone", is_flag=True, help="Stage 2 also trains the backbone (no stop-gradient)."
 )
+@click.option(
+    "--joint-frame",
+    type=click.Choice(["lerobot", "so100_101_legacy", "native"]),
+    default=None,
+    help="Joint frame of the dataset, recorded in the checkpoint's robot contract "
+    "[default: meta/info.json joint_frame; SO-100/101 data without it must say].",
+)
 @click.option("--save-every", type=int, default=200, show_default=True, help="Checkpoint interval in steps.")
 @click.option(
     "--save-dtype",
@@ -77,6 +84,7 @@ def train(
     cameras: tuple[str, ...],
     think: bool,
     finetune_backbone: bool,
+    joint_frame: str | None,
     save_every: int,
     save_dtype: str,
     resume: bool,
@@ -117,6 +125,7 @@ def train(
         cameras=cameras or None,
         think=think,
         finetune_backbone=finetune_backbone,
+        joint_frame=joint_frame,
         save_every=save_every,
         save_dtype=save_dtype,
         resume=resume,
