@@ -31,8 +31,10 @@ from typing import Any
 from molmoact2_edge import __version__
 from molmoact2_edge.errors import ExportError, PromptTooLongError
 from molmoact2_edge.export import calibration, parity, quantize
-from molmoact2_edge.export.graphs import FlowGraph, GraphShapes, build_graphs
+from molmoact2_edge.export.graphs import FlowGraph, GraphShapes, build_graphs, rtc_mode
 from molmoact2_edge.export.onnx_export import DEFAULT_OPSET, data_file, export_module, io_specs
+from molmoact2_edge.model.rtc_flow import EXPORTABLE_VJP
+from molmoact2_edge.rtc import GUIDANCE_CLIP
 from molmoact2_edge.runtimes import bundle as B
 from molmoact2_edge.runtimes.session import PolicySession
 from molmoact2_edge.types import Observation
@@ -293,7 +295,9 @@ def _export_fp16_flow(policy: Any, shapes: GraphShapes, dst: Path, opset: int) -
     import torch
 
     cfg = policy.config
-    module = FlowGraph(policy.model.model.action_expert, cfg.flow_matching_num_steps, cfg.mask_action_dim_padding, torch.float16)
+    module = FlowGraph(
+        policy.model.model.action_expert, cfg.flow_matching_num_steps, cfg.mask_action_dim_padding, torch.float16, rtc_mode(cfg)
+    )
     exported = export_module(module, shapes.example_inputs(cfg)[B.FLOW.name], dst, B.FLOW.inputs, B.FLOW.outputs, opset)
     return {"converted": sum(exported.op_counts.values()), "kept_fp32": 0}
 
@@ -377,6 +381,8 @@ def _write_manifest(
         "context_length": shapes.context_length,
         "norm_tag": tag,
         "norm_mode": policy.norm.norm_mode,
+        # real-time chunking inside the flow graph (molmoact2_edge/rtc.py); the runtime reads the mode from here
+        "rtc": {"mode": rtc_mode(cfg), "vjp": EXPORTABLE_VJP, "clip": GUIDANCE_CLIP, "max_delay": cfg.rtc_max_delay},
     }
     prompt = {
         "bucket": shapes.bucket,
