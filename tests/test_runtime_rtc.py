@@ -100,8 +100,29 @@ def test_no_prefix_from_a_stale_chunk_or_while_holding() -> None:
 
 
 def test_seam_statistics_split_swaps_from_steps_inside_a_chunk() -> None:
-    picks = [(0, 0), (0, 1), (1, 2), (1, 3), (-1, -1), (2, 1)]
+    picks = [(0, 0), (0, 1), (1, 2), (1, 3), (-1, -1), (2, 1), (2, 2)]
     targets = [np.array([0.0, 50.0]), np.array([1.0, 0.0]), np.array([5.0, 0.0]), np.array([5.5, 0.0]),
-               np.array([5.5, 0.0]), np.array([9.0, 0.0])]  # fmt: skip
+               np.array([5.5, 0.0]), np.array([9.0, 0.0]), np.array([9.25, 0.0])]  # fmt: skip
     seams, steps = seam_statistics(picks, targets, joints=slice(0, 1))
-    assert seams == [4.0] and steps == [1.0, 0.5]  # held ticks are neither; the gripper column is left out
+    # a seam across a held tick counts against the last target sent; the gripper column is left out
+    assert seams == [4.0, 3.5] and steps == [1.0, 0.5, 0.25]
+
+
+def test_eval_cli_reports_seam_statistics_under_injected_latency(tmp_path) -> None:
+    """End to end through the CLI: a tiny checkpoint in the simulator, virtual clock, 150 ms injected."""
+    import json
+
+    from click.testing import CliRunner
+
+    from molmoact2_edge.cli import main as cli_main
+    from tests.test_export import write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "tiny", flow_matching_num_steps=2)
+    args = ["eval", str(ckpt), "--task", "touch", "--episodes", "1", "--inject-latency-ms", "150",
+            "--rtc", "inference", "--clock", "virtual", "--threads", "1", "--json"]  # fmt: skip
+    out = CliRunner().invoke(cli_main.cli, args, catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.output[out.output.index("{") :])
+    assert report["rtc"] == "inference" and report["episodes"] == 1 and 0.0 <= report["success_rate"] <= 1.0
+    assert report["seam_jump_p99_deg"] > 0 and report["within_chunk_step_p99_deg"] > 0
+    assert report["safety_clips_per_episode"] >= 0 and report["delay_ticks"]["p50"] == 2  # floor(1.5) + 1 ticks

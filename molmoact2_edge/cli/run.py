@@ -73,6 +73,7 @@ class RunSettings:
     telemetry: Path | None = None
     on_exit: str = "hold"
     stall_timeout_s: float = 2.0
+    rtc: str = "auto"  # real-time chunking: auto uses it when the bundle's flow graph takes a prefix
 
 
 @dataclass
@@ -103,7 +104,7 @@ def run_policy(
     from molmoact2_edge.runtimes.session import PolicySession
     from molmoact2_edge.runtimes.telemetry import Telemetry
 
-    session = PolicySession(settings.bundle, settings.backend)
+    session = PolicySession(settings.bundle, settings.backend, rtc=settings.rtc)
     monitor = PowerMonitor(detect_power_sampler()).start()
     meta = {"backend": session.backend.describe(), "robot": settings.robot, "task": settings.task}
     telemetry = Telemetry(settings.telemetry, control_hz=settings.hz, power=monitor, meta=meta)
@@ -124,8 +125,9 @@ def run_policy(
                 if not task:
                     raise MolmoEdgeError('no task: pass --task "<instruction>"')
                 config = LoopConfig(
-                    task, settings.hz, settings.swap_threshold, settings.duration_s, settings.stall_timeout_s
-                )
+                    task, settings.hz, settings.swap_threshold, settings.duration_s, settings.stall_timeout_s,
+                    rtc=session.rtc not in (None, "off"),
+                )  # fmt: skip
                 session.reset()
                 with SafetyLayer(robot, SafetyConfig(on_exit=settings.on_exit, control_hz=settings.hz)) as layer:  # type: ignore[arg-type]
                     telemetry.write({"type": "safety", "episode": episode, **layer.telemetry()})
@@ -263,6 +265,8 @@ def print_summary(results: list[dict[str, Any]], stats: dict[str, Any]) -> None:
     show_default=True,
     help="Seconds of holding without a usable chunk before the episode stops with a safety error.",
 )
+@click.option("--rtc", type=click.Choice(["off", "inference", "training", "auto"]), default="auto", show_default=True,
+              help="Real-time chunking at chunk swaps: auto = what the bundle's flow graph was exported for.")  # fmt: skip
 @click.option(
     "--record", type=click.Path(file_okay=False, path_type=Path), help="Record a LeRobot dataset here."
 )
@@ -287,6 +291,7 @@ def run(
     swap_threshold: float,
     on_exit: str,
     stall_timeout: float,
+    rtc: str,
     record: Path | None,
     telemetry: Path | None,
 ) -> None:
@@ -316,6 +321,7 @@ def run(
         telemetry,
         on_exit,
         stall_timeout,
+        rtc,
     )
     if robot == "sim-so101":
         results, stats = run_policy(settings, sim_episodes(sim_task, sim_size, hz))

@@ -67,15 +67,24 @@ class ChunkHandoff:
 def seam_statistics(
     picks: Sequence[tuple[int, int]], targets: Sequence[np.ndarray], joints: slice = slice(None)
 ) -> tuple[list[float], list[float]]:
-    """(seam jumps, within-chunk steps): the largest ``joints`` change between consecutive ticks that
-    both sent from a chunk, split by whether the chunk changed. picks[i] = (chunk index, action index)
-    of tick i, chunk -1 for a held tick; targets[i] = what the policy asked for at tick i."""
+    """(seam jumps, within-chunk steps) of the largest ``joints`` change of the policy's targets.
+
+    picks[i] = (chunk index, action index) of tick i, chunk -1 for a held tick; targets[i] = what the
+    policy asked for at tick i. A seam is the first tick of a new chunk against the last target sent
+    from a chunk (held ticks in between keep that target); a within-chunk step is a tick against the
+    tick before it from the same chunk.
+    """
     seams: list[float] = []
     steps: list[float] = []
-    for i in range(1, len(picks)):
-        (prev_chunk, _), (chunk, _) = picks[i - 1], picks[i]
-        if prev_chunk < 0 or chunk < 0:
+    last: tuple[int, int] | None = None  # (chunk, tick) of the last tick that sent from a chunk
+    for i, (chunk, _) in enumerate(picks):
+        if chunk < 0:
             continue
-        jump = float(np.max(np.abs(np.asarray(targets[i])[joints] - np.asarray(targets[i - 1])[joints])))
-        (steps if chunk == prev_chunk else seams).append(jump)
+        if last is not None:
+            jump = float(np.max(np.abs(np.asarray(targets[i])[joints] - np.asarray(targets[last[1]])[joints])))
+            if chunk != last[0]:
+                seams.append(jump)
+            elif last[1] == i - 1:
+                steps.append(jump)
+        last = (chunk, i)
     return seams, steps
