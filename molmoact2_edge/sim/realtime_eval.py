@@ -38,7 +38,7 @@ from molmoact2_edge.runtimes.control import EpisodeResult, LoopConfig, run_episo
 from molmoact2_edge.runtimes.rtc import ChunkHandoff, seam_statistics, tick_index
 from molmoact2_edge.runtimes.telemetry import percentiles
 from molmoact2_edge.sim.env import SimEnv
-from molmoact2_edge.sim.scene import JOINT_NAMES, RenderConfig
+from molmoact2_edge.sim.scene import CAMERA_NAMES, JOINT_NAMES, RenderConfig
 from molmoact2_edge.types import ActionChunk, Observation
 
 log = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ def evaluate_realtime(
         raise ValueError(f"clock must be 'wall' or 'virtual', got {clock!r}")
     result = RealtimeEval(task, latency_ms, rtc, 0.0, clock)
     render = RenderConfig(width=image_size, height=image_size, depth=False)
-    with SimEnv(task, render=render, **({"cameras": cameras} if cameras else {})) as env:
+    with SimEnv(task, render=render, cameras=cameras or CAMERA_NAMES) as env:
         hz = float(env.control_hz)
         result.hz = hz
         for k in range(episodes):

@@ -119,7 +119,7 @@ class BatchMaker:
         beta = rng.beta(cfg.flow_matching_beta_alpha, cfg.flow_matching_beta_beta, size=(b, k))
         span = min(cfg.flow_matching_cutoff - cfg.flow_matching_time_offset, cfg.flow_matching_time_scale)
         t = (cfg.flow_matching_time_offset + span * beta).astype(np.float32)
-        draws = {"index": index, "noise": noise, "t": t}
+        draws: dict[str, np.ndarray] = {"index": index, "noise": noise, "t": t}
         if cfg.rtc_max_delay > 0:  # training-time RTC: a committed prefix of 0..max delay steps per draw
             draws["delay"] = rng.integers(0, min(cfg.rtc_max_delay, ah - 1) + 1, size=(b, k))
         return draws
