@@ -82,6 +82,10 @@ def transitions(args: argparse.Namespace) -> None:
                 f"{r['held_ticks_per_episode']:.1f}",
             ])  # fmt: skip
             print(" | ".join(rows[-1]), f"({r['wall_s']:.0f} s)", flush=True)
+            _write_transitions(rows, args)  # after every cell: a cut-short run still leaves its table
+
+
+def _write_transitions(rows: list[list[str]], args: argparse.Namespace) -> None:
     headers = ["latency ms", "transition", "successes", "success (95% CI)", "seam jump p99 deg",
                "within-chunk step p99 deg", "seam / step", "safety clips / episode", "delay ticks p50",
                "held ticks / episode"]  # fmt: skip

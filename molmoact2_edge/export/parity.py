@@ -11,7 +11,9 @@ Two checks, as vla-edge's gates (``reference/molmoact2-checkpoint.md`` §8.4):
   observation: the bundle must be closer to the reference than the reference is to
   itself under another noise draw. A zero seed spread (the policy ignores its noise)
   fails: the gate could not tell anything apart. Discrete bundles have no noise; their
-  chunks must match the reference to ``DISCRETE_ATOL`` of the action range.
+  chunks must match the reference to ``DISCRETE_ATOL`` of the action range. Flow graphs
+  that take a committed prefix (real-time chunking) are checked the same way once more
+  with reference(B) as the prefix (delay ``RTC_PARITY_DELAY``): guided or conditioned.
 
 The report goes into the manifest; a failure raises ``ParityError`` unless the
 caller allows it (the manifest then records ``allowed_failure``).
@@ -29,6 +31,7 @@ import torch
 from torch import nn
 
 from molmoact2_edge.errors import ParityError
+from molmoact2_edge.rtc import CommittedPrefix
 from molmoact2_edge.runtimes import bundle as B
 from molmoact2_edge.runtimes.session import PolicySession
 from molmoact2_edge.types import Observation
@@ -42,6 +45,7 @@ GRAPH_RMS_LIMITS = {"fp32": 1e-4, "fp16": 5e-2, "int8": 0.25, "int4": 0.4}
 SEED_SPREAD_FRACTION = 0.5
 DISCRETE_ATOL = 1e-3
 DEFAULT_SEEDS = (1234, 4321)
+RTC_PARITY_DELAY = 2
 
 
 def relative_rms(candidate: np.ndarray, reference: np.ndarray) -> float:
@@ -116,6 +120,12 @@ def run_parity(
         for graph, err in graph_parity(session, reference_graphs, recorder.calls).items():
             worst[graph] = max(worst.get(graph, 0.0), err)
         e2e.append(_end_to_end(cand, ref_a, ref_b, session.discrete))
+        if session.rtc not in (None, "off") and not session.discrete:
+            prefix = CommittedPrefix(ref_b, min(RTC_PARITY_DELAY, len(ref_b)))
+            reference.reset()
+            session.reset()
+            ref_rtc = reference.act(obs, seed=seed_a, prefix=prefix).actions
+            e2e.append(_end_to_end(session.act(obs, seed=seed_a, prefix=prefix).actions, ref_rtc, ref_b, False))
     graphs = {}
     for graph, err in worst.items():
         limit = GRAPH_RMS_LIMITS[graph_precisions[graph]]
