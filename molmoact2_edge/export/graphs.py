@@ -36,6 +36,7 @@ from molmoact2_edge.config import MolmoAct2Config
 from molmoact2_edge.errors import ExportError
 from molmoact2_edge.model.action_expert import ActionExpert
 from molmoact2_edge.model.connector import VisionBackbone
+from molmoact2_edge.model.flow import euler_sample
 from molmoact2_edge.model.llm import LLM
 from molmoact2_edge.model.molmoact2 import MolmoAct2
 from molmoact2_edge.model.rtc_flow import EXPORTABLE_VJP, rtc_sample
@@ -187,15 +188,18 @@ class FlowGraph(nn.Module):
         context_v: torch.Tensor,
         cross_bias: torch.Tensor,
         action_dim_mask: torch.Tensor,
-        rtc_prefix: torch.Tensor,
-        rtc_weights: torch.Tensor,
+        rtc_prefix: torch.Tensor | None = None,
+        rtc_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """None for the RTC inputs: a bundle exported before RTC, run eagerly by the torch backend."""
         ctx_k, ctx_v = context_k.to(self.dtype), context_v.to(self.dtype)
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.expert(x, t, ctx_k, ctx_v, cross_bias)
 
         mask = action_dim_mask if self.mask_padding else None
+        if rtc_prefix is None or rtc_weights is None:
+            return euler_sample(velocity, noise, self.num_steps, mask)  # (b, ah, ad) fp32
         return rtc_sample(self.rtc, velocity, noise, self.num_steps, rtc_prefix, rtc_weights, mask, vjp=EXPORTABLE_VJP)
 
 
