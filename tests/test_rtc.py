@@ -22,16 +22,9 @@ from molmoact2_edge.model.molmoact2 import MolmoAct2
 from molmoact2_edge.model.rtc_flow import conditioned_euler_sample, guided_euler_sample
 from molmoact2_edge.rtc import CommittedPrefix, guidance_weights, resolve_mode, session_mode
 from molmoact2_edge.runtimes import bundle as B
+from tests.test_export import _one_thread  # noqa: F401  (autouse: one torch thread)
 
 AH, T = 8, 12  # chunk length, context length
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

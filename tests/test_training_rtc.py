@@ -6,38 +6,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from molmoact2_edge.export.graphs import rtc_mode
 from molmoact2_edge.model.policy import Policy
 from molmoact2_edge.training import trainer as trainer_mod
-from molmoact2_edge.training.distributed import DistInfo
 from molmoact2_edge.training.setup import build_run
 from molmoact2_edge.training.trainer import train
-from tests.test_training import _config
-
-CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+from tests.test_training import CPU, _config, _one_thread, dataset  # noqa: F401  (shared fixtures)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> object:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from molmoact2_edge.sim.record import record_demos
-
-    out = tmp_path_factory.mktemp("data") / "touch"
-    record_demos(out, ["touch"], 2, seed=0, size=64, codec="libx264")
-    return out
-
-
-def test_committed_steps_get_no_loss_gradient(dataset: Path, tmp_path: Path) -> None:
+def test_committed_steps_get_no_loss_gradient(dataset: Path, tmp_path: Path) -> None:  # noqa: F811
     run = build_run(_config(dataset, tmp_path / "ckpt", rtc_max_delay=5), CPU)
     trainer_mod._set_trainable(run.model, 2, finetune_backbone=False)
     batch = run.batches(3, slice(0, 4))
@@ -63,7 +42,7 @@ def test_committed_steps_get_no_loss_gradient(dataset: Path, tmp_path: Path) -> 
     assert trained > 0
 
 
-def test_rtc_fine_tune_is_recorded_and_picked_up(dataset: Path, tmp_path: Path) -> None:
+def test_rtc_fine_tune_is_recorded_and_picked_up(dataset: Path, tmp_path: Path) -> None:  # noqa: F811
     base = train(_config(dataset, tmp_path / "base", stage="1", steps=1))
     tuned = train(_config(dataset, tmp_path / "rtc", stage="2", steps=2, init_from=str(base), rtc_max_delay=3))
     assert json.loads((tuned / "config.json").read_text())["rtc_max_delay"] == 3
