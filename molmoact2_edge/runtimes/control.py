@@ -44,6 +44,7 @@ from molmoact2_edge.errors import SafetyError
 from molmoact2_edge.rtc import CommittedPrefix
 from molmoact2_edge.runtimes.rtc import ChunkHandoff, tick_index
 from molmoact2_edge.runtimes.telemetry import Telemetry
+from molmoact2_edge.runtimes.telemetry_schema import tick_fields
 from molmoact2_edge.types import ActionChunk, Observation
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,9 @@ class _InferenceWorker:
                 return
             t1 = time.monotonic()
             if self.telemetry is not None:
-                self.telemetry.chunk(chunk.timings or {"total": t1 - t0}, t0, t1, chunk.info)
+                self.telemetry.chunk(
+                    chunk.timings or {"total": t1 - t0}, t0, t1, chunk.info, chunk.actions, chunk.timestamp
+                )
             with self._cv:
                 self._result, self._busy = chunk, False
 
@@ -245,12 +248,20 @@ def run_episode(
                 swap["rtc"] = config.rtc and handoff.prefix is not None
                 result.swaps.append(swap)
                 if telemetry is not None:
-                    telemetry.write({"type": "swap", "chunk": result.chunks - 1, "t": deadline, **swap})
+                    telemetry.event(
+                        "swap",
+                        tick=tick,
+                        chunk=result.chunks - 1,
+                        delay_ms=round((deadline - fresh.timestamp) * 1e3, 3),
+                        start_action=action_index(fresh, deadline, config.hz),
+                        **swap,  # delay_ticks, seam_jump, sent_during_inference, rtc (runtimes/rtc.py)
+                    )
             k = action_index(current, deadline, config.hz) if current is not None else 0
-            if current is not None and k < len(current):
-                sent, held = gate.send(current.actions[k]), False
-                handoff.sent(current.actions[k])
-                result.targets.append(np.asarray(current.actions[k], dtype=np.float32))
+            target = current.actions[k] if current is not None and k < len(current) else None
+            if target is not None:
+                sent, held = gate.send(target), False
+                handoff.sent(target)
+                result.targets.append(np.asarray(target, dtype=np.float32))
                 result.picks.append((result.chunks - 1, k))
                 last_good = deadline
             else:
@@ -266,7 +277,11 @@ def run_episode(
                     )
             sent_at = time.monotonic()
             if telemetry is not None:
-                telemetry.tick(deadline, sent_at, held)
+                fields = tick_fields(
+                    tick=tick, chunk=result.chunks - 1, action=k, target=target, sent=sent, held=held, gate=gate,
+                    now=sent_at, chunk_t=current.timestamp if current is not None else None,
+                )
+                telemetry.tick(deadline, sent_at, held, fields)
             result.sent.append(np.asarray(sent, dtype=np.float32))
             result.ticks += 1
             if recorder is not None and last_obs is not None:
