@@ -371,6 +371,9 @@ class MolmoAct2Config:
     flow_matching_beta_alpha: float = 1.0
     flow_matching_beta_beta: float = 1.5
     mask_action_dim_padding: bool = True  # zero padded action dims on noise, velocity and every step
+    # training-time RTC (molmoact2_edge/rtc.py): the expert was trained with committed prefixes of up to
+    # this many steps fed clean at flow time 1; export and runtime then condition on the prefix. 0: off
+    rtc_max_delay: int = 0
     enable_depth_reasoning: bool = False  # MolmoAct2-Think: decode depth tokens before acting
     num_depth_codes: int = 100  # depth tokens generated per image (10x10 grid)
     action_expert_depth_gate: bool = False

@@ -53,14 +53,17 @@ def cached_bundle(checkpoint: Path, precision: str, cache: Path = CACHE, options
     from molmoact2_edge.checkpoint import checkpoint_sha256
     from molmoact2_edge.errors import BundleError
     from molmoact2_edge.export.pipeline import ExportOptions, export_bundle
-    from molmoact2_edge.runtimes.bundle import Bundle
+    from molmoact2_edge.runtimes.bundle import GRAPHS, Bundle
 
     target = cache / "bundles" / f"{checkpoint_sha256(checkpoint)[:16]}-{precision}"
     if (target / "manifest.json").is_file():
         try:
-            Bundle.open(target)
-            log.info("using cached bundle %s", target)
-            return target
+            bundle = Bundle.open(target)
+            stale = [g for g in bundle.graph_names if [s["name"] for s in bundle.input_specs(g)] != list(GRAPHS[g].inputs)]
+            if not stale:
+                log.info("using cached bundle %s", target)
+                return target
+            log.warning("cached bundle %s has the old inputs of %s (e.g. no RTC inputs); exporting again", target, stale)
         except BundleError as err:
             log.warning("cached bundle %s is unusable (%s); exporting again", target, err)
     click.echo(f"exporting {checkpoint} ({precision}) to {target} ...")

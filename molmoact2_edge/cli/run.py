@@ -98,6 +98,7 @@ class RunSettings:
     save_rrd: Path | None = None  # rerun recording file
     video_dir: Path | None = None  # one MP4 per episode (sim only: needs the robot's cameras)
     policy: Any = None  # an already connected RemotePolicy (the CLI opens it for pre-flight)
+    rtc: str = "auto"  # real-time chunking: auto uses it when the bundle's flow graph takes a prefix
 
 
 @dataclass
@@ -141,7 +142,7 @@ def open_policy(settings: RunSettings) -> tuple[Any, dict[str, Any], dict[str, A
         from molmoact2_edge.runtimes.session import PolicySession
         from molmoact2_edge.serving.contract import policy_contract
 
-        session = PolicySession(settings.bundle, settings.backend)  # type: ignore[arg-type]
+        session = PolicySession(settings.bundle, settings.backend, rtc=settings.rtc)  # type: ignore[arg-type]
         return session, policy_contract(session.bundle), session.backend.describe()
     try:
         from molmoact2_edge.serving.remote import RemotePolicy
@@ -215,8 +216,9 @@ def run_policy(
                 if not task:
                     raise MolmoEdgeError('no task: pass --task "<instruction>"')
                 config = LoopConfig(
-                    task, settings.hz, settings.swap_threshold, settings.duration_s, settings.stall_timeout_s
-                )
+                    task, settings.hz, settings.swap_threshold, settings.duration_s, settings.stall_timeout_s,
+                    rtc=getattr(session, "rtc", None) not in (None, "off"),  # a remote policy takes no prefix
+                )  # fmt: skip
                 session.reset()
                 telemetry.begin_episode(episode, joint_names=list(robot.joint_names), task=task)
                 with SafetyLayer(robot, SafetyConfig(on_exit=settings.on_exit, control_hz=settings.hz)) as layer:  # type: ignore[arg-type]
@@ -460,6 +462,8 @@ def print_summary(results: list[dict[str, Any]], stats: dict[str, Any]) -> None:
     show_default=True,
     help="Seconds of holding without a usable chunk before the episode stops with a safety error.",
 )
+@click.option("--rtc", type=click.Choice(["off", "inference", "training", "auto"]), default="auto", show_default=True,
+              help="Real-time chunking at chunk swaps: auto = what the bundle's flow graph was exported for.")  # fmt: skip
 @click.option(
     "--record", type=click.Path(file_okay=False, path_type=Path), help="Record a LeRobot dataset here."
 )
@@ -490,6 +494,7 @@ def run(
     swap_threshold: float,
     on_exit: str,
     stall_timeout: float,
+    rtc: str,
     record: Path | None,
     telemetry: Path | None,
     display: str | None,
@@ -538,6 +543,7 @@ def run(
         first_move_limit=first_move_limit,
         overrides=choices.overrides,
         policy=remote,
+        rtc=rtc,
     )
     progress = RunProgress(episodes)
     try:

@@ -63,6 +63,10 @@ import click
     show_default=True,
     help="Storage dtype of the final weights (checkpoints for --resume stay float32).",
 )
+@click.option("--rtc-max-delay", type=int, default=0, show_default=True,
+              help="Training-time RTC on stage 2: committed prefixes of 0..N steps, fed clean (0: off).")  # fmt: skip
+@click.option("--init-from", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Fine-tune this trained checkpoint (stage 2) instead of starting from the preset.")  # fmt: skip
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None, help="cpu or cuda [default: cuda:LOCAL_RANK if available].")
@@ -87,6 +91,8 @@ def train(
     joint_frame: str | None,
     save_every: int,
     save_dtype: str,
+    rtc_max_delay: int,
+    init_from: Path | None,
     resume: bool,
     seed: int,
     device: str | None,
@@ -99,6 +105,7 @@ def train(
       molmo-edge sim record --task touch --episodes 300 --noise 2 --size 112 --out data/touch
       molmo-edge train --preset small --data data/touch --out ckpt/touch --steps 1500
       molmo-edge train --preset small --data data/touch --out ckpt/touch --resume      # after a kill
+      molmo-edge train --init-from ckpt/touch --stage 2 --rtc-max-delay 4 --data data/touch --out ckpt/touch-rtc
       torchrun --nproc-per-node 8 -m molmoact2_edge.cli.main train --preset small --data ... --out ...
     """
     import os
@@ -128,6 +135,8 @@ def train(
         joint_frame=joint_frame,
         save_every=save_every,
         save_dtype=save_dtype,
+        rtc_max_delay=rtc_max_delay,
+        init_from=str(init_from) if init_from is not None else None,
         resume=resume,
         seed=seed,
         device=device,

@@ -18,7 +18,9 @@ lengths, chunk length); nothing is data-dependent, so no If/Loop nodes appear.
 - ``expert_context`` (Think bundles with the expert's depth gate): the cache -> the whole
   expert context with the gate applied (it needs the depth tokens, so it runs after them).
 - ``flow``: every Euler step unrolled, the accumulator in fp32 even when the expert
-  runs in fp16 (``FlowGraph(dtype=torch.float16)``, ``model/flow.py``).
+  runs in fp16 (``FlowGraph(dtype=torch.float16)``, ``model/flow.py``), with real-time
+  chunking inside the loop (``model/rtc_flow.py``): a committed prefix and its weights
+  come in as two more fixed-shape inputs; zero weights give the plain flow's chunk.
 
 Shape legend: b batch, n cameras, h w pixels, q pooled tokens per camera, t bucket,
 tm cache length, tc context length, k block length, l layers, kh KV heads, hd head dim, d LLM width,
@@ -41,6 +43,7 @@ from molmoact2_edge.model.connector import VisionBackbone
 from molmoact2_edge.model.flow import euler_sample
 from molmoact2_edge.model.llm import LLM
 from molmoact2_edge.model.molmoact2 import MolmoAct2
+from molmoact2_edge.model.rtc_flow import EXPORTABLE_VJP, rtc_sample
 from molmoact2_edge.runtimes import bundle as B
 
 BATCH = 1  # bundles are batch 1: one robot, one observation per call
@@ -104,6 +107,8 @@ class GraphShapes:
                 ctx.clone(),
                 torch.zeros(BATCH, 1, 1, self.context_length),
                 torch.ones(BATCH, 1, config.max_action_dim),
+                torch.zeros(BATCH, self.chunk_length, config.max_action_dim),
+                torch.zeros(BATCH, self.chunk_length),
             ),
         }
 
@@ -230,12 +235,22 @@ class FlowGraph(nn.Module):
 
     dtype float16 runs a COPY of the expert in fp16 (the reference model stays fp32): the velocity
     is computed in fp16 and cast to fp32 before each Euler update (``model/flow.py``).
+    rtc: how the committed prefix enters (``model/rtc_flow.py``): ``inference`` guides every step
+    (``EXPORTABLE_VJP``, one extra expert pass per step), ``training`` pins it at flow time 1 (for
+    checkpoints trained with ``rtc_max_delay``).
     """
 
-    def __init__(self, expert: nn.Module, num_steps: int, mask_padding: bool, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        expert: nn.Module,
+        num_steps: int,
+        mask_padding: bool,
+        dtype: torch.dtype = torch.float32,
+        rtc: str = "inference",
+    ) -> None:
         super().__init__()
         self.expert = expert if dtype == torch.float32 else copy.deepcopy(expert).to(dtype)
-        self.num_steps, self.mask_padding, self.dtype = num_steps, mask_padding, dtype
+        self.num_steps, self.mask_padding, self.dtype, self.rtc = num_steps, mask_padding, dtype, rtc
 
     def forward(
         self,
@@ -244,14 +259,24 @@ class FlowGraph(nn.Module):
         context_v: torch.Tensor,
         cross_bias: torch.Tensor,
         action_dim_mask: torch.Tensor,
+        rtc_prefix: torch.Tensor | None = None,
+        rtc_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """None for the RTC inputs: a bundle exported before RTC, run eagerly by the torch backend."""
         ctx_k, ctx_v = context_k.to(self.dtype), context_v.to(self.dtype)
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.expert(x, t, ctx_k, ctx_v, cross_bias)
 
         mask = action_dim_mask if self.mask_padding else None
-        return euler_sample(velocity, noise, self.num_steps, mask)  # (b, ah, ad) fp32
+        if rtc_prefix is None or rtc_weights is None:
+            return euler_sample(velocity, noise, self.num_steps, mask)  # (b, ah, ad) fp32
+        return rtc_sample(self.rtc, velocity, noise, self.num_steps, rtc_prefix, rtc_weights, mask, vjp=EXPORTABLE_VJP)
+
+
+def rtc_mode(config: MolmoAct2Config) -> str:
+    """How the flow graph takes a committed prefix: conditioned if the expert was trained with it, else guided."""
+    return "training" if config.rtc_max_delay > 0 else "inference"
 
 
 def build_graphs(model: MolmoAct2, shapes: GraphShapes, with_decode: bool, with_flow: bool = True) -> dict[str, nn.Module]:
@@ -272,5 +297,7 @@ def build_graphs(model: MolmoAct2, shapes: GraphShapes, with_decode: bool, with_
         if config.action_expert_depth_gate:  # without depth tokens (not Think) the gate scales nothing
             graphs[B.EXPERT_CONTEXT.name] = ExpertContextGraph(model, shapes.context_length)
     if with_flow:
-        graphs[B.FLOW.name] = FlowGraph(inner.action_expert, config.flow_matching_num_steps, config.mask_action_dim_padding)
+        graphs[B.FLOW.name] = FlowGraph(
+            inner.action_expert, config.flow_matching_num_steps, config.mask_action_dim_padding, rtc=rtc_mode(config)
+        )
     return {k: g.eval() for k, g in graphs.items()}

@@ -11,7 +11,9 @@ Two checks, as vla-edge's gates (``reference/molmoact2-checkpoint.md`` §8.4):
   observation: the bundle must be closer to the reference than the reference is to
   itself under another noise draw. A zero seed spread (the policy ignores its noise)
   fails: the gate could not tell anything apart. Discrete bundles have no noise; their
-  chunks must match the reference to ``DISCRETE_ATOL`` of the action range.
+  chunks must match the reference to ``DISCRETE_ATOL`` of the action range. Flow graphs
+  that take a committed prefix (real-time chunking) are checked the same way once more
+  with reference(B) as the prefix (delay ``RTC_PARITY_DELAY``): guided or conditioned.
 - **depth codes** (Think bundles): the session's codes must EQUAL the reference's on every
   parity observation, decoded sequentially (the first frame) and again speculatively
   (``runtimes.depth_decode``) from adversarial drafts; the chunk after them passes the
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 
 from molmoact2_edge.errors import ParityError
+from molmoact2_edge.rtc import CommittedPrefix
 from molmoact2_edge.runtimes import bundle as B
 from molmoact2_edge.runtimes.session import PolicySession
 from molmoact2_edge.types import ActionChunk, Observation
@@ -47,6 +50,7 @@ SEED_SPREAD_FRACTION = 0.5
 DISCRETE_ATOL = 1e-3
 DEFAULT_SEEDS = (1234, 4321)
 DRAFT_STRIDE = 10  # Think: every 10th draft is made wrong in the speculative check (11 rejections per 100 cells)
+RTC_PARITY_DELAY = 2
 
 
 def relative_rms(candidate: np.ndarray, reference: np.ndarray) -> float:
@@ -132,6 +136,12 @@ def run_parity(
             e2e.append(_end_to_end(chunk.actions, ref_a, ref_b, session.discrete))
         for graph, err in graph_parity(session, reference_graphs, recorder.calls).items():
             worst[graph] = max(worst.get(graph, 0.0), err)
+        if session.rtc not in (None, "off") and not session.discrete:
+            prefix = CommittedPrefix(ref_b, min(RTC_PARITY_DELAY, len(ref_b)))
+            reference.reset()
+            session.reset()
+            ref_rtc = reference.act(obs, seed=seed_a, prefix=prefix).actions
+            e2e.append(_end_to_end(session.act(obs, seed=seed_a, prefix=prefix).actions, ref_rtc, ref_b, False))
     graphs = {}
     for graph, err in worst.items():
         limit = GRAPH_RMS_LIMITS[graph_precisions[graph]]

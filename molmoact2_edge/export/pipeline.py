@@ -34,8 +34,10 @@ from molmoact2_edge import __version__
 from molmoact2_edge.contract import CONTRACT_FILE, SO101_JOINTS, ContractFlags, RobotContract, export_contract
 from molmoact2_edge.errors import ExportError, PromptTooLongError
 from molmoact2_edge.export import calibration, parity, quantize
-from molmoact2_edge.export.graphs import FlowGraph, GraphShapes, build_graphs
+from molmoact2_edge.export.graphs import FlowGraph, GraphShapes, build_graphs, rtc_mode
 from molmoact2_edge.export.onnx_export import DEFAULT_OPSET, data_file, export_module, io_specs
+from molmoact2_edge.model.rtc_flow import EXPORTABLE_VJP
+from molmoact2_edge.rtc import GUIDANCE_CLIP
 from molmoact2_edge.runtimes import bundle as B
 from molmoact2_edge.runtimes.depth_decode import depth_block_length
 from molmoact2_edge.runtimes.session import PolicySession
@@ -342,7 +344,9 @@ def _export_fp16_flow(policy: Any, shapes: GraphShapes, dst: Path, opset: int) -
     import torch
 
     cfg = policy.config
-    module = FlowGraph(policy.model.model.action_expert, cfg.flow_matching_num_steps, cfg.mask_action_dim_padding, torch.float16)
+    module = FlowGraph(
+        policy.model.model.action_expert, cfg.flow_matching_num_steps, cfg.mask_action_dim_padding, torch.float16, rtc_mode(cfg)
+    )
     exported = export_module(module, shapes.example_inputs(cfg)[B.FLOW.name], dst, B.FLOW.inputs, B.FLOW.outputs, opset)
     return {"converted": sum(exported.op_counts.values()), "kept_fp32": 0}
 
@@ -429,6 +433,8 @@ def _write_manifest(
         "block_length": shapes.block_length,
         "norm_tag": tag,
         "norm_mode": policy.norm.norm_mode,
+        # real-time chunking inside the flow graph (molmoact2_edge/rtc.py); the runtime reads the mode from here
+        "rtc": {"mode": rtc_mode(cfg), "vjp": EXPORTABLE_VJP, "clip": GUIDANCE_CLIP, "max_delay": cfg.rtc_max_delay},
     }
     prompt = {
         "bucket": shapes.bucket,

@@ -47,7 +47,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class SinusoidalTimeEmbedding(nn.Module):
-    """t (b,) -> (b, dim) = [sin(t*freq), cos(t*freq)]; no parameters (index 0 of ``time_embed``)."""
+    """t (b,) or per action step (b, ah) -> (..., dim) = [sin(t*freq), cos(t*freq)]; no parameters (index 0 of ``time_embed``)."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -57,7 +57,7 @@ class SinusoidalTimeEmbedding(nn.Module):
         half = self.dim // 2
         j = torch.arange(half, dtype=torch.float32, device=t.device)
         freqs = torch.exp(-math.log(10000.0) * j / (half - 1))  # (half,)
-        args = t.float()[:, None] * freqs[None]  # (b, half)
+        args = t.float()[..., None] * freqs  # (b, half) or (b, ah, half)
         return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
 
 
@@ -68,8 +68,9 @@ class Modulation(nn.Module):
         self.linear = nn.Linear(width, chunks * width)
 
     def forward(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """c (b, d) -> ``chunks`` tensors (b, 1, d)."""
-        return self.linear(F.silu(c))[:, None].chunk(self.chunks, dim=-1)
+        """c (b, d) -> ``chunks`` tensors (b, 1, d); per-step c (b, ah, d) -> (b, ah, d) each."""
+        c = c[:, None] if c.dim() == 2 else c
+        return self.linear(F.silu(c)).chunk(self.chunks, dim=-1)
 
 
 class ExpertSelfAttention(nn.Module):
@@ -207,7 +208,8 @@ class ActionExpert(nn.Module):
         ctx_v: torch.Tensor,
         cross_bias: torch.Tensor,
     ) -> torch.Tensor:
-        """x_t (b, ah, ad); t (b,) flow time in [0, 1]; ctx_k/ctx_v (l, b, t, d); cross_bias (b, 1, 1, t).
+        """x_t (b, ah, ad); t (b,) flow time in [0, 1], or (b, ah) per action step (training-time RTC
+        feeds the committed prefix clean, at t = 1); ctx_k/ctx_v (l, b, t, d); cross_bias (b, 1, 1, t).
 
         Returns the velocity (b, ah, ad) (padded dims are not masked here; see flow.py).
         """
@@ -215,7 +217,7 @@ class ActionExpert(nn.Module):
         assert ctx_k.shape[0] == len(self.blocks), f"context has {ctx_k.shape[0]} layers, expert {len(self.blocks)}"
         dtype = self.action_embed.weight.dtype
         sinusoid = self.time_embed[0](t).to(dtype)  # fp32 sin/cos of the raw t, then the weights' dtype
-        c = self.time_embed[3](self.time_embed[2](self.time_embed[1](sinusoid)))  # (b, d)
+        c = self.time_embed[3](self.time_embed[2](self.time_embed[1](sinusoid)))  # (b, d) or (b, ah, d)
         x = self.action_embed(x_t.to(dtype))  # (b, ah, d)
         cos = sin = None
         if self.cfg.rope:

@@ -14,7 +14,8 @@ method per stage so export can reuse each step:
      replays its previous code, and consecutive replays are fed as one chunk; then greedy
      decoding until ``<depth_end>`` has been fed (at most max(8, ah) tokens);
   6. ``sample_flow`` (stage ``flow``, continuous): seeded noise (``types.flow_noise``, numpy
-     PCG64: one draw on every backend, torch's generator differs across devices), N Euler steps;
+     PCG64: one draw on every backend, torch's generator differs across devices), N Euler steps
+     (with a committed prefix: real-time chunking, ``model/rtc_flow.py``, mode ``rtc``);
      or ``decode_discrete`` (stage ``decode``): greedy to eos (at most 16 ah tokens), the
      ``<action_i>`` span -> OpenFAST -> (ah, ad), zeros and ``decode_ok=False`` if it fails the shape rule;
   7. ``postprocess``: the robot's action dims, steps [n_obs_steps - 1, + n_action_steps), un-normalized.
@@ -46,8 +47,10 @@ from molmoact2_edge.errors import CheckpointError, ConfigError, ObservationError
 from molmoact2_edge.model import masks
 from molmoact2_edge.model.flow import action_dim_mask
 from molmoact2_edge.model.molmoact2 import MolmoAct2
+from molmoact2_edge.model.rtc_flow import EXPORTABLE_VJP, rtc_sample
 from molmoact2_edge.normalization import NormStats, TagMetadata
 from molmoact2_edge.preprocess import resize_cameras
+from molmoact2_edge.rtc import CommittedPrefix, prefix_inputs, resolve_mode
 from molmoact2_edge.tokenizers.openfast import (
     ACTION_TOKENIZER_DIR,
     OpenFASTTokenizer,
@@ -97,6 +100,8 @@ class Policy:
         bucket: int | None = None,
         depth: bool | None = None,
         num_steps: int | None = None,
+        rtc: str = "auto",
+        rtc_vjp: str = EXPORTABLE_VJP,
     ) -> None:
         """tag: norm-stats embodiment tag (None: the only one). mode: "continuous" (flow expert) or
         "discrete" (OpenFAST tokens; needs ``fast``); default continuous when the model has an expert.
@@ -104,6 +109,9 @@ class Policy:
             observation's sorted names, kept from then on).
         bucket: fixed prompt length (export's shapes); None = the prompt's own length.
         depth: MolmoAct2-Think depth reasoning (default ``config.enable_depth_reasoning``).
+        rtc: real-time chunking when ``act`` gets a committed prefix (``rtc.MODES``; auto: training-time
+            if the checkpoint was trained with it, else inference-time); rtc_vjp: how inference-time RTC
+            forms its vector-Jacobian product (``model/rtc_flow.py``; the bundle's graph uses the default).
         """
         self.model = model.eval()
         self.config = config
@@ -126,6 +134,8 @@ class Policy:
         self.fast = fast
         self.depth = config.enable_depth_reasoning if depth is None else depth
         self.num_steps = num_steps or config.flow_matching_num_steps
+        self.rtc = resolve_mode(rtc, config.rtc_max_delay)
+        self.rtc_vjp = rtc_vjp
         self.horizon = int(self.meta.action_horizon or config.max_action_horizon)  # ah generated
         if self.horizon > config.max_action_horizon:
             raise ConfigError(f"tag horizon {self.horizon} > max_action_horizon {config.max_action_horizon}")
@@ -171,13 +181,18 @@ class Policy:
 
     # --- public --------------------------------------------------------------------------
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: exact RTC guidance (rtc_vjp="autograd") differentiates the expert
     def act(
-        self, observation: Observation, seed: int | None = None, noise: np.ndarray | None = None
+        self,
+        observation: Observation,
+        seed: int | None = None,
+        noise: np.ndarray | None = None,
+        prefix: CommittedPrefix | None = None,
     ) -> ActionChunk:
         """One chunk (n_action_steps, action_dim) float32 in robot units.
 
         seed: flow-noise seed (None: fresh entropy); noise: an explicit (ah, ad) array instead.
+        prefix: the actions the robot commits to while this chunk is computed (real-time chunking).
         """
         timings = dict.fromkeys(STAGES, 0.0)
         info: dict[str, object] = {}
@@ -201,7 +216,7 @@ class Policy:
             info["decode_ok"] = ok
         else:
             with self._timed(timings, "flow"):
-                normalized = self.sample_flow(state, pre_k, pre_v, prompt, seed, noise)
+                normalized = self.sample_flow(state, pre_k, pre_v, prompt, seed, noise, prefix)
         actions = self.postprocess(normalized)
         timings["total"] = time.perf_counter() - start
         return ActionChunk(actions=actions, timestamp=observation.timestamp, timings=timings, info=info)
@@ -353,8 +368,9 @@ class Policy:
         prompt: Prompt,
         seed: int | None,
         noise: np.ndarray | None,
+        prefix: CommittedPrefix | None = None,
     ) -> np.ndarray:
-        """N Euler steps of the expert from seeded noise -> (ah, ad) normalized actions."""
+        """N Euler steps of the expert from seeded noise -> (ah, ad) normalized actions (RTC with a prefix)."""
         shape = (self.horizon, self.config.max_action_dim)
         x0 = flow_noise(seed, shape) if noise is None else np.asarray(noise, dtype=np.float32)
         if x0.shape != shape:
@@ -370,13 +386,30 @@ class Policy:
         assert expert_k is not None and expert_v is not None, "no expert context: add_action_expert is false"
         cross = masks.cross_attention_bias(masks.cross_attention_valid(ids[None], valid[None], self.config))
         dtype = self.model.model.action_expert.action_embed.weight.dtype
-        out = self.model.sample_actions(
-            torch.from_numpy(x0[None]).to(self.device, dtype),
-            expert_k,
-            expert_v,
-            torch.from_numpy(cross).to(self.device),
-            dim_mask=action_dim_mask(self.action_dim, self.config.max_action_dim, self.device),
-            num_steps=self.num_steps,
+        noise_t = torch.from_numpy(x0[None]).to(self.device, dtype)
+        cross_t = torch.from_numpy(cross).to(self.device)
+        dim_mask = action_dim_mask(self.action_dim, self.config.max_action_dim, self.device)
+        if prefix is None or self.rtc == "off":
+            out = self.model.sample_actions(
+                noise_t, expert_k, expert_v, cross_t, dim_mask=dim_mask, num_steps=self.num_steps
+            )
+            return out[0].float().cpu().numpy()
+        values, weights = prefix_inputs(
+            prefix, self.rtc, self.norm, self.tag, *shape, first=self.config.n_obs_steps - 1
+        )
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.model.expert_velocity(x.to(dtype), t, expert_k, expert_v, cross_t)
+
+        out = rtc_sample(
+            self.rtc,
+            velocity,
+            noise_t,
+            self.num_steps,
+            torch.from_numpy(values[None]).to(self.device),
+            torch.from_numpy(weights[None]).to(self.device),
+            dim_mask if self.config.mask_action_dim_padding else None,
+            vjp=self.rtc_vjp,
         )
         return out[0].float().cpu().numpy()
 

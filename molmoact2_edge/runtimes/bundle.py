@@ -144,6 +144,8 @@ FLOW = GraphSpec(
         "context_v",  # (l, b, tc, e)
         "cross_bias",  # (b, 1, 1, tc) float32 additive over context positions
         "action_dim_mask",  # (b, 1, ad) float32: 1 for real action dims, 0 for padding
+        "rtc_prefix",  # (b, ah, ad) float32 committed actions, normalized, zero-padded (molmoact2_edge/rtc.py)
+        "rtc_weights",  # (b, ah) float32 per-step RTC weights; all zero = the plain flow
     ),
     outputs=("actions",),  # (b, ah, ad) normalized actions after all Euler steps
 )

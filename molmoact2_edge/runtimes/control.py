@@ -15,7 +15,10 @@ Two threads, one job each:
   to the inference thread; the finished chunk replaces the current one at the
   next tick, so there is no stall at chunk boundaries.
 - **inference**: ``policy(observation) -> ActionChunk`` (``PolicySession.act`` or any
-  callable), timed into telemetry.
+  callable), timed into telemetry. With ``LoopConfig.rtc`` it is called as
+  ``policy(observation, prefix=CommittedPrefix)`` once a chunk is executing: the actions the loop
+  keeps sending while inference runs, and the delay measured at the last swap (``runtimes/rtc.py``).
+  Every swap is written to telemetry as ``{"type": "swap", "delay_ticks", "seam_jump", ...}``.
 
 When the current chunk runs out before the next arrives (inference stalled), the
 safety layer holds the last commanded target; after ``stall_timeout_s`` without
@@ -38,6 +41,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from molmoact2_edge.errors import SafetyError
+from molmoact2_edge.rtc import CommittedPrefix
+from molmoact2_edge.runtimes.rtc import ChunkHandoff, tick_index
 from molmoact2_edge.runtimes.telemetry import Telemetry
 from molmoact2_edge.runtimes.telemetry_schema import tick_fields
 from molmoact2_edge.types import ActionChunk, Observation
@@ -114,6 +119,7 @@ class LoopConfig:
     first_chunk_timeout_s: float = 15.0  # the first act() also warms the backend up (allocation, kernels)
     record_flush_s: float = 1.0  # a crash loses at most this much of a recording
     spin_s: float = 0.0005  # busy-wait the last half millisecond before a deadline (sleep overshoots)
+    rtc: bool = False  # hand the policy the committed prefix (real-time chunking, runtimes/rtc.py)
 
     def __post_init__(self) -> None:
         if self.hz <= 0:
@@ -132,6 +138,9 @@ class EpisodeResult:
     chunks: int = 0
     duration_s: float = 0.0
     sent: list[np.ndarray] = field(default_factory=list, repr=False)
+    targets: list[np.ndarray] = field(default_factory=list, repr=False)  # what the policy asked for, per tick
+    picks: list[tuple[int, int]] = field(default_factory=list, repr=False)  # (chunk, action) per tick; -1 held
+    swaps: list[dict[str, Any]] = field(default_factory=list, repr=False)  # delay_ticks and seam_jump per swap
     error: str | None = None
 
     @property
@@ -145,6 +154,7 @@ class _InferenceWorker:
     def __init__(self, policy: Policy, telemetry: Telemetry | None) -> None:
         self.policy, self.telemetry = policy, telemetry
         self._request: Observation | None = None
+        self._prefix: CommittedPrefix | None = None
         self._result: ActionChunk | None = None
         self.error: BaseException | None = None
         self._cv = threading.Condition()
@@ -158,9 +168,9 @@ class _InferenceWorker:
         with self._cv:
             return self._busy
 
-    def submit(self, observation: Observation) -> None:
+    def submit(self, observation: Observation, prefix: CommittedPrefix | None = None) -> None:
         with self._cv:
-            self._request, self._busy = observation, True
+            self._request, self._prefix, self._busy = observation, prefix, True
             self._cv.notify()
 
     def take(self) -> ActionChunk | None:
@@ -174,11 +184,11 @@ class _InferenceWorker:
                 self._cv.wait_for(lambda: self._request is not None or self._stopping)
                 if self._stopping:
                     return
-                observation, self._request = self._request, None
+                observation, self._request, prefix = self._request, None, self._prefix
             assert observation is not None
             t0 = time.monotonic()
             try:
-                chunk = self.policy(observation)
+                chunk = self.policy(observation) if prefix is None else self.policy(observation, prefix=prefix)  # type: ignore[call-arg]
             except BaseException as err:  # handed to the control thread, which stops the robot and re-raises
                 with self._cv:
                     self.error, self._busy = err, False
@@ -201,9 +211,7 @@ class _InferenceWorker:
             log.warning("inference thread still busy at stop; leaving it to finish in the background")
 
 
-def action_index(chunk: ActionChunk, t: float, hz: float) -> int:
-    """Which action of ``chunk`` is meant for time ``t`` (may be past its end)."""
-    return max(0, int(round((t - chunk.timestamp) * hz)))
+action_index = tick_index  # which action of a chunk is meant for a time (may be past its end)
 
 
 def run_episode(
@@ -217,6 +225,7 @@ def run_episode(
     """Drive one episode; always ends with ``gate.close()``. Re-raises policy and safety errors after stopping."""
     period = 1.0 / config.hz
     worker = _InferenceWorker(policy, telemetry)
+    handoff = ChunkHandoff(config.hz)
     result = EpisodeResult(end="duration")
     current: ActionChunk | None = None
     last_obs: Observation | None = None
@@ -235,6 +244,9 @@ def run_episode(
             if fresh is not None:
                 current = _checked(fresh, result.chunks)
                 result.chunks += 1
+                swap = handoff.swap(current, deadline, result.targets[-1] if result.targets else None)
+                swap["rtc"] = config.rtc and handoff.prefix is not None
+                result.swaps.append(swap)
                 if telemetry is not None:
                     telemetry.event(
                         "swap",
@@ -242,14 +254,20 @@ def run_episode(
                         chunk=result.chunks - 1,
                         delay_ms=round((deadline - fresh.timestamp) * 1e3, 3),
                         start_action=action_index(fresh, deadline, config.hz),
+                        **swap,  # delay_ticks, seam_jump, sent_during_inference, rtc (runtimes/rtc.py)
                     )
             k = action_index(current, deadline, config.hz) if current is not None else 0
             target = current.actions[k] if current is not None and k < len(current) else None
             if target is not None:
                 sent, held = gate.send(target), False
+                handoff.sent(target)
+                result.targets.append(np.asarray(target, dtype=np.float32))
+                result.picks.append((result.chunks - 1, k))
                 last_good = deadline
             else:
                 sent, held = gate.hold(), True
+                result.targets.append(np.asarray(sent, dtype=np.float32))
+                result.picks.append((-1, -1))
                 result.held_ticks += 1
                 limit = config.stall_timeout_s if result.chunks else config.first_chunk_timeout_s
                 if deadline - last_good > limit:
@@ -275,7 +293,8 @@ def run_episode(
             need = current is None or remaining <= config.swap_threshold * len(current)
             if need and not worker.busy and fresh is None:
                 last_obs = gate.observe(config.task)
-                worker.submit(last_obs)
+                prefix = handoff.request(current, last_obs.timestamp, held)
+                worker.submit(last_obs, prefix if config.rtc else None)
             elif recorder is not None:
                 last_obs = gate.observe(config.task)
             if success is not None and success():

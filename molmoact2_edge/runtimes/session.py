@@ -11,7 +11,8 @@ The full order, in one place (``act``):
   6. Think bundles: depth codes with the adaptive per-camera cache (unchanged cells
      replayed, changed cells re-predicted), verified speculatively in ``decode_block``
      calls with the cached codes as drafts (``depth_decode``; exact, few calls);
-  7. ``flow`` graph (all Euler steps inside) -> normalized chunk, or for discrete
+  7. ``flow`` graph (all Euler steps inside; real-time chunking when ``act`` gets the committed
+     prefix and the bundle's graph takes one) -> normalized chunk, or for discrete
      bundles greedy ``decode_step`` decoding + OpenFAST;
   8. slice to the returned steps and un-normalize with the bundle's norm stats.
 
@@ -35,6 +36,7 @@ from molmoact2_edge.depth_cache import DepthCache
 from molmoact2_edge.errors import BundleError, ObservationError
 from molmoact2_edge.normalization import NormStats
 from molmoact2_edge.preprocess import resize_cameras
+from molmoact2_edge.rtc import CommittedPrefix, prefix_inputs, session_mode
 from molmoact2_edge.runtimes import bundle as B
 from molmoact2_edge.runtimes.backends.base import BackendSession, load_backend
 from molmoact2_edge.runtimes.depth_decode import DepthTokens, decode_depth, depth_token_mask
@@ -71,11 +73,13 @@ class PolicySession:
         *,
         verify: bool = True,
         record_feeds: FeedRecorder | None = None,
+        rtc: str = "auto",
         **backend_options: Any,
     ) -> None:
         """bundle: an opened Bundle or its directory (verified: hashes, schema).
         backend: a backend name for ``load_backend`` ("onnxruntime", "tensorrt", "torch", "auto") or a loaded session.
         record_feeds: called with (graph, feeds) before every graph call (int8 calibration capture).
+        rtc: real-time chunking (``rtc.MODES``): auto uses what the bundle's flow graph was exported with.
         """
         self.bundle = bundle if isinstance(bundle, B.Bundle) else B.Bundle.open(bundle, verify=verify)
         self.backend = backend if isinstance(backend, BackendSession) else load_backend(backend, self.bundle, **backend_options)
@@ -106,13 +110,23 @@ class PolicySession:
         self._context_len = int(m.get("context_length", p["bucket"]))
         self._block_len = int(m.get("block_length", 0)) if B.DECODE_BLOCK.name in self.bundle.graph_names else 0
         self.speculative_depth = True  # False: depth codes one decode_step per token (the baseline benchmarks compare)
+        flow_inputs = [s["name"] for s in self.bundle.input_specs(B.FLOW.name)] if B.FLOW.name in self.bundle.graph_names else []
+        exported_rtc = m.get("rtc", {}).get("mode") if "rtc_weights" in flow_inputs else None
+        self.rtc = session_mode(rtc, exported_rtc)
 
     # --- public --------------------------------------------------------------------------
 
-    def act(self, observation: Observation, seed: int | None = None, noise: np.ndarray | None = None) -> ActionChunk:
+    def act(
+        self,
+        observation: Observation,
+        seed: int | None = None,
+        noise: np.ndarray | None = None,
+        prefix: CommittedPrefix | None = None,
+    ) -> ActionChunk:
         """One action chunk (un-normalized, robot units) for ``observation``.
 
         seed: the flow noise seed (None: fresh); noise: an explicit (ah, ad) noise array instead.
+        prefix: the actions the robot commits to while this chunk is computed (real-time chunking).
         """
         timings: dict[str, float] = dict.fromkeys(STAGES, 0.0)
         info: dict[str, object] = {}
@@ -136,7 +150,7 @@ class PolicySession:
             info["decode_ok"] = ok
         else:
             with self._timed(timings, "flow"):
-                normalized = self._flow(ctx, seed, noise)
+                normalized = self._flow(ctx, seed, noise, prefix)
         actions = self._postprocess(normalized)
         timings["total"] = time.perf_counter() - start
         return ActionChunk(actions=actions, timestamp=observation.timestamp, timings=timings, info=info)
@@ -263,24 +277,28 @@ class PolicySession:
         padded[:, : self.action_dim] = chunk
         return padded, ok
 
-    def _flow(self, ctx: _Context, seed: int | None, noise: np.ndarray | None) -> np.ndarray:
+    def _flow(
+        self, ctx: _Context, seed: int | None, noise: np.ndarray | None, prefix: CommittedPrefix | None
+    ) -> np.ndarray:
         shape = (self.chunk_length, self.max_action_dim)
         noise = flow_noise(seed, shape) if noise is None else np.asarray(noise, dtype=np.float32)
         if noise.shape != shape:
             raise ObservationError(f"noise: expected shape {shape}, got {noise.shape}")
         valid = cross_attention_valid(ctx.ids(), ctx.cache_valid[: self._context_len], self.token_ids, self.action_mode)
         dim_mask = (np.arange(self.max_action_dim) < self.action_dim).astype(np.float32)
-        out = self._run(
-            B.FLOW.name,
-            {
-                "noise": noise[None],
-                "context_k": ctx.context_k,
-                "context_v": ctx.context_v,
-                "cross_bias": bias_from_allowed(valid)[None, None, None],
-                "action_dim_mask": dim_mask[None, None],
-            },
-        )
-        return out["actions"][0]
+        feeds = {
+            "noise": noise[None],
+            "context_k": ctx.context_k,
+            "context_v": ctx.context_v,
+            "cross_bias": bias_from_allowed(valid)[None, None, None],
+            "action_dim_mask": dim_mask[None, None],
+        }
+        if self.rtc is not None:  # the graph takes a prefix (zeros when none is committed or RTC is off)
+            values, weights = prefix_inputs(
+                prefix, self.rtc, self.norm, self.tag, *shape, first=self.n_obs_steps - 1
+            )
+            feeds["rtc_prefix"], feeds["rtc_weights"] = values[None], weights[None]
+        return self._run(B.FLOW.name, feeds)["actions"][0]
 
     def _postprocess(self, normalized: np.ndarray) -> np.ndarray:
         start = self.n_obs_steps - 1

@@ -119,14 +119,23 @@ class BatchMaker:
         beta = rng.beta(cfg.flow_matching_beta_alpha, cfg.flow_matching_beta_beta, size=(b, k))
         span = min(cfg.flow_matching_cutoff - cfg.flow_matching_time_offset, cfg.flow_matching_time_scale)
         t = (cfg.flow_matching_time_offset + span * beta).astype(np.float32)
-        return {"index": index, "noise": noise, "t": t}
+        draws: dict[str, np.ndarray] = {"index": index, "noise": noise, "t": t}
+        if cfg.rtc_max_delay > 0:  # training-time RTC: a committed prefix of 0..max delay steps per draw
+            draws["delay"] = rng.integers(0, min(cfg.rtc_max_delay, ah - 1) + 1, size=(b, k))
+        return draws
 
     def __call__(self, step: int, shard: slice) -> dict[str, torch.Tensor]:
         draws = self.draw(step)
-        return self.collate(draws["index"][shard], draws["noise"][shard], draws["t"][shard])
+        delay = draws["delay"][shard] if "delay" in draws else None
+        return self.collate(draws["index"][shard], draws["noise"][shard], draws["t"][shard], delay)
 
-    def collate(self, index: np.ndarray, noise: np.ndarray, t: np.ndarray) -> dict[str, torch.Tensor]:
-        """Right-padded sequences (prompt + target) with labels, masks and the flow targets of ``index``."""
+    def collate(
+        self, index: np.ndarray, noise: np.ndarray, t: np.ndarray, delay: np.ndarray | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Right-padded sequences (prompt + target) with labels, masks and the flow targets of ``index``.
+
+        delay (b, k): training-time RTC's committed prefix length per flow draw (``rtc_delay`` in the batch).
+        """
         cfg, f = self.config, self.frames
         seqs = [np.concatenate([self.prompts[i], np.asarray(self.targets[i], dtype=np.int64)]) for i in index]
         length = max(len(s) for s in seqs)
@@ -148,7 +157,7 @@ class BatchMaker:
         actions[:, :, :ad] = f.chunks[index]
         action_mask = np.zeros_like(actions, dtype=bool)  # horizon mask x action-dim padding mask
         action_mask[:, :, :ad] = f.chunk_valid[index][:, :, None]
-        return {
+        batch = {
             "input_ids": torch.from_numpy(input_ids),
             "labels": torch.from_numpy(labels),
             "attention_mask": torch.from_numpy(valid),
@@ -162,3 +171,6 @@ class BatchMaker:
             "noise": torch.from_numpy(noise),
             "t": torch.from_numpy(t),
         }
+        if delay is not None:
+            batch["rtc_delay"] = torch.from_numpy(delay.astype(np.int64))
+        return batch

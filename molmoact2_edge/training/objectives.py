@@ -9,6 +9,9 @@
   action expert. Each chunk gets ``k`` (noise, t) draws sharing one backbone pass:
   ``x_t = (1 - t) * noise + t * a``, target velocity ``a - noise`` (t = 0 noise, 1 data,
   reference §4.11), squared error averaged over the valid (horizon x action-dim) entries.
+  Training-time RTC (``config.rtc_max_delay > 0``, arXiv 2512.05964): each draw's first ``rtc_delay``
+  steps are the committed prefix, fed clean (the ground-truth actions at flow time 1, per-step
+  times) and left out of the loss, so the expert learns to continue a prefix it is given.
 
 Both losses are per-sample means averaged over the batch, so the mean over ranks of equal
 shards equals the loss of the combined batch (what DDP's gradient averaging assumes).
@@ -89,9 +92,16 @@ class FlowObjective(nn.Module):
             k, dim=0
         )  # (b*k, ad) action-dim padding, zeroed as at inference
         x_t = x_t.masked_fill(pad[:, None, :], 0.0)
+        loss_mask = mask[:, None].expand(b, k, *mask.shape[1:])  # (b, k, ah, ad)
+        t_model = t.flatten()
+        if "rtc_delay" in batch:
+            committed = torch.arange(actions.shape[1], device=t.device) < batch["rtc_delay"].flatten()[:, None]
+            x_t = torch.where(committed[..., None], targets.masked_fill(pad[:, None, :], 0.0), x_t)
+            t_model = torch.where(committed, torch.ones_like(committed, dtype=t.dtype), t.flatten()[:, None])
+            loss_mask = loss_mask & ~committed.view(b, k, -1, 1)
         repeat = lambda x: x.repeat_interleave(k, dim=1)  # noqa: E731  (l, b, ...) -> (l, b*k, ...), k per item
         cross_bias = batch["cross_bias"].repeat_interleave(k, dim=0)  # (b*k, 1, 1, t)
-        velocity = self.model.expert_velocity(x_t, t.flatten(), repeat(ctx_k), repeat(ctx_v), cross_bias)
+        velocity = self.model.expert_velocity(x_t, t_model, repeat(ctx_k), repeat(ctx_v), cross_bias)
         error = (velocity.float() - velocity_target).pow(2).view(b, k, *actions.shape[1:])
-        loss = _per_sample_mean(error, mask[:, None].expand_as(error))
+        loss = _per_sample_mean(error, loss_mask)
         return loss, {}

@@ -82,8 +82,13 @@ class Run:
         self.model.load_state_dict({k: tensors[k].to(v.dtype) for k, v in state.items()}, strict=True)
 
 
-def read_dataset(cfg: TrainConfig, config: MolmoAct2Config) -> tuple[Frames, NormStats, list[str]]:
-    """The dataset in memory: images resized to the model input, normalized chunks, state bins, norm stats."""
+def read_dataset(
+    cfg: TrainConfig, config: MolmoAct2Config, stats: NormStats | None = None
+) -> tuple[Frames, NormStats, list[str]]:
+    """The dataset in memory: images resized to the model input, normalized chunks, state bins, norm stats.
+
+    stats: normalize with these (a fine-tuned checkpoint's own) instead of the dataset's.
+    """
     dataset = LeRobotDataset(cfg.data)
     for key in ("action", "observation.state"):
         if key not in dataset.columns:
@@ -97,6 +102,8 @@ def read_dataset(cfg: TrainConfig, config: MolmoAct2Config) -> tuple[Frames, Nor
         if unknown:
             raise DatasetError(f"{cfg.data} has no camera(s) {unknown}; it has {sorted(by_name)}")
         cameras = [by_name[c] for c in cfg.cameras]
+    if stats is not None:
+        return _frames(dataset, cfg, config, stats, cameras), stats, cameras
     stats = dataset_norm_stats(dataset, tag=cfg.tag, action_horizon=cfg.action_horizon)
     meta = stats.tag(cfg.tag)
     meta = dataclasses.replace(
@@ -108,6 +115,12 @@ def read_dataset(cfg: TrainConfig, config: MolmoAct2Config) -> tuple[Frames, Nor
         },  # what observations call them
     )
     stats = stats.with_tag(cfg.tag, meta)
+    return _frames(dataset, cfg, config, stats, cameras), stats, cameras
+
+
+def _frames(
+    dataset: LeRobotDataset, cfg: TrainConfig, config: MolmoAct2Config, stats: NormStats, cameras: list[str]
+) -> Frames:
     size = config.vit_config.image_default_input_size
     m = len(dataset)
     images = np.zeros((m, len(cameras), *size, 3), dtype=np.uint8)
@@ -129,7 +142,7 @@ def read_dataset(cfg: TrainConfig, config: MolmoAct2Config) -> tuple[Frames, Nor
     log.info(
         "%s: %d frames, %d episodes, cameras %s, tasks %s", cfg.data, m, dataset.num_episodes, cameras, tasks
     )
-    return frames, stats, cameras
+    return frames
 
 
 def camera_name(key: str) -> str:
@@ -166,7 +179,9 @@ def fit_depth_codes(depth: np.ndarray, seed: int) -> tuple[DepthVQ, np.ndarray]:
 def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
     """Data, tokenizers and the fresh model for ``cfg`` (deterministic: every rank builds the same)."""
 
-    config = get_preset(cfg.preset).with_changes(enable_depth_reasoning=cfg.think)
+    if cfg.init_from is not None:
+        return _fine_tune_run(cfg, info)
+    config = get_preset(cfg.preset).with_changes(enable_depth_reasoning=cfg.think, rtc_max_delay=cfg.rtc_max_delay)
     if cfg.action_horizon > config.max_action_horizon:
         raise DatasetError(
             f"--action-horizon {cfg.action_horizon} exceeds the preset's max_action_horizon {config.max_action_horizon}"
@@ -216,3 +231,30 @@ def training_contract(cfg: TrainConfig) -> RobotContract:
         joint_frame=cfg.joint_frame,
         where=str(cfg.data),
     )
+
+
+def _fine_tune_run(cfg: TrainConfig, info: DistInfo) -> Run:
+    """A run starting from the trained checkpoint ``cfg.init_from``: its weights, tokenizers and norm stats
+    (the data is normalized with them), its config plus this run's ``rtc_max_delay``."""
+    from molmoact2_edge.checkpoint import load_checkpoint
+
+    source = Path(cfg.init_from)  # type: ignore[arg-type]
+    contract = training_contract(cfg)  # the new data's rate and frame, checked before loading anything
+    model, config, stats = load_checkpoint(source, device=info.device)
+    if stats is None:
+        raise DatasetError(f"--init-from {source}: no norm_stats.json beside the weights")
+    if config.enable_depth_reasoning:
+        raise DatasetError(f"--init-from {source}: fine-tuning a Think checkpoint is not supported")
+    config = config.with_changes(rtc_max_delay=cfg.rtc_max_delay)
+    model.config = config
+    frames, stats, cameras = read_dataset(cfg, config, stats)
+    meta = stats.tag(cfg.tag)
+    spec = PromptSpec(setup_type=meta.setup_type, control_mode=meta.control_mode)
+    fast = OpenFASTTokenizer.load(source / ACTION_TOKENIZER_DIR)
+    text = TextTokenizer.from_file(source / "tokenizer.json")
+    batches = BatchMaker(
+        frames, config, PromptBuilder.from_config(text, config), spec, fast,
+        BatchSpec(cfg.seed, cfg.batch_size, cfg.flow_samples),
+    )  # fmt: skip
+    log.info("fine-tuning %s (rtc_max_delay %d) on %s", source, cfg.rtc_max_delay, cfg.data)
+    return Run(config, model.train(), text, fast, stats, batches, None, cfg.finetune_backbone, contract)

@@ -59,6 +59,12 @@ class TrainConfig:
     save_dtype: str = "float32"  # storage dtype of the final weights: float32, float16 or bfloat16
     log_every: int = 10
     seed: int = 0
+    # training-time RTC on stage 2: committed prefixes of 0..rtc_max_delay steps, fed clean at flow
+    # time 1 and left out of the loss; recorded in config.json so export and runtime use it (0: off)
+    rtc_max_delay: int = 0
+    # start from this checkpoint (its config, weights, tokenizers and norm stats) instead of the
+    # preset: a stage-2 fine-tune, e.g. adding training-time RTC to a trained policy
+    init_from: str | None = None
     resume: bool = False
     device: str | None = None  # None: cuda:LOCAL_RANK if available, else cpu
     progress: bool = True
@@ -70,6 +76,10 @@ class TrainConfig:
             raise TrainingError(f"--save-dtype must be float32, float16 or bfloat16, got {self.save_dtype!r}")
         if self.flow_samples < 1 or self.action_horizon < 1:
             raise TrainingError(f"--flow-samples ({self.flow_samples}) and --action-horizon must be >= 1")
+        if not 0 <= self.rtc_max_delay < self.action_horizon:
+            raise TrainingError(f"--rtc-max-delay must be in 0..{self.action_horizon - 1}, got {self.rtc_max_delay}")
+        if self.init_from is not None and self.stage != "2":
+            raise TrainingError("--init-from fine-tunes a trained checkpoint: use it with --stage 2")
 
     def loop(self, stage: int) -> LoopConfig:
         steps = self.steps if stage == 1 or self.steps_stage2 is None else self.steps_stage2
@@ -134,7 +144,7 @@ def train(cfg: TrainConfig) -> Path:
                 resume_here = True
             elif saved == index - 1:  # start stage 2 from the finished stage 1 weights
                 run.load_model(latest_checkpoint(out))  # type: ignore[arg-type]
-        elif index == 2 and cfg.stage == "2":
+        elif index == 2 and cfg.stage == "2" and cfg.init_from is None:
             raise TrainingError(f"--stage 2 needs a finished stage-1 run in {out} (train --stage 1 first)")
         _set_trainable(run.model, index, cfg.finetune_backbone)
         stage = Stage(
