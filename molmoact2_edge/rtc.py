@@ -15,7 +15,8 @@ Torch-free (the device imports it). The pieces, in the order a swap uses them:
 
 Modes: ``off`` (naive swap), ``inference`` (guided sampling, any flow checkpoint), ``training``
 (prefix conditioning; only checkpoints trained with ``rtc_max_delay > 0``), ``auto`` (training
-when the checkpoint has it, else inference).
+when the checkpoint has it, else off: inference-time guidance measured worse task success than the
+naive swap on the bundled checkpoint, so it is opt-in; ``docs/design.md``).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def resolve_mode(requested: str, trained_max_delay: int) -> str:
     if requested not in MODES:
         raise ConfigError(f"--rtc must be one of {MODES}, got {requested!r}")
     if requested == "auto":
-        return "training" if trained_max_delay > 0 else "inference"
+        return "training" if trained_max_delay > 0 else "off"
     if requested == "training" and trained_max_delay <= 0:
         raise ConfigError(
             "--rtc training needs a checkpoint trained with training-time RTC (train --rtc-max-delay N); "
@@ -75,7 +76,9 @@ def session_mode(requested: str, exported: str | None) -> str | None:
             f"--rtc {requested}: this bundle's flow graph was exported for {exported}-time RTC "
             f"(a checkpoint {'with' if exported == 'training' else 'without'} rtc_max_delay); use --rtc auto or off"
         )
-    return "off" if requested == "off" else exported
+    if requested == "off" or (requested == "auto" and exported == "inference"):
+        return "off"  # inference-time guidance is opt-in (module docstring)
+    return exported
 
 
 def guidance_weights(horizon: int, delay: int, overlap: int) -> np.ndarray:

@@ -70,10 +70,11 @@ def test_guidance_weights_follow_the_soft_mask() -> None:
 
 
 def test_modes_resolve_and_refuse_what_the_checkpoint_or_bundle_lacks() -> None:
-    assert resolve_mode("auto", 0) == "inference" and resolve_mode("auto", 4) == "training"
+    assert resolve_mode("auto", 0) == "off" and resolve_mode("auto", 4) == "training"
     with pytest.raises(ConfigError, match="training-time RTC"):
         resolve_mode("training", 0)
     assert session_mode("auto", None) is None and session_mode("off", "training") == "off"
+    assert session_mode("auto", "inference") == "off" and session_mode("inference", "inference") == "inference"
     with pytest.raises(ConfigError, match="exported for training-time"):
         session_mode("inference", "training")
     with pytest.raises(ConfigError):

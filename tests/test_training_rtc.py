@@ -48,4 +48,4 @@ def test_rtc_fine_tune_is_recorded_and_picked_up(dataset: Path, tmp_path: Path) 
     assert json.loads((tuned / "config.json").read_text())["rtc_max_delay"] == 3
     policy = Policy.from_checkpoint(tuned)  # --rtc auto
     assert policy.rtc == "training" and rtc_mode(policy.config) == "training"
-    assert Policy.from_checkpoint(base).rtc == "inference"
+    assert Policy.from_checkpoint(base).rtc == "off"  # inference-time guidance is opt-in

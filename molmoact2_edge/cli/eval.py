@@ -34,7 +34,7 @@ from molmoact2_edge.cli.run import display_options, open_display
               help="Run the real-time control loop (safety layer, inference thread) and sleep MS more per inference.")  # fmt: skip
 @click.option("--rtc", type=click.Choice(["off", "inference", "training", "auto"]), default=None,
               help="Chunk transitions in the real-time loop: off (naive swap), inference- or training-time RTC, "
-                   "auto (training-time if the checkpoint has it) [default: auto; implies the real-time loop].")  # fmt: skip
+                   "auto (training-time if the checkpoint has it, else off) [default: auto; implies the real-time loop].")  # fmt: skip
 @click.option("--clock", type=click.Choice(["wall", "virtual"]), default="wall", show_default=True,
               help="Real-time loop clock: wall (real deadlines), or virtual (ticks counted; the latency is the whole "
                    "inference delay) for machines too slow to run the policy in real time.")  # fmt: skip

@@ -463,7 +463,7 @@ def print_summary(results: list[dict[str, Any]], stats: dict[str, Any]) -> None:
     help="Seconds of holding without a usable chunk before the episode stops with a safety error.",
 )
 @click.option("--rtc", type=click.Choice(["off", "inference", "training", "auto"]), default="auto", show_default=True,
-              help="Real-time chunking at chunk swaps: auto = what the bundle's flow graph was exported for.")  # fmt: skip
+              help="Real-time chunking at chunk swaps: auto = training-time RTC if the bundle was trained for it, else off; inference = guided sampling (opt-in).")  # fmt: skip
 @click.option(
     "--record", type=click.Path(file_okay=False, path_type=Path), help="Record a LeRobot dataset here."
 )

@@ -180,7 +180,9 @@ def _export(checkpoint: Path, out: Path, options: ExportOptions, say: Progress) 
         : options.parity_observations
     ]
     say(f"parity gate: {len(observations)} observation(s), seeds {list(options.seeds)}, onnxruntime CPU")
-    with PolicySession(out, "onnxruntime", providers=("CPUExecutionProvider",), thread_pool=EXPORT_POOL) as session:
+    # the gate checks the flow graph in the mode it was exported for, opt-in inference-time RTC included
+    mode = policy.rtc = rtc_mode(policy.config)
+    with PolicySession(out, "onnxruntime", providers=("CPUExecutionProvider",), thread_pool=EXPORT_POOL, rtc=mode) as session:
         report = parity.run_parity(policy, session, graphs, observations, precisions, options.seeds)
     report["allowed_failure"] = bool(options.allow_parity_failure and not report["passed"])
     manifest["parity"] = report

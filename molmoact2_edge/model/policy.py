@@ -110,7 +110,7 @@ class Policy:
         bucket: fixed prompt length (export's shapes); None = the prompt's own length.
         depth: MolmoAct2-Think depth reasoning (default ``config.enable_depth_reasoning``).
         rtc: real-time chunking when ``act`` gets a committed prefix (``rtc.MODES``; auto: training-time
-            if the checkpoint was trained with it, else inference-time); rtc_vjp: how inference-time RTC
+            if the checkpoint was trained with it, else off); rtc_vjp: how inference-time RTC
             forms its vector-Jacobian product (``model/rtc_flow.py``; the bundle's graph uses the default).
         """
         self.model = model.eval()
