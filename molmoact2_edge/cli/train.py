@@ -48,6 +48,12 @@ import click
 @click.option(
     "--finetune-backbone", is_flag=True, help="Stage 2 also trains the backbone (no stop-gradient)."
 )
+@click.option(
+    "--hold-past-end",
+    is_flag=True,
+    help="Train the chunk tail past an episode's end (the last action repeated) instead of masking it: "
+    "the policy learns to hold still once done (tasks whose success is a hold, e.g. touch).",
+)
 @click.option("--save-every", type=int, default=200, show_default=True, help="Checkpoint interval in steps.")
 @click.option(
     "--save-dtype",
@@ -77,6 +83,7 @@ def train(
     cameras: tuple[str, ...],
     think: bool,
     finetune_backbone: bool,
+    hold_past_end: bool,
     save_every: int,
     save_dtype: str,
     resume: bool,
@@ -117,6 +124,7 @@ def train(
         cameras=cameras or None,
         think=think,
         finetune_backbone=finetune_backbone,
+        hold_past_end=hold_past_end,
         save_every=save_every,
         save_dtype=save_dtype,
         resume=resume,
