@@ -39,6 +39,8 @@ class DepthCache:
     size: int = DEFAULT_SIZE
     threshold: float = DEFAULT_THRESHOLD
     _entries: dict[str, _CameraEntry] = field(default_factory=dict)
+    # the last update, for telemetry and the rerun display: camera, (cells,) codes, (cells,) re-predicted
+    last: tuple[str, np.ndarray, np.ndarray] | None = None
 
     @property
     def num_cells(self) -> int:
@@ -64,6 +66,7 @@ class DepthCache:
         codes = np.asarray(codes, dtype=np.int64)
         if codes.shape != (self.num_cells,):
             raise ValueError(f"depth cache for '{camera}': expected {self.num_cells} codes, got {codes.shape}")
+        self.last = (camera, codes.copy(), np.asarray(changed, dtype=bool).copy())
         entry = self._entries.get(camera)
         if entry is None:
             self._entries[camera] = _CameraEntry(cells.copy(), codes.copy())
@@ -71,8 +74,21 @@ class DepthCache:
         entry.cells[changed] = cells[changed]
         entry.codes = codes.copy()
 
+    def last_info(self) -> dict[str, object]:
+        """The last update as chunk info: which camera, the grid side, every code, the re-predicted cells."""
+        if self.last is None:
+            return {}
+        camera, codes, changed = self.last
+        return {
+            "depth_camera": camera,
+            "depth_grid": self.grid,
+            "depth_codes": codes.tolist(),
+            "depth_repredicted": np.flatnonzero(changed).tolist(),
+        }
+
     def reset(self, camera: str | None = None) -> None:
         """Forget one camera (or all): the next frame re-predicts every cell."""
+        self.last = None
         if camera is None:
             self._entries.clear()
         else:

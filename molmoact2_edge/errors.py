@@ -138,3 +138,22 @@ class SafetyError(HardwareError):
 
 class RegisterError(HardwareError, ValueError):
     """A register name is unknown for the servo model, is read-only, or a value does not fit it."""
+
+
+# --- serving (``molmo-edge serve`` and ``run --policy ws://``) ----------------------------------
+
+
+class ContractError(MolmoEdgeError):
+    """A policy's robot contract (cameras, state/action dims, rate) does not match the robot driving it."""
+
+
+class ServingError(MolmoEdgeError):
+    """The policy server cannot start, or refused a request (the message says why)."""
+
+
+class CodecError(ServingError, ValueError):
+    """A message is not msgpack-numpy, or carries a refused dtype or an inconsistent array."""
+
+
+class PolicyConnectionError(ServingError, ConnectionError):
+    """The connection to a remote policy server was lost, refused or timed out."""

@@ -4,6 +4,7 @@ and DynamixelBus against the pty emulator, faults -> typed errors."""
 from __future__ import annotations
 
 import os
+import termios
 import tty
 from collections.abc import Iterator
 
@@ -114,6 +115,9 @@ def test_sdk_tx_stuffing_is_lost_and_emulator_accepts_both(emu: DynamixelEmulato
     assert sent[:14] == h("ff ff fd 00 01 09 00 03 74 00 ff ff fd 00")
     assert decode_frame(sent).params == h("74 00 ff ff fd 00")  # its CRC is still valid
     fd = os.open(emu.port, os.O_RDWR | os.O_NOCTTY)
+    attrs = termios.tcgetattr(fd)
+    attrs[4] = attrs[5] = termios.B1000000  # the emulated servos listen at 1 Mbps only
+    termios.tcsetattr(fd, termios.TCSANOW, attrs)
     try:
         for packet, value in (
             (sent, STUFFED_VALUE),

@@ -231,9 +231,12 @@ def test_verify_models_names_the_wrong_servo(bus: FeetechBus) -> None:
         bus.verify_models({1: 777, 2: 1284})
 
 
-def test_scan_finds_ids_and_restores_baud(bus: FeetechBus) -> None:
+def test_scan_finds_ids_at_their_baud_rate_and_restores_baud(emu: FeetechEmulator, bus: FeetechBus) -> None:
     found = bus.scan([1, 2, 9], [1_000_000, 500_000])
-    assert found == {1_000_000: {1: 777, 2: 777}, 500_000: {1: 777, 2: 777}}
+    assert found == {1_000_000: {1: 777, 2: 777}}  # nothing answers at a rate no servo runs at
+    emu.set_register(2, "Baud_Rate", 1)  # servo 2 now listens at 500 kbps only
+    found = bus.scan([1, 2, 9], [1_000_000, 500_000])
+    assert found == {1_000_000: {1: 777}, 500_000: {2: 777}}
     assert bus.baudrate == 1_000_000 and bus.retries == 2
 
 

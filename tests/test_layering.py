@@ -19,6 +19,7 @@ FORBIDDEN = {
     "runtimes": ("export", "cli", "training"),
     "export": ("cli", "training"),
     "data": ("runtimes", "export", "cli", "training"),
+    "viz": ("export", "cli", "training", "model", "hardware"),
 }
 # The torch backend is the workstation reference: it runs export's graph modules eagerly, so it
 # may import them (lazily, only when that backend is chosen). Nothing else on the device side may.

@@ -89,10 +89,19 @@ def bench(
       molmo-edge bench bundle/ --backend onnxruntime --backend torch --json
     """
     from molmoact2_edge.runtimes.benchmark import run_benchmark
+    from molmoact2_edge.viz.progress import StepProgress
 
-    report = run_benchmark(
-        bundle, list(backends) or ["auto"], iterations, loop_seconds, hz, telemetry, threads
+    progress = StepProgress("bench", None)
+    progress.show(
+        f"bench: {iterations} act() calls per backend ({', '.join(backends) or 'auto'}), then the control loop "
+        f"for {loop_seconds:g} s at {hz:g} Hz"
     )
+    try:
+        report = run_benchmark(
+            bundle, list(backends) or ["auto"], iterations, loop_seconds, hz, telemetry, threads
+        )
+    finally:
+        progress.close()
     if plots is not None:
         from molmoact2_edge.runtimes.plots import benchmark_plots
 

@@ -4,14 +4,16 @@ The checkpoint in ``checkpoints/`` (or ``--checkpoint``) is exported once to a b
 under ``.cache/molmo-edge/bundles/<checkpoint sha256>-<precision>/``; then each episode starts a
 fresh seeded MuJoCo scene whose six servos are a Feetech emulator on a pty, reached through the
 real ``SO101`` robot class and ``FeetechBus`` driver, behind the safety layer, at the sim's
-control rate. It prints success per episode, latency per stage, loop jitter and power (or why
-power is unavailable), and saves plots.
+control rate. It shows live progress, prints success per episode, latency per stage, loop jitter
+and power (or why power is unavailable), and saves plots, one MP4 per episode (the camera beside
+commanded vs actual joints) and the ``report`` page of its telemetry.
 
 \b
 Examples:
   molmo-edge demo
   molmo-edge demo --episodes 5 --task place --backend onnxruntime --out demo_out/
   molmo-edge demo --checkpoint my_ckpt/ --precision int8
+  molmo-edge demo --display              # watch it live in rerun
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 import click
 
+from molmoact2_edge.cli.run import display_options
 from molmoact2_edge.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -140,7 +143,8 @@ def save_plots(stats: dict[str, Any], telemetry_path: Path, out: Path, hz: float
 @click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), default=CACHE / "demo", show_default=True
 )
-@click.option("--plots/--no-plots", default=True, show_default=True)
+@click.option("--plots/--no-plots", default=True, show_default=True, help="Plots, the report page and videos.")
+@click.option("--video/--no-video", default=True, show_default=True, help="One MP4 per episode (needs --plots).")
 @click.option(
     "--cache",
     type=click.Path(file_okay=False, path_type=Path),
@@ -148,6 +152,7 @@ def save_plots(stats: dict[str, Any], telemetry_path: Path, out: Path, hz: float
     show_default=True,
     help="Bundle cache.",
 )
+@display_options
 def demo(
     checkpoint: Path | None,
     precision: str,
@@ -160,7 +165,10 @@ def demo(
     seed: int,
     out: Path,
     plots: bool,
+    video: bool,
     cache: Path,
+    display: str | None,
+    save_rrd: Path | None,
 ) -> None:
     """Export the bundled checkpoint and run it on the simulated SO-101 through the real Feetech driver.
 
@@ -170,6 +178,7 @@ def demo(
       molmo-edge demo --episodes 5 --task place --out demo_out/
     """
     from molmoact2_edge.cli.run import RunSettings, print_summary, run_policy, sim_episodes
+    from molmoact2_edge.viz.progress import RunProgress
 
     ckpt = checkpoint or bundled_checkpoint()
     bundle = cached_bundle(ckpt, precision, cache)
@@ -178,10 +187,15 @@ def demo(
     telemetry.unlink(missing_ok=True)
     # a simulated arm holding still is harmless: tolerate a slow or busy laptop starving inference
     settings = RunSettings(
-        bundle, "sim-so101", None, backend, duration, episodes, hz, telemetry=telemetry, stall_timeout_s=10.0
-    )
+        bundle, "sim-so101", None, backend, duration, episodes, hz, telemetry=telemetry, stall_timeout_s=10.0,
+        display=display, save_rrd=save_rrd, video_dir=out / "videos" if plots and video else None,
+    )  # fmt: skip
+    progress = RunProgress(episodes)
     open_episode = sim_episodes(sim_task, size, hz)
-    results, stats = run_policy(settings, lambda i: open_episode(seed + i))
+    try:
+        results, stats = run_policy(settings, lambda i: open_episode(seed + i), observers=[progress])
+    finally:
+        progress.close()
     print_summary(results, stats)
     successes = sum(r["success"] for r in results)
     click.echo(
@@ -192,5 +206,11 @@ def demo(
         click.echo(measured)
     click.echo(f"telemetry: {telemetry}")
     if plots:
+        from molmoact2_edge.viz.report import write_report
+
         written = save_plots(stats, telemetry, out / "plots", hz)
         click.echo(f"plots: {', '.join(str(p) for p in written)}")
+        click.echo(f"report: {write_report(telemetry, out / 'report')[-1]}")
+        for r in results:
+            if r.get("video"):
+                click.echo(f"video: {r['video']}")

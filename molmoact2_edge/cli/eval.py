@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from molmoact2_edge.cli.run import display_options, open_display
+
 
 @click.command(name="eval")
 @click.argument("path", type=click.Path(path_type=Path, exists=True, file_okay=False))
@@ -19,9 +21,13 @@ import click
               help="Action head [default: continuous when the checkpoint has an expert].")  # fmt: skip
 @click.option("--backend", default="onnxruntime", show_default=True, help="Backend for a BUNDLE.")
 @click.option(
-    "--videos", type=click.Path(path_type=Path), default=None, help="Write mp4s of the first episodes here."
+    "--videos",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write mp4s of the first episodes here (cameras beside commanded vs actual joints).",
 )
 @click.option("--num-videos", type=int, default=3, show_default=True)
+@display_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (checkpoints).")
 def eval_command(
@@ -35,6 +41,8 @@ def eval_command(
     num_videos: int,
     as_json: bool,
     threads: int | None,
+    display: str | None,
+    save_rrd: Path | None,
 ) -> None:
     """Success rate of PATH (a checkpoint directory or an exported bundle) on a sim task.
 
@@ -45,6 +53,7 @@ def eval_command(
       molmo-edge eval checkpoints/so101-touch-small --task touch --episodes 50
       molmo-edge eval checkpoints/so101-touch-small --mode discrete --episodes 50 --json
       molmo-edge eval bundle/ --task touch --episodes 20 --videos out/videos
+      molmo-edge eval bundle/ --episodes 5 --save-rrd eval.rrd     # rerun: cameras, joints, chunks, latency
     """
     from molmoact2_edge.errors import MolmoEdgeError
     from molmoact2_edge.runtimes.bundle import MANIFEST
@@ -74,9 +83,27 @@ def eval_command(
             torch.set_num_threads(threads)
         policy = Policy.from_checkpoint(path, mode=mode)
         image_size = int(policy.config.vit_config.image_default_input_size[0])
-    result = evaluate(
-        policy, task, episodes, seed=seed, image_size=image_size, video_dir=videos, num_videos=num_videos
-    )
+    from molmoact2_edge.viz.progress import StepProgress
+
+    progress = StepProgress(f"eval {task}: episode", episodes)
+    successes = 0
+
+    def on_episode(k: int, episode: Any) -> None:
+        nonlocal successes
+        successes += bool(episode.success)
+        outcome = "success" if episode.success else "failure"
+        progress.step(k + 1, f"{outcome} in {episode.steps} steps | success so far {successes}/{k + 1}")
+
+    viewer = open_display(display, save_rrd)
+    try:
+        result = evaluate(
+            policy, task, episodes, seed=seed, image_size=image_size, video_dir=videos, num_videos=num_videos,
+            on_episode=on_episode, watch=viewer,
+        )  # fmt: skip
+    finally:
+        progress.close()
+        if viewer is not None:
+            viewer.close()
     summary: dict[str, Any] = result.to_dict()
     summary["path"] = str(path)
     summary["mode"] = mode or getattr(policy, "mode", None) or getattr(policy, "action_mode", None)
@@ -94,3 +121,5 @@ def eval_command(
         )
     for video in result.videos:
         click.echo(f"video: {video}")
+    if save_rrd is not None:
+        click.echo(f"rerun recording: {save_rrd} (open it with: rerun {save_rrd})")

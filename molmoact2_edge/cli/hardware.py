@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from molmoact2_edge.errors import HardwareError
+from molmoact2_edge.hardware.emulators.faults import FAULTS_HELP
 
 BUSES = ("feetech", "dynamixel", "damiao")
 
@@ -356,29 +357,46 @@ def _set_on_enter(event: threading.Event) -> None:
     show_default=True,
     help="yam: udp_multicast group used as the CAN channel.",
 )
+@click.option(
+    "--baudrate",
+    "--baud",
+    type=int,
+    default=1_000_000,
+    show_default=True,
+    help="so101/koch: the rate the servos listen at; a driver at another rate gets no reply.",
+)
+@click.option(
+    "--sweep/--no-sweep",
+    default=False,
+    help="so101/koch: joints with torque off move through their range by themselves, as a hand "
+    "would during `molmo-edge calibrate`.",
+)
+@click.option("--sweep-period", type=float, default=3.0, show_default=True, help="Seconds per sweep.")
+@click.option("--faults", default=None, help=f"Inject faults into the replies: {FAULTS_HELP}.")
 @click.option("--seconds", type=float, default=None, help="Stop after this long (default: until Ctrl-C).")
-def emulate(robot_kind: str, channel: str, seconds: float | None) -> None:
+def emulate(
+    robot_kind: str,
+    channel: str,
+    baudrate: int,
+    sweep: bool,
+    sweep_period: float,
+    faults: str | None,
+    seconds: float | None,
+) -> None:
     """Start an emulated bus with the robot's motors and print where to connect.
 
     \b
-      molmo-edge emulate so101      # prints a pty path: use it as --port
+      molmo-edge emulate so101 --sweep      # prints a pty path: use it as --port
+      molmo-edge emulate so101 --faults drop=0.01,corrupt=0.005,late=0.002,silence=5@10+2,unplug=60
       molmo-edge emulate yam        # prints: --bus damiao --interface udp_multicast --port 239.74.163.2
     """
+    from molmoact2_edge.hardware.emulators.faults import parse_faults
+
+    plan = parse_faults(faults) if faults else None  # a typo fails before anything starts
     emulator: Any
-    if robot_kind == "so101":
-        from molmoact2_edge.hardware.emulators.feetech import FeetechEmulator
-
-        emulator = FeetechEmulator(range(1, 7))
-        where = f"--port {emulator.start()}"
-    elif robot_kind == "koch":
-        from molmoact2_edge.hardware.emulators.dynamixel import DynamixelEmulator
-        from molmoact2_edge.hardware.robots.koch import KOCH_MOTORS
-
-        emulator = DynamixelEmulator(range(1, 7))
-        port = emulator.start()
-        for i, (_, model) in enumerate(KOCH_MOTORS):
-            emulator.set_register(i + 1, "Model_Number", model)
-        where = f"--port {port}"
+    if robot_kind in ("so101", "koch"):
+        emulator = _serial_emulator(robot_kind, baudrate, sweep, sweep_period, plan.seed if plan else 0)
+        where = f"--port {emulator.port}"
     else:
         from molmoact2_edge.hardware.emulators.damiao import DamiaoEmulator
         from molmoact2_edge.hardware.robots.yam import ARM_MODELS, GRIPPER_ID
@@ -386,10 +404,18 @@ def emulate(robot_kind: str, channel: str, seconds: float | None) -> None:
         _require_msgpack()
         motors_map = {i + 1: m for i, m in enumerate(ARM_MODELS)} | {GRIPPER_ID: "dm4310"}
         emulator = DamiaoEmulator(
-            motors_map, channel=channel, interface="udp_multicast", hard_limits={GRIPPER_ID: (-0.2, 1.8)}
+            motors_map,
+            channel=channel,
+            interface="udp_multicast",
+            hard_limits={GRIPPER_ID: (-0.2, 1.8)},
+            seed=plan.seed if plan else 0,
         )
         where = f"--bus damiao --interface udp_multicast --port {emulator.start()}"
+    if plan is not None:
+        emulator.apply_faults(plan)
     click.echo(f"emulated {robot_kind} running: {where}", nl=True)
+    if plan is not None:
+        click.echo(f"injecting faults: {faults}")
     click.echo("Ctrl-C to stop.")
     try:
         deadline = None if seconds is None else time.monotonic() + seconds
@@ -399,6 +425,21 @@ def emulate(robot_kind: str, channel: str, seconds: float | None) -> None:
         click.echo("stopping")
     finally:
         emulator.stop()
+
+
+def _serial_emulator(robot_kind: str, baudrate: int, sweep: bool, sweep_period: float, seed: int) -> Any:
+    """The started pty emulator of an SO-101 (Feetech) or Koch (Dynamixel) arm."""
+    from molmoact2_edge.hardware.emulators.dynamixel import DynamixelEmulator
+    from molmoact2_edge.hardware.emulators.feetech import FeetechEmulator
+    from molmoact2_edge.hardware.robots.koch import KOCH_MOTORS
+
+    kind = FeetechEmulator if robot_kind == "so101" else DynamixelEmulator
+    emulator = kind(range(1, 7), baudrate=baudrate, sweep=sweep, sweep_period_s=sweep_period, seed=seed)
+    emulator.start()
+    if robot_kind == "koch":
+        for i, (_, model) in enumerate(KOCH_MOTORS):
+            emulator.set_register(i + 1, "Model_Number", model)
+    return emulator
 
 
 def _require_msgpack() -> None:

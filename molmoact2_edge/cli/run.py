@@ -6,19 +6,21 @@ Examples:
       --camera wrist=/dev/video2 --task "put the cube in the bowl" --duration 60
   molmo-edge run bundle/ --robot yam --can can0 --camera front=/dev/video0 --task "wipe the table"
   molmo-edge run bundle/ --robot sim-so101 --task "pick up the red cube" --telemetry run.jsonl
+  molmo-edge run --policy ws://gpu-box:8000 --robot so101 --port /dev/ttyACM0 --camera front=/dev/video0
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
-from molmoact2_edge.errors import CameraError, MolmoEdgeError
+from molmoact2_edge.errors import CameraError, DependencyError, MolmoEdgeError
+from molmoact2_edge.viz.progress import RunProgress
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ def open_cameras(specs: dict[str, str], fps: float) -> dict[str, Any]:
 class RunSettings:
     """What one ``run`` invocation does, gathered from the options."""
 
-    bundle: Path
+    bundle: Path | None  # None: --policy names a server
     robot: str
     task: str | None  # None: the target's own instruction (the simulator's task)
     backend: str = "auto"
@@ -73,6 +75,12 @@ class RunSettings:
     telemetry: Path | None = None
     on_exit: str = "hold"
     stall_timeout_s: float = 2.0
+    policy_url: str | None = None  # ws:// or wss:// of a `molmo-edge serve`
+    api_key_file: Path | None = None
+    tls_ca: Path | None = None
+    display: str | None = None  # rerun: auto | viewer | serve (viz/rerun_display.py)
+    save_rrd: Path | None = None  # rerun recording file
+    video_dir: Path | None = None  # one MP4 per episode (sim only: needs the robot's cameras)
 
 
 @dataclass
@@ -85,28 +93,60 @@ class EpisodeTarget:
     close: Callable[[], None] | None = None
 
 
+def open_policy(settings: RunSettings) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """(policy, its robot contract, its description): a local PolicySession, or a RemotePolicy for ws:// URLs.
+
+    Both have ``act``/``reset``/``close``; a remote one gives up after the stall timeout without a reply.
+    """
+    if settings.policy_url is None:
+        from molmoact2_edge.runtimes.session import PolicySession
+        from molmoact2_edge.serving.contract import policy_contract
+
+        session = PolicySession(settings.bundle, settings.backend)  # type: ignore[arg-type]
+        return session, policy_contract(session.bundle), session.backend.describe()
+    try:
+        from molmoact2_edge.serving.remote import RemotePolicy
+    except ImportError as err:
+        raise DependencyError(f"--policy ws:// needs websockets ({err}): pip install 'molmoact2-edge[serve]'") from err
+    from molmoact2_edge.serving.auth import load_api_key
+
+    remote = RemotePolicy(
+        settings.policy_url,
+        load_api_key(settings.api_key_file),
+        ca_file=settings.tls_ca,
+        timeout_s=settings.stall_timeout_s,
+        reconnect_s=settings.stall_timeout_s,
+    )
+    return remote, remote.contract, remote.describe()
+
+
 def run_policy(
     settings: RunSettings,
     open_episode: Callable[[int], EpisodeTarget],
     finish: Callable[[], None] | None = None,
+    observers: Sequence[Callable[[Mapping[str, Any]], None]] = (),
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Load the bundle once, then run ``settings.episodes`` episodes; (episode summaries, telemetry summary).
 
     open_episode(i): the target of episode i (connected here if it is not yet); its ``close`` runs
-    after the episode. finish: runs once at the end (a real robot's disconnect).
+    after the episode. finish: runs once at the end (a real robot's disconnect). observers: see every
+    telemetry record as it is written (live progress).
     Each episode gets its own SafetyLayer: it starts from the measured pose and ends with the torque policy.
     """
     from molmoact2_edge.hardware.safety import SafetyConfig, SafetyLayer
     from molmoact2_edge.runtimes.control import LoopConfig, run_episode, summarize
     from molmoact2_edge.runtimes.power import PowerMonitor, detect_power_sampler
     from molmoact2_edge.runtimes.recording import DatasetRecorder
-    from molmoact2_edge.runtimes.session import PolicySession
     from molmoact2_edge.runtimes.telemetry import Telemetry
+    from molmoact2_edge.serving.contract import check_robot
 
-    session = PolicySession(settings.bundle, settings.backend)
+    session, contract, described = open_policy(settings)
     monitor = PowerMonitor(detect_power_sampler()).start()
-    meta = {"backend": session.backend.describe(), "robot": settings.robot, "task": settings.task}
-    telemetry = Telemetry(settings.telemetry, control_hz=settings.hz, power=monitor, meta=meta)
+    meta = {"backend": described, "robot": settings.robot, "task": settings.task}
+    display = open_display(settings.display, settings.save_rrd)
+    watchers = [*observers, *([display] if display is not None else [])]
+    telemetry = Telemetry(settings.telemetry, control_hz=settings.hz, power=monitor, meta=meta, observers=watchers)
+    videos = EpisodeVideos(settings.video_dir, settings.hz, telemetry.observers)
     recorder: DatasetRecorder | None = None
     results: list[dict[str, Any]] = []
     try:
@@ -114,6 +154,7 @@ def run_policy(
             target = open_episode(episode)
             try:
                 robot = target.robot
+                check_robot(contract, list(robot.cameras), robot.joint_names, settings.hz)  # before the bus opens
                 if not robot.is_connected:
                     robot.connect()
                 if settings.record is not None and recorder is None:
@@ -127,9 +168,12 @@ def run_policy(
                     task, settings.hz, settings.swap_threshold, settings.duration_s, settings.stall_timeout_s
                 )
                 session.reset()
+                telemetry.begin_episode(episode, joint_names=list(robot.joint_names), task=task)
                 with SafetyLayer(robot, SafetyConfig(on_exit=settings.on_exit, control_hz=settings.hz)) as layer:  # type: ignore[arg-type]
                     telemetry.write({"type": "safety", "episode": episode, **layer.telemetry()})
-                    result = run_episode(session.act, layer, config, telemetry, target.success, recorder)
+                    videos.begin(episode, robot, layer)
+                    gate = display.watch(layer) if display is not None else layer
+                    result = run_episode(session.act, gate, config, telemetry, target.success, recorder)
                     summary = {
                         "episode": episode,
                         "task": task,
@@ -140,6 +184,7 @@ def run_policy(
                 if target.close is not None:
                     target.close()
             telemetry.write({"type": "episode", **summary})
+            summary["video"] = videos.end(summary["success"])
             results.append(summary)
             if recorder is not None:
                 recorder.end_episode(keep=True)
@@ -154,9 +199,53 @@ def run_policy(
         stats["power_trace"] = monitor.trace()
         monitor.stop()
         session.close()
+        if display is not None:
+            display.close()
         if recorder is not None and results:
             recorder.finalize()
     return results, stats
+
+
+def open_display(mode: str | None, save_rrd: Path | None) -> Any:
+    """The rerun display/recording asked for (``--display``, ``--save-rrd``), or None (rerun-sdk is imported only then)."""
+    if mode is None and save_rrd is None:
+        return None
+    from molmoact2_edge.viz.rerun_display import RerunDisplay, open_instructions, resolve_mode
+
+    display = RerunDisplay.open(mode, save_rrd)
+    if mode is not None and resolve_mode(mode) == "serve":
+        click.echo(open_instructions(), err=True)
+    return display
+
+
+class EpisodeVideos:
+    """One MP4 per episode (camera beside commanded vs actual joints) when ``video_dir`` is set."""
+
+    def __init__(self, video_dir: Path | None, hz: float, observers: list[Any]) -> None:
+        self.video_dir, self.hz, self.observers = video_dir, hz, observers
+        self.collector: Any = None
+
+    def begin(self, episode: int, robot: Any, layer: Any) -> None:
+        if self.video_dir is None or not robot.cameras:
+            return
+        from molmoact2_edge.viz.episode_video import EpisodeFrames, TickFrameCollector
+
+        camera = next(iter(robot.cameras.values()))
+        frames = EpisodeFrames(robot.joint_names, layer.lower, layer.upper, self.hz)
+        self.collector = TickFrameCollector(episode, frames, lambda: camera.read_latest().rgb)
+        self.observers.append(self.collector)
+
+    def end(self, success: bool) -> str | None:
+        if self.collector is None:
+            return None
+        from molmoact2_edge.viz.episode_video import write_episode_video
+
+        collector, self.collector = self.collector, None
+        self.observers.remove(collector)
+        assert self.video_dir is not None
+        outcome = "success" if success else "failure"
+        path = write_episode_video(collector.data, self.video_dir / f"episode_{collector.episode:03d}_{outcome}.mp4")
+        return str(path) if path is not None else None
 
 
 def sim_episodes(sim_task: str, size: int, hz: float) -> Callable[[int], EpisodeTarget]:
@@ -195,6 +284,25 @@ def hardware_episodes(robot: Any) -> tuple[Callable[[int], EpisodeTarget], Calla
     return (lambda i: EpisodeTarget(robot)), robot.disconnect
 
 
+def display_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--display [auto|viewer|serve]`` and ``--save-rrd FILE`` (run, demo)."""
+    command = click.option(
+        "--save-rrd",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Write a rerun recording of the run (cameras, joints, chunks, latency, power) to this .rrd file.",
+    )(command)
+    return click.option(
+        "--display",
+        type=click.Choice(["auto", "viewer", "serve"]),
+        is_flag=False,
+        flag_value="auto",
+        default=None,
+        help="Stream the run to rerun (pip install 'molmoact2-edge[display]'): viewer = a native viewer on this "
+        "machine; serve = for a headless robot computer, a web viewer other machines open (the command is "
+        "printed); --display alone = viewer when this machine has a screen, else serve.",
+    )(command)
+
+
 def print_summary(results: list[dict[str, Any]], stats: dict[str, Any]) -> None:
     for r in results:
         click.echo(
@@ -220,7 +328,16 @@ def print_summary(results: list[dict[str, Any]], stats: dict[str, Any]) -> None:
 
 
 @click.command("run")
-@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("bundle", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--policy", "policy_url", help="ws://HOST:PORT or wss://HOST:PORT of a `molmo-edge serve`, instead of BUNDLE.")
+@click.option(
+    "--api-key-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="--policy: file holding the server's API key (default: $MOLMO_EDGE_API_KEY).",
+)
+@click.option(
+    "--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="--policy wss://: CA of a self-signed server."
+)
 @click.option("--robot", type=click.Choice(ROBOTS), required=True, help="Which robot to drive.")
 @click.option("--port", help="Serial port of an SO-101 bus adapter (e.g. /dev/ttyACM0).")
 @click.option("--can", multiple=True, help="CAN channel(s) of a YAM (two for bimanual-yam).")
@@ -269,8 +386,12 @@ def print_summary(results: list[dict[str, Any]], stats: dict[str, Any]) -> None:
 @click.option(
     "--telemetry", type=click.Path(dir_okay=False, path_type=Path), help="Write JSONL telemetry here."
 )
+@display_options
 def run(
-    bundle: Path,
+    bundle: Path | None,
+    policy_url: str | None,
+    api_key_file: Path | None,
+    tls_ca: Path | None,
     robot: str,
     port: str | None,
     can: tuple[str, ...],
@@ -289,6 +410,8 @@ def run(
     stall_timeout: float,
     record: Path | None,
     telemetry: Path | None,
+    display: str | None,
+    save_rrd: Path | None,
 ) -> None:
     """Drive a robot with BUNDLE at a fixed rate, inference running ahead; Ctrl-C stops it safely.
 
@@ -297,6 +420,8 @@ def run(
       molmo-edge run bundle/ --robot so101 --port /dev/ttyACM0 --camera front=/dev/video0 --task "pick up the cube"
       molmo-edge run bundle/ --robot sim-so101 --task "pick up the red cube" --duration 20
     """
+    if (bundle is None) == (policy_url is None):
+        raise MolmoEdgeError("give either BUNDLE or --policy ws://HOST:PORT (a `molmo-edge serve`), not both or neither")
     if robot == "so101" and not port:
         raise MolmoEdgeError(
             "--robot so101 needs --port (the bus adapter, e.g. /dev/ttyACM0; see `molmo-edge doctor`)"
@@ -316,16 +441,27 @@ def run(
         telemetry,
         on_exit,
         stall_timeout,
+        policy_url,
+        api_key_file,
+        tls_ca,
+        display,
+        save_rrd,
     )
-    if robot == "sim-so101":
-        results, stats = run_policy(settings, sim_episodes(sim_task, sim_size, hz))
-    else:
-        if not task:
-            raise MolmoEdgeError(f'--robot {robot} needs --task "<instruction>"')
-        arm = make_hardware_robot(
-            robot, port, can, open_cameras(parse_cameras(cameras), hz), robot_id, joint_frame
-        )
-        results, stats = run_policy(settings, *hardware_episodes(arm))
+    progress = RunProgress(episodes)
+    try:
+        if robot == "sim-so101":
+            results, stats = run_policy(settings, sim_episodes(sim_task, sim_size, hz), observers=[progress])
+        else:
+            if not task:
+                raise MolmoEdgeError(f'--robot {robot} needs --task "<instruction>"')
+            arm = make_hardware_robot(
+                robot, port, can, open_cameras(parse_cameras(cameras), hz), robot_id, joint_frame
+            )
+            results, stats = run_policy(settings, *hardware_episodes(arm), observers=[progress])
+    finally:
+        progress.close()
     print_summary(results, stats)
+    if save_rrd is not None:
+        click.echo(f"rerun recording: {save_rrd} (open it with: rerun {save_rrd})")
     if results and results[-1]["end"] == "interrupted":
         raise KeyboardInterrupt  # stopped safely already; the CLI group turns this into exit code 130

@@ -25,6 +25,12 @@ from molmoact2_edge.errors import ExportError
 from molmoact2_edge.export import opset_check
 
 log = logging.getLogger(__name__)
+# torch's ONNX op registry warns, once per exported graph, that it skips torchvision's detection ops
+# (nms, roi_align, ...) when torchvision is absent; no graph here uses them, so a user has nothing to do
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+# onnxscript's optimizer warns for every multi-output node it leaves unfolded (Split): the graph is
+# still correct and ONNX Runtime/TensorRT fold it themselves
+logging.getLogger("onnxscript.optimizer._constant_folding").setLevel(logging.ERROR)
 
 DEFAULT_OPSET = 20
 OPSET_RANGE = (18, 20)

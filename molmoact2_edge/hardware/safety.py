@@ -111,6 +111,10 @@ class SafetyLayer:
                 f"max_step must be positive for every joint of {robot.name}, got {self.max_step}"
             )
         self.last_commanded: np.ndarray | None = None
+        # for per-tick telemetry: which rule changed the last command, the last state read and when
+        self.last_rule: str | None = None
+        self.measured: np.ndarray | None = None
+        self.measured_t: float | None = None
         self.stopped: str | None = None  # reason, once stopped
         self._last_action_time = 0.0
         self._last_read_time = 0.0
@@ -155,7 +159,7 @@ class SafetyLayer:
     def start(self) -> None:
         """Command the measured pose (no motion), then start the watchdog and signal handling."""
         measured = self._guarded(self.robot.read_state, "reading the start pose")
-        self._last_read_time = self.clock()
+        self._measured(measured)
         start = np.asarray(measured, np.float32).copy()
         self.last_commanded = start
         self._guarded(lambda: self.robot.send_action(start), "commanding the start pose")
@@ -200,7 +204,7 @@ class SafetyLayer:
             if not np.all(np.isfinite(target)):
                 self.counts["refused_nonfinite"] += 1
                 logger.warning("refused non-finite action %s; holding", target.tolist())
-                safe = self.last_commanded
+                safe, self.last_rule = self.last_commanded, "nonfinite"
             else:
                 safe = self.clamp(target)
             sent = self._guarded(lambda: self.robot.send_action(safe), "sending an action")
@@ -217,13 +221,16 @@ class SafetyLayer:
         """Envelope clip, then the per-tick step limit against the last commanded target."""
         assert self.last_commanded is not None
         clipped = np.clip(target, self.lower, self.upper)
-        if not np.array_equal(clipped, target):
+        limited = not np.array_equal(clipped, target)
+        self.last_rule = "limit" if limited else None
+        if limited:
             self.counts["clipped_limits"] += 1
         delta = clipped - self.last_commanded
         over = np.abs(delta) > self.max_step
         if not over.any():
             return clipped.astype(np.float32)
         self.counts["clipped_step"] += 1
+        self.last_rule = "limit+max_step" if limited else "max_step"
         if self.config.preserve_direction:
             scale = float(np.min(self.max_step[over] / np.abs(delta[over])))
             delta = delta * scale
@@ -239,7 +246,7 @@ class SafetyLayer:
             observation = self._guarded(
                 lambda: self.robot.get_observation(task, max_camera_age_ms), "reading an observation"
             )
-            self._last_read_time = self.clock()
+            self._measured(observation.state)
             return observation
 
     def hold(self) -> np.ndarray:
@@ -247,7 +254,7 @@ class SafetyLayer:
         with self._lock:
             self._require_running()
             assert self.last_commanded is not None
-            held = self.last_commanded
+            held, self.last_rule = self.last_commanded, "hold"
             self._guarded(lambda: self.robot.send_action(held), "holding position")
             self._last_action_time = self.clock()
             self._heartbeat()
@@ -258,8 +265,12 @@ class SafetyLayer:
         if self.robot.writes_acknowledged or not self.config.heartbeat_s:
             return
         if self.clock() - self._last_read_time > self.config.heartbeat_s:
-            self._guarded(self.robot.read_state, "checking that the bus is alive")
-            self._last_read_time = self.clock()
+            self._measured(self._guarded(self.robot.read_state, "checking that the bus is alive"))
+
+    def _measured(self, state: object) -> None:
+        """A successful read: the bus is alive, and telemetry gets the joint state."""
+        self._last_read_time = self.measured_t = self.clock()
+        self.measured = np.asarray(state, np.float32)
 
     def poll_watchdog(self) -> bool:
         """Hold if no action arrived within ``watchdog_s``; returns True when it held."""

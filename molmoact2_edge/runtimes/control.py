@@ -39,6 +39,7 @@ import numpy as np
 
 from molmoact2_edge.errors import SafetyError
 from molmoact2_edge.runtimes.telemetry import Telemetry
+from molmoact2_edge.runtimes.telemetry_schema import tick_fields
 from molmoact2_edge.types import ActionChunk, Observation
 
 log = logging.getLogger(__name__)
@@ -184,7 +185,9 @@ class _InferenceWorker:
                 return
             t1 = time.monotonic()
             if self.telemetry is not None:
-                self.telemetry.chunk(chunk.timings or {"total": t1 - t0}, t0, t1, chunk.info)
+                self.telemetry.chunk(
+                    chunk.timings or {"total": t1 - t0}, t0, t1, chunk.info, chunk.actions, chunk.timestamp
+                )
             with self._cv:
                 self._result, self._busy = chunk, False
 
@@ -232,9 +235,18 @@ def run_episode(
             if fresh is not None:
                 current = _checked(fresh, result.chunks)
                 result.chunks += 1
+                if telemetry is not None:
+                    telemetry.event(
+                        "swap",
+                        tick=tick,
+                        chunk=result.chunks - 1,
+                        delay_ms=round((deadline - fresh.timestamp) * 1e3, 3),
+                        start_action=action_index(fresh, deadline, config.hz),
+                    )
             k = action_index(current, deadline, config.hz) if current is not None else 0
-            if current is not None and k < len(current):
-                sent, held = gate.send(current.actions[k]), False
+            target = current.actions[k] if current is not None and k < len(current) else None
+            if target is not None:
+                sent, held = gate.send(target), False
                 last_good = deadline
             else:
                 sent, held = gate.hold(), True
@@ -247,7 +259,11 @@ def run_episode(
                     )
             sent_at = time.monotonic()
             if telemetry is not None:
-                telemetry.tick(deadline, sent_at, held)
+                fields = tick_fields(
+                    tick=tick, chunk=result.chunks - 1, action=k, target=target, sent=sent, held=held, gate=gate,
+                    now=sent_at, chunk_t=current.timestamp if current is not None else None,
+                )
+                telemetry.tick(deadline, sent_at, held, fields)
             result.sent.append(np.asarray(sent, dtype=np.float32))
             result.ticks += 1
             if recorder is not None and last_obs is not None:

@@ -15,7 +15,7 @@ from molmoact2_edge.errors import DependencyError
 STAGE_ORDER = ("vision", "prefill", "depth", "decode", "flow", "total")
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     try:
         import matplotlib
     except ImportError as err:
@@ -28,7 +28,7 @@ def _pyplot() -> Any:
 
 def latency_histograms(stage_samples: Mapping[str, Mapping[str, Sequence[float]]], path: Path) -> Path:
     """stage_samples: backend -> stage -> seconds. One subplot per stage, backends overlaid."""
-    plt = _pyplot()
+    plt = pyplot()
     stages = [s for s in STAGE_ORDER if any(any(v > 0 for v in b.get(s, [])) for b in stage_samples.values())]
     fig, axes = plt.subplots(1, max(1, len(stages)), figsize=(4 * max(1, len(stages)), 3.2), squeeze=False)
     for ax, stage in zip(axes[0], stages, strict=False):
@@ -48,7 +48,7 @@ def latency_histograms(stage_samples: Mapping[str, Mapping[str, Sequence[float]]
 
 def loop_jitter(period_errors_ms: Sequence[float], hz: float, path: Path) -> Path:
     """Period error of every control tick (send time - deadline), with the period marked."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3))
     ax.plot(list(period_errors_ms), lw=0.8)
     ax.axhline(1e3 / hz, color="r", ls="--", lw=0.8, label=f"one period ({1e3 / hz:.1f} ms)")
@@ -66,7 +66,7 @@ def power_trace(trace: Sequence[tuple[float, float]], path: Path, title: str = "
     """Watts over time; None (no file) when there is no trace (power unavailable)."""
     if not trace:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     t0 = trace[0][0]
     fig, ax = plt.subplots(figsize=(8, 3))
     ax.plot([t - t0 for t, _ in trace], [w for _, w in trace], lw=0.8)

@@ -125,6 +125,7 @@ class PolicySession:
         if self.depth:
             with self._timed(timings, "depth"):
                 info["depth_cells_repredicted"] = self._decode_depth(ctx, observation)
+            info.update(self.depth_cache.last_info())  # which cells, for telemetry and the rerun display
         if self.discrete:
             with self._timed(timings, "decode"):
                 normalized, ok = self._decode_discrete(ctx)

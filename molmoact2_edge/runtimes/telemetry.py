@@ -5,10 +5,19 @@ by the inference thread (one ``chunk`` per ``act()``), keeps every value in
 memory for the summary, and appends JSONL records as they happen, flushed line
 by line so a crash loses nothing already written:
 
-- ``{"type": "start", "backend": {...}, "power": {...}, "limits": {...}}``
-- ``{"type": "chunk", "index", "t", "timings_ms": {stage: ms}, "energy_j", "mean_power_w", "info"}``
-- ``{"type": "loop", "ticks", "period_error_ms": {p50, p90, p99, max}, "overruns", "held"}`` once per second
+- ``{"type": "start", "schema", "control_hz", "backend": {...}, "power": {...}, ...}``
+- ``{"type": "episode_start", "episode", "joint_names", ...}`` from ``begin_episode``
+- ``{"type": "tick", "episode", "tick", "t", "deadline", "period_error_ms", "held", ...}`` every tick,
+  with the loop's per-tick fields (state, target, sent, safety rule, chunk and action index)
+- ``{"type": "chunk", "index", "t", "timings_ms": {stage: ms}, "energy_j", "mean_power_w", "info", "actions"}``
+- ``{"type": "swap", ...}`` and other events from ``event``
+- ``{"type": "loop", "ticks", "period_error_ms": {p50, p90, p99, max}, "overruns", "held"}`` once per second,
+  with ``{"type": "power", "t": [...], "w": [...]}`` (the samples since the last one) when power is measured
 - ``{"type": "summary", ...}`` at ``close()``: ``summary()``'s dict
+
+The full schema, versioned, is ``docs/telemetry.md``; ``telemetry_schema.load_telemetry`` reads it
+back as arrays. ``observers`` (callables) see every record as it is written, file or not: live
+progress and the rerun display are observers.
 
 Period error is ``actual send time - deadline`` of each tick (absolute-deadline
 scheduling, so it does not accumulate); an overrun is a tick that started a
@@ -24,17 +33,20 @@ import resource
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
 from molmoact2_edge.runtimes.power import PowerMonitor
+from molmoact2_edge.runtimes.telemetry_schema import SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
 
 STAGES = ("vision", "prefill", "depth", "decode", "flow", "total")
+
+Observer = Callable[[Mapping[str, Any]], None]
 
 
 def percentiles(values: Sequence[float], scale: float = 1.0) -> dict[str, float]:
@@ -122,8 +134,13 @@ class Telemetry:
         control_hz: float = 30.0,
         power: PowerMonitor | None = None,
         meta: Mapping[str, Any] | None = None,
+        observers: Iterable[Observer] = (),
     ) -> None:
         self.path = Path(path) if path is not None else None
+        self.observers = list(observers)
+        self.episode = 0
+        self._episode_ticks = 0
+        self._power_reported = float("-inf")
         self.loop = LoopStats(1.0 / control_hz)
         self.stages: dict[str, list[float]] = {}
         self.energy_per_chunk: list[float] = []
@@ -138,18 +155,38 @@ class Telemetry:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("a", buffering=1)  # line-buffered: each record lands on write
         power_info = power.describe() if power is not None else {"sampler": "none", "reason": "not requested"}
-        self.write(
-            {"type": "start", "t": time.monotonic(), "pid": os.getpid(), "power": power_info, **(meta or {})}
-        )
+        start = {"type": "start", "schema": SCHEMA_VERSION, "t": time.monotonic(), "control_hz": control_hz}
+        self.write({**start, "pid": os.getpid(), "power": power_info, **(meta or {})})
 
     def write(self, record: Mapping[str, Any]) -> None:
         if self._file is not None:
             self._file.write(json.dumps(record, default=_jsonable) + "\n")
+        for observer in self.observers:
+            observer(record)
+
+    def begin_episode(self, episode: int, **info: Any) -> None:
+        """Tag the records that follow with ``episode`` (tick numbers restart at 0)."""
+        with self._lock:
+            self.episode, self._episode_ticks = episode, 0
+        self.write({"type": "episode_start", "episode": episode, "t": time.monotonic(), **info})
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """A one-off record of this episode (e.g. a chunk swap)."""
+        self.write({"type": kind, "episode": self.episode, "t": time.monotonic(), **fields})
 
     def chunk(
-        self, timings_s: Mapping[str, float], t0: float, t1: float, info: Mapping[str, Any] | None = None
+        self,
+        timings_s: Mapping[str, float],
+        t0: float,
+        t1: float,
+        info: Mapping[str, Any] | None = None,
+        actions: np.ndarray | None = None,
+        obs_t: float | None = None,
     ) -> None:
-        """Record one ``act()`` that ran from t0 to t1 (monotonic s) with its per-stage timings in seconds."""
+        """Record one ``act()`` that ran from t0 to t1 (monotonic s) with its per-stage timings in seconds.
+
+        actions: the chunk's (ah, ad) targets; obs_t: when its observation was taken.
+        """
         energy = self.power.energy_j(t0, t1) if self.power is not None else None
         with self._lock:
             index = self.chunks
@@ -163,18 +200,36 @@ class Telemetry:
             {
                 "type": "chunk",
                 "index": index,
+                "episode": self.episode,
                 "t": t1,
+                "t0": t0,
+                "obs_t": obs_t,
                 "timings_ms": {k: round(v * 1e3, 4) for k, v in timings_s.items()},
                 "energy_j": energy,
                 "mean_power_w": energy / (t1 - t0) if energy is not None and t1 > t0 else None,
                 "info": dict(info or {}),
+                "actions": np.round(np.asarray(actions, np.float64), 4) if actions is not None else None,
             }
         )
 
-    def tick(self, deadline: float, actual: float, held: bool = False) -> None:
-        """Record one control tick: its deadline and when the action actually went out."""
+    def tick(
+        self, deadline: float, actual: float, held: bool = False, fields: Mapping[str, Any] | None = None
+    ) -> None:
+        """Record one control tick: its deadline, when the action actually went out, and the loop's
+        per-tick ``fields`` (``telemetry_schema.tick_fields``: state, target, sent, safety rule, ...)."""
         with self._lock:
             self.loop.add(deadline, actual, held)
+            tick_record = {
+                "type": "tick",
+                "episode": self.episode,
+                "tick": self._episode_ticks,
+                "t": actual,
+                "deadline": deadline,
+                "period_error_ms": round((actual - deadline) * 1e3, 4),
+                "held": held,
+                **(fields or {}),
+            }
+            self._episode_ticks += 1
             if self._last_loop_record is None:
                 self._last_loop_record = actual
             due = actual - self._last_loop_record >= 1.0
@@ -182,8 +237,21 @@ class Telemetry:
                 record = {"type": "loop", "t": actual, **self.loop.summary(since=self._ticks_reported)}
                 self._ticks_reported = len(self.loop.errors_s)
                 self._last_loop_record = actual
+        self.write(tick_record)
         if due:
             self.write(record)
+            self._write_power()
+
+    def _write_power(self) -> None:
+        """The power samples taken since the last power record."""
+        if self.power is None or not self.power.available:
+            return
+        samples = [(t, w) for t, w in self.power.trace() if t > self._power_reported]
+        if samples:
+            self._power_reported = samples[-1][0]
+            self.write(
+                {"type": "power", "t": [round(t, 4) for t, _ in samples], "w": [round(w, 4) for _, w in samples]}
+            )
 
     def summary(self) -> dict[str, Any]:
         with self._lock:

@@ -46,7 +46,7 @@ class LoopConfig:
     grad_clip: float = 1.0
     save_every: int = 200  # steps between checkpoints; a killed run loses at most this many
     log_every: int = 10
-    progress: bool = True  # tqdm bar on rank 0
+    progress: bool = True  # live step progress on rank 0 (viz.progress.StepProgress)
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.save_every < 1:
@@ -194,6 +194,6 @@ def _resume(stage: Stage, optimizer: torch.optim.Optimizer, out: Path, info: Dis
 def _progress(cfg: LoopConfig, info: DistInfo, start: int, index: int) -> Any:
     if not (cfg.progress and info.is_main):
         return None
-    from tqdm import tqdm
+    from molmoact2_edge.viz.progress import StepProgress  # rich on a terminal, plain lines in logs
 
-    return tqdm(total=cfg.steps, initial=start, desc=f"stage {index}", dynamic_ncols=True)
+    return StepProgress(f"train stage {index}: step", cfg.steps, start=start)

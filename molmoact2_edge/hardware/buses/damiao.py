@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 
 import can
 
-from molmoact2_edge.errors import BusTimeoutError, PortError, RegisterError, ServoError
+from molmoact2_edge.errors import BusTimeoutError, ChecksumError, PortError, RegisterError, ServoError
 from molmoact2_edge.hardware.buses.base import Bus
 from molmoact2_edge.hardware.buses.registers import ControlTable, Register
 
@@ -66,6 +66,7 @@ KP_MAX = 500.0
 KD_MAX = 5.0
 
 PARAM_ID = 0x7FF
+FRAME_BYTES = 8  # every Damiao frame, both directions, carries 8 data bytes
 MASTER_OFFSET = 0x10  # feedback id = motor id + 0x10 (i2rt ReceiveMode.p16, Damiao's recommendation)
 CMD_ENABLE, CMD_DISABLE, CMD_SAVE_ZERO, CMD_CLEAR_ERROR = 0xFC, 0xFD, 0xFE, 0xFB
 PARAM_READ, PARAM_WRITE, PARAM_SAVE, PARAM_REFRESH = 0x33, 0x55, 0xAA, 0xCC
@@ -147,8 +148,17 @@ def pack_mit(cmd: MitCommand, model: DamiaoModel) -> bytes:
     )
 
 
+def _require_frame(data: bytes | bytearray, what: str) -> None:
+    """A frame that is not 8 bytes is malformed: ``ChecksumError`` (retried like a bad checksum)."""
+    if len(data) != FRAME_BYTES:
+        raise ChecksumError(
+            f"a Damiao {what} frame has {FRAME_BYTES} data bytes, got {len(data)}: {bytes(data).hex(' ')}"
+        )
+
+
 def unpack_mit(data: bytes, model: DamiaoModel) -> MitCommand:
     """Inverse of ``pack_mit`` up to quantization (used by the emulator)."""
+    _require_frame(data, "MIT command")
     p = (data[0] << 8) | data[1]
     v = (data[2] << 4) | (data[3] >> 4)
     kp = ((data[3] & 0xF) << 8) | data[4]
@@ -195,8 +205,8 @@ def pack_feedback(fb: MotorFeedback, model: DamiaoModel) -> bytes:
 
 
 def decode_feedback(data: bytes, model: DamiaoModel) -> MotorFeedback:
-    if len(data) != 8:
-        raise ValueError(f"a Damiao feedback frame has 8 data bytes, got {len(data)}")
+    """Raises ``ChecksumError`` for a frame that is not 8 bytes, ``ServoError`` for an unknown state."""
+    _require_frame(data, "feedback")
     state_code = data[0] >> 4
     try:
         state = MotorState(state_code)
@@ -289,6 +299,8 @@ class DamiaoBus(Bus):
         if self._can is not None:
             try:
                 self._can.shutdown()
+            except (can.CanError, OSError) as err:  # the adapter may already be gone; closing must not raise
+                logger.warning("closing CAN channel %s: %s", self.port, err)
             finally:
                 self._can = None
 
@@ -402,10 +414,16 @@ class DamiaoBus(Bus):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return None
+        return self._receive(remaining)
+
+    def _receive(self, timeout: float) -> can.Message | None:
+        """One frame or ``None``; every python-can/OS failure of the adapter becomes ``PortError``."""
         try:
-            return self._can.recv(timeout=remaining)
+            return self._can.recv(timeout=timeout)
         except (can.CanError, OSError) as err:
-            raise PortError(f"CAN receive on {self.port} failed: {err}") from err
+            raise PortError(
+                f"CAN receive on {self.port} failed: {err} (bus off, adapter unplugged, or channel down)"
+            ) from err
 
     def _exchange_feedback(
         self, frames: Mapping[int, tuple[int, bytes]], raise_on_fault: bool = True
@@ -425,9 +443,18 @@ class DamiaoBus(Bus):
                     f"no feedback from motor(s) {missing} within {self.reply_timeout_s * 1000:.0f} ms"
                 )
             motor_id = by_master.get(msg.arbitration_id)
-            if motor_id is None or len(msg.data) != 8 or self._is_param_reply(msg.data, motor_id):
+            if motor_id is None:
+                continue  # another device's frame
+            data = bytes(msg.data)
+            _require_frame(data, "feedback")  # a truncated reply: ChecksumError, retried
+            if self._is_param_reply(data, motor_id):
                 continue
-            replies[motor_id] = decode_feedback(bytes(msg.data), self._model(motor_id))
+            feedback = decode_feedback(data, self._model(motor_id))
+            if feedback.motor_id != motor_id & 0xF:
+                raise ChecksumError(
+                    f"feedback on the master id of motor {motor_id} names motor {feedback.motor_id}"
+                )
+            replies[motor_id] = feedback
         self.last_feedback.update(replies)
         if raise_on_fault:
             faults = {i: fb.state for i, fb in replies.items() if fb.state.is_fault}
@@ -459,7 +486,7 @@ class DamiaoBus(Bus):
             data = bytes(msg.data)
             if (
                 msg.arbitration_id == master
-                and len(data) == 8
+                and len(data) == FRAME_BYTES
                 and data[2] == op
                 and data[3] == rid
                 and data[0] | (data[1] << 8) == motor_id
@@ -471,5 +498,5 @@ class DamiaoBus(Bus):
 
     def _drain(self) -> None:
         """Drop stale frames (late replies of a timed-out transaction) before a new one."""
-        while self._can.recv(timeout=0) is not None:
+        while self._receive(0.0) is not None:
             pass

@@ -22,6 +22,11 @@ Two deliberate departures from plain SDK use:
   servo; LeRobot writes 0) and USB latency (set FTDI ``latency_timer`` to 1 ms).
 - ``readPort`` waits in ``select`` for data instead of the SDK's busy loop of zero-timeout reads
   (POSIX; the same subclass).
+- Every status packet's data length is checked against what was asked for. The SDK's
+  ``readTxRx``/``readRx`` slice ``length`` bytes from the packet without checking its LENGTH field,
+  so a CRC-valid 1-byte reply to a 4-byte read returns the data byte plus the CRC as a value. A
+  ``PacketHandler`` subclass keeps the last status packet the SDK received, and a wrong length is a
+  ``ChecksumError`` (retried like a bad CRC).
 
 ``dynamixel_sdk`` is imported inside the class, so importing this module never needs it.
 """
@@ -56,6 +61,12 @@ COMM_SUCCESS = 0
 COMM_RX_TIMEOUT = -3001
 COMM_RX_CORRUPT = -3002
 
+# status packet: FF FF FD 00 | ID | LEN_L LEN_H | 0x55 | ERR | data | CRC_L CRC_H; LEN counts
+# 0x55 + ERR + data + CRC (after the SDK removed the byte stuffing)
+STATUS_ID, STATUS_LENGTH, STATUS_DATA = 4, 5, 9
+STATUS_LENGTH_OVERHEAD = 4
+PING_DATA_BYTES = 3  # model number (2) + firmware version (1)
+
 
 def _import_sdk() -> Any:
     try:
@@ -86,6 +97,20 @@ def _port_handler(sdk: Any, port: str, margin_ms: float) -> Any:
     return PortHandler(port)
 
 
+def _packet_handler(sdk: Any) -> Any:
+    class PacketHandler(sdk.Protocol2PacketHandler):  # type: ignore[misc, name-defined]
+        """Protocol 2.0 handler that keeps the last status packet, for the length check."""
+
+        last_status: list[int] = []
+
+        def rxPacket(self, port: Any, fast_option: bool) -> tuple[list[int], int]:  # noqa: N802 (SDK name)
+            packet, result = super().rxPacket(port, fast_option)
+            self.last_status = packet
+            return packet, result
+
+    return PacketHandler()
+
+
 class DynamixelBus(Bus):
     """X-series chain (XL330, XL430, XM430, ...) on a U2D2 / USB serial adapter.
 
@@ -114,7 +139,7 @@ class DynamixelBus(Bus):
     def _connect_internal(self) -> None:
         self._sdk = _import_sdk()
         self._port = _port_handler(self._sdk, self.port, self.timeout_margin_s * 1e3)
-        self._packets = self._sdk.PacketHandler(2.0)
+        self._packets = _packet_handler(self._sdk)
         try:
             opened = self._port.setBaudRate(self.baudrate)  # opens the port
         except serial_io_errors() as err:
@@ -136,19 +161,20 @@ class DynamixelBus(Bus):
             raise PortError(f"{self.port}: baud rate {baudrate} is not supported by dynamixel_sdk")
 
     def _ping_internal(self, motor_id: int) -> int:
-        model, result, error = self._call(self._packets.ping, self._port, motor_id)
+        _, result, error = self._call(self._packets.ping, self._port, motor_id)
         self._check(result, error, motor_id)
-        return int(model)
+        return int.from_bytes(self._status_data(motor_id, PING_DATA_BYTES)[:2], "little")
 
     def _read_internal(self, reg: Register, motor_id: int) -> int:
-        data, result, error = self._call(self._packets.readTxRx, self._port, motor_id, reg.address, reg.size)
+        _, result, error = self._call(self._packets.readTxRx, self._port, motor_id, reg.address, reg.size)
         self._check(result, error, motor_id)
-        return int.from_bytes(bytes(data), "little")
+        return int.from_bytes(self._status_data(motor_id, reg.size), "little")
 
     def _write_internal(self, reg: Register, motor_id: int, raw: int) -> None:
         data = list(raw.to_bytes(reg.size, "little"))
         result, error = self._call(self._packets.writeTxRx, self._port, motor_id, reg.address, reg.size, data)
         self._check(result, error, motor_id)
+        self._status_data(motor_id, 0)  # a late read reply must not pass for the write's acknowledgement
 
     def _sync_read_internal(self, reg: Register, motor_ids: list[int]) -> dict[int, int]:
         group = self._sdk.GroupSyncRead(self._port, self._packets, reg.address, reg.size)
@@ -158,9 +184,9 @@ class DynamixelBus(Bus):
         values: dict[int, int] = {}
         errors: dict[int, int] = {}
         for motor_id in motor_ids:
-            data, result, error = self._call(self._packets.readRx, self._port, motor_id, reg.size)
+            _, result, error = self._call(self._packets.readRx, self._port, motor_id, reg.size)
             self._check(result, 0, motor_id)
-            values[motor_id] = int.from_bytes(bytes(data), "little")
+            values[motor_id] = int.from_bytes(self._status_data(motor_id, reg.size), "little")
             if error:
                 errors[motor_id] = error
         if errors:
@@ -179,10 +205,23 @@ class DynamixelBus(Bus):
     def _call(self, fn: Any, *args: Any) -> Any:
         """Call the SDK; a vanished port raises out of pyserial as an exception."""
         self._port.is_using = False  # we serialise access with the bus lock; a raise mid-call leaves it set
+        self._packets.last_status = []
         try:
             return fn(*args)
         except serial_io_errors() as err:
             raise PortError(f"serial I/O failed ({err}); was the adapter unplugged?") from err
+
+    def _status_data(self, motor_id: int, size: int) -> bytes:
+        """The data field of the status packet the SDK just accepted from ``motor_id``, checked to
+        be exactly ``size`` bytes (the SDK itself slices without looking at the LENGTH field)."""
+        status = self._packets.last_status
+        length = status[STATUS_LENGTH] | status[STATUS_LENGTH + 1] << 8 if len(status) > STATUS_DATA else -1
+        if status[STATUS_ID : STATUS_ID + 1] != [motor_id] or length - STATUS_LENGTH_OVERHEAD != size:
+            raise ChecksumError(
+                f"status packet from motor {motor_id} carries {length - STATUS_LENGTH_OVERHEAD} data bytes, "
+                f"expected {size}: {bytes(status).hex(' ')}"
+            )
+        return bytes(status[STATUS_DATA : STATUS_DATA + size])
 
     def _check(self, result: int, error: int, motor_id: int | None) -> None:
         who = f"motor {motor_id}" if motor_id is not None else "the chain"
@@ -207,5 +246,10 @@ class DynamixelBus(Bus):
         if motor_id is None:
             return 0
         reg = self.control_table["Hardware_Error_Status"]
-        data, result, _ = self._call(self._packets.readTxRx, self._port, motor_id, reg.address, reg.size)
-        return int(data[0]) if result == COMM_SUCCESS and data else 0
+        _, result, _ = self._call(self._packets.readTxRx, self._port, motor_id, reg.address, reg.size)
+        if result != COMM_SUCCESS:
+            return 0
+        try:
+            return self._status_data(motor_id, reg.size)[0]
+        except ChecksumError:
+            return 0

@@ -19,11 +19,13 @@ expects, and names the motor that stayed silent.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
+import struct
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -42,6 +44,7 @@ logger = logging.getLogger(__name__)
 HEADER = b"\xff\xff"
 BROADCAST_ID = 0xFE
 STATUS_OVERHEAD = 6  # FF FF ID LEN ERR CHK
+WRITE_TIMEOUT_S = 1.0  # a write that cannot finish this long: the adapter is gone or stuck
 INSTRUCTION_OVERHEAD = 6  # FF FF ID LEN INSTR CHK
 
 
@@ -113,6 +116,25 @@ def decode_frame(frame: bytes | bytearray) -> Packet:
     return Packet(frame[2], frame[4], bytes(frame[5:-1]))
 
 
+class SyncWriteTemplate:
+    """A SYNC_WRITE of one register to fixed motor ids, laid out once: per call only the values are
+    packed (``struct``) and the checksum summed, no packet assembly or dict building."""
+
+    _FORMATS = {1: "B", 2: "H", 4: "I"}
+
+    def __init__(self, address: int, size: int, motor_ids: Sequence[int]):
+        self.motor_ids = tuple(motor_ids)
+        length = 2 + 2 + len(self.motor_ids) * (1 + size)  # INSTR, addr, size, (id, data)*, CHK
+        self._head = HEADER + bytes([BROADCAST_ID, length, Instruction.SYNC_WRITE, address, size])
+        self._head_sum = BROADCAST_ID + length + Instruction.SYNC_WRITE + address + size
+        self._body = struct.Struct("<" + ("B" + self._FORMATS[size]) * len(self.motor_ids))
+
+    def packet(self, values: Sequence[int]) -> bytes:
+        """The packet for raw ``values``, in ``motor_ids`` order."""
+        body = self._body.pack(*[x for pair in zip(self.motor_ids, values, strict=True) for x in pair])
+        return self._head + body + bytes([~(self._head_sum + sum(body)) & 0xFF])
+
+
 def decode_error_flags(error: int) -> tuple[str, ...]:
     """Status error byte -> flag names, e.g. ``0x20 -> ("overload",)``."""
     return tuple(ERROR_FLAGS.get(bit, f"bit{bit}") for bit in range(8) if error & (1 << bit))
@@ -162,6 +184,10 @@ class FeetechBus(Bus):
         self.timeout_margin_s = timeout_margin_s
         self.ack_writes = ack_writes
         self._serial: Any = None
+        self._fd = -1  # POSIX: the port's file descriptor, written and read directly
+        # precomputed per (address, size, ids): a control loop repeats the same two transactions
+        self._sync_reads: dict[tuple[int, int, tuple[int, ...]], bytes] = {}
+        self._sync_writes: dict[tuple[int, int, tuple[int, ...]], SyncWriteTemplate] = {}
 
     # --- extra Feetech operations
 
@@ -188,11 +214,12 @@ class FeetechBus(Bus):
         import serial  # pyserial; imported here so the module loads without it
 
         try:
-            self._serial = serial.Serial(self.port, self.baudrate, timeout=0, write_timeout=1.0)
+            self._serial = serial.Serial(self.port, self.baudrate, timeout=0, write_timeout=WRITE_TIMEOUT_S)
         except (serial.SerialException, ValueError) as err:
             raise PortError(
                 f"could not open {self.port} at {self.baudrate} baud: {err}. {PORT_HINT}"
             ) from err
+        self._fd = self._serial.fileno() if os.name != "nt" else -1
 
     def _disconnect_internal(self) -> None:
         if self._serial is not None:
@@ -201,6 +228,7 @@ class FeetechBus(Bus):
             except OSError as err:  # the adapter may already be gone; closing must not raise
                 logger.warning("closing %s: %s", self.port, err)
             self._serial = None
+            self._fd = -1
 
     def _set_baudrate_internal(self, baudrate: int) -> None:
         self._serial.baudrate = baudrate
@@ -221,17 +249,22 @@ class FeetechBus(Bus):
         self._command(motor_id, Instruction.WRITE, payload)
 
     def _sync_read_internal(self, reg: Register, motor_ids: list[int]) -> dict[int, int]:
-        packet = instruction_packet(
-            BROADCAST_ID, Instruction.SYNC_READ, bytes([reg.address, reg.size, *motor_ids])
-        )
+        key = (reg.address, reg.size, tuple(motor_ids))
+        packet = self._sync_reads.get(key)
+        if packet is None:
+            packet = instruction_packet(
+                BROADCAST_ID, Instruction.SYNC_READ, bytes([reg.address, reg.size, *motor_ids])
+            )
+            self._sync_reads[key] = packet
         replies = self._transact(packet, motor_ids, reg.size)
-        return {i: int.from_bytes(replies[i], "little") for i in motor_ids}
+        return {i: int.from_bytes(data, "little") for i, data in replies.items()}
 
     def _sync_write_internal(self, reg: Register, raw: Mapping[int, int]) -> None:
-        params = bytearray([reg.address, reg.size])
-        for motor_id, value in raw.items():
-            params += bytes([motor_id]) + value.to_bytes(reg.size, "little")
-        self._send(instruction_packet(BROADCAST_ID, Instruction.SYNC_WRITE, bytes(params)))
+        key = (reg.address, reg.size, tuple(raw))
+        template = self._sync_writes.get(key)
+        if template is None:
+            template = self._sync_writes[key] = SyncWriteTemplate(reg.address, reg.size, key[2])
+        self._send(template.packet(list(raw.values())))
 
     # --- transactions
 
@@ -245,9 +278,25 @@ class FeetechBus(Bus):
     def _send(self, packet: bytes) -> None:
         try:
             self._serial.reset_input_buffer()  # stale replies from an earlier timeout must not match
-            self._serial.write(packet)
+            if self._fd < 0:
+                self._serial.write(packet)
+            else:
+                self._write_fd(packet)
         except serial_io_errors() as err:
             raise PortError(f"write failed ({err}); was the adapter unplugged?") from err
+
+    def _write_fd(self, packet: bytes) -> None:
+        """POSIX: ``os.write`` straight to the (non-blocking) port; pyserial's ``write`` adds a
+        ``select`` and timeout bookkeeping to every call, which costs more than the write."""
+        view = memoryview(packet)
+        deadline = time.perf_counter() + WRITE_TIMEOUT_S
+        while view:
+            with contextlib.suppress(BlockingIOError):  # output buffer full: wait below until it drains
+                view = view[os.write(self._fd, view) :]
+            if view and not select.select([], [self._fd], [], max(deadline - time.perf_counter(), 0))[1]:
+                raise PortError(
+                    f"write did not complete within {WRITE_TIMEOUT_S:.0f} s; is the adapter stuck?"
+                )
 
     def _transact(self, packet: bytes, motor_ids: list[int], data_len: int) -> dict[int, bytes]:
         """Send ``packet`` and collect one status packet with ``data_len`` data bytes from each
@@ -306,10 +355,9 @@ class FeetechBus(Bus):
                 return self._serial.read(max(wanted, 1))
             # POSIX: select + os.read directly; setting pyserial's timeout reconfigures the tty
             # (a tcsetattr per call), which costs more than the read itself
-            fd = self._serial.fileno()
-            if not select.select([fd], [], [], timeout)[0]:
+            if not select.select([self._fd], [], [], timeout)[0]:
                 return b""
-            data = os.read(fd, max(wanted, 1))
+            data = os.read(self._fd, max(wanted, 1))
         except serial_io_errors() as err:
             raise PortError(f"read failed ({err}); was the adapter unplugged?") from err
         if not data:

@@ -9,6 +9,14 @@ the master id) and keeps the behaviour that matters for safety:
   and reports ``LOST_COMMUNICATION`` until ``clear_error`` and a new ``enable``;
 - a disabled motor ignores MIT targets; faults can be injected per motor.
 
+Reply faults (``inject_reply_fault``, ``apply_faults`` for a ``--faults`` plan; ``faults.py``):
+dropped, late (queued and sent after the delay), truncated (fewer than 8 data bytes) and
+wrong-id replies (a motor's feedback on another motor's master id), a silent motor for a time,
+and an unplug (the chain stops answering for good). A corrupted frame fails the CAN CRC and is
+dropped by the receiving controller, so ``corrupt`` acts as a drop here. An adapter that raises
+on the host side (python-can errors) is not something a peer can cause: the tests make the
+driver's own ``can.Bus`` raise.
+
 Motion model (enough for driver and safety tests, not a physics model): an enabled motor
 with kp > 0 moves toward its target with a 20 ms time constant, capped at the model's
 velocity range; with kp = kd = 0 a feed-forward torque spins it until a mechanical stop
@@ -21,10 +29,12 @@ python-can's ``virtual`` interface connects buses in the same process only; use
 
 from __future__ import annotations
 
+import heapq
 import logging
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -52,6 +62,7 @@ from molmoact2_edge.hardware.buses.damiao import (
     pack_feedback,
     unpack_mit,
 )
+from molmoact2_edge.hardware.emulators.faults import FaultInjector, FaultPlan, FaultSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +101,8 @@ class DamiaoEmulator:
         command_timeout_s: float = 0.4,
         master_offset: int = MASTER_OFFSET,
         hard_limits: Mapping[int, tuple[float, float]] | None = None,
+        seed: int = 0,
+        command_log_limit: int = 100_000,
     ):
         self.channel = channel
         self.interface = interface
@@ -112,6 +125,12 @@ class DamiaoEmulator:
         self._bus: can.BusABC | None = None
         self._last_step = time.monotonic()
         self.frames_received = 0
+        self._injector = FaultInjector(seed)
+        self._schedule: FaultSchedule | None = None
+        self._late: list[tuple[float, int, can.Message]] = []  # (due time, sequence, frame), a heap
+        self._late_sequence = 0
+        # (time, motor id, MIT target) the enabled drives accepted, newest first out: what the wire commanded
+        self.command_log: deque[tuple[float, int, MitCommand]] = deque(maxlen=command_log_limit)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -129,10 +148,13 @@ class DamiaoEmulator:
         return self.channel
 
     def stop(self) -> None:
+        if self._schedule is not None:
+            self._schedule.cancel()
+            self._schedule = None
         self._stop.set()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=2.0)
-            self._thread = None
+        self._thread = None
         if self._bus is not None:
             self._bus.shutdown()
             self._bus = None
@@ -178,6 +200,38 @@ class DamiaoEmulator:
                 motor.state = state
             motor.silent = silent
 
+    def inject_reply_fault(
+        self,
+        kind: str,
+        motor_id: int | None = None,
+        count: int | None = None,
+        probability: float | None = None,
+        delay_s: float | None = None,
+        duration_s: float | None = None,
+    ) -> None:
+        """Make replies misbehave (kinds of ``faults.py``); ``unplug`` stops the chain for good."""
+        if kind == "unplug":
+            self.stop()
+            return
+        with self._lock:
+            self._injector.add(kind, motor_id, count, probability, delay_s, duration_s)
+
+    def apply_faults(self, plan: FaultPlan) -> None:
+        """Inject a parsed ``--faults`` plan: per-reply faults now, silences and the unplug on timers."""
+        self._schedule = FaultSchedule(
+            plan, self.inject_reply_fault, lambda: self.inject_reply_fault("unplug")
+        )
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._injector.clear()
+            self._late.clear()
+
+    def fault_counts(self) -> dict[str, int]:
+        """Replies each fault kind hit so far."""
+        with self._lock:
+            return dict(self._injector.counts)
+
     # --- the server thread ------------------------------------------------------------------
 
     def _serve(self) -> None:
@@ -185,13 +239,50 @@ class DamiaoEmulator:
         while not self._stop.is_set():
             msg = self._bus.recv(timeout=0.001)
             with self._lock:
-                self._step(time.monotonic())
-                if msg is None or msg.is_error_frame or len(msg.data) != 8:
-                    continue
-                self.frames_received += 1
-                reply = self._handle(msg.arbitration_id, bytes(msg.data))
-            if reply is not None:
-                self._bus.send(reply)
+                now = time.monotonic()
+                self._step(now)
+                due = self._due_late_replies(now)
+                reply = None
+                if msg is not None and not msg.is_error_frame and len(msg.data) == 8:
+                    self.frames_received += 1
+                    reply = self._with_faults(self._handle(msg.arbitration_id, bytes(msg.data)), now)
+            for frame in [*due, reply]:
+                if frame is not None:
+                    self._bus.send(frame)
+
+    def _with_faults(self, reply: can.Message | None, now: float) -> can.Message | None:
+        """The reply after the active faults: ``None`` when lost or queued as a late reply."""
+        if reply is None:
+            return None
+        motor_id = self._motor_of_master.get(reply.arbitration_id)
+        if motor_id is None:
+            return reply
+        faults = self._injector.decide(motor_id)
+        if faults is None or faults.corrupt:  # lost, or dropped by the controller's CAN CRC check
+            return None
+        data, arbitration_id = bytes(reply.data), reply.arbitration_id
+        if faults.truncate:
+            data = data[: len(data) // 2]
+        if faults.wrong_id:
+            others = sorted(m for m in self._motor_of_master if m != arbitration_id)
+            arbitration_id = others[0] if others else arbitration_id + 1
+        frame = can.Message(arbitration_id=arbitration_id, data=data, is_extended_id=False)
+        if faults.delay_s:
+            self._late_sequence += 1
+            heapq.heappush(self._late, (now + faults.delay_s, self._late_sequence, frame))
+            return None
+        return frame
+
+    def _due_late_replies(self, now: float) -> list[can.Message]:
+        due = []
+        while self._late and self._late[0][0] <= now:
+            due.append(heapq.heappop(self._late)[2])
+        return due
+
+    @property
+    def _motor_of_master(self) -> dict[int, int]:
+        key = DAMIAO_PARAMS["Master_ID"].address
+        return {m.params[key]: i for i, m in self._motors.items()}
 
     def _step(self, now: float) -> None:
         """Advance every motor to ``now``: command timeout first, then motion."""
@@ -237,6 +328,7 @@ class DamiaoEmulator:
             motor.mit_count += 1
             if motor.state == MotorState.ENABLED:
                 motor.command = unpack_mit(data, motor.model)
+                self.command_log.append((motor.last_command, motor.motor_id, motor.command))
         return self._feedback(motor)
 
     def _special(self, motor: _Motor, code: int) -> None:

@@ -8,8 +8,8 @@ unknown id, waits Return_Delay_Time x 2 us (factory 500 us) before answering, ho
 Status_Return_Level (0 ping only, 1 + reads, 2 all), refuses writes to read-only registers and
 EEPROM writes with torque on (access error 7), and sets the hardware-alert bit (0x80) of the
 error byte while Hardware_Error_Status is non-zero (``set_register(id, "Hardware_Error_Status",
-0x20)`` = overload). Present = Actual + Homing_Offset. Not emulated: Bus_Watchdog, baud-rate
-changes, Fast Sync Read, bulk read/write, current/PWM control modes.
+0x20)`` = overload). Present = Actual + Homing_Offset. Not emulated: Bus_Watchdog,
+Fast Sync Read, bulk read/write, current/PWM control modes.
 
 The positions API (``goal_positions``, ``set_present_positions``, faults, write log) is the one
 of ``SerialServoChain``, shared with the Feetech emulator.
@@ -17,9 +17,11 @@ of ``SerialServoChain``, shared with the Feetech emulator.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from molmoact2_edge.hardware.buses.dynamixel_tables import (
+    BAUD_RATES,
     BROADCAST_ID,
     HARDWARE_ALERT,
     HEADER,
@@ -39,10 +41,22 @@ ACCESS_ERROR = 7
 INSTRUCTION_ERROR = 2
 
 
+@functools.cache
+def _write_range_areas(address: int, length: int) -> tuple[bool, bool]:
+    """(touches a read-only register, touches EEPROM) for a write range; resolved once per range."""
+    touched = [
+        reg
+        for reg in X_SERIES_CONTROL_TABLE.values()
+        if reg.address < address + length and address < reg.address + reg.size
+    ]
+    return any(not reg.writable for reg in touched), any(reg.area == "eeprom" for reg in touched)
+
+
 class DynamixelEmulator(SerialServoChain):
     """X-series chain (XM430-W350 register file); constructor and API as ``SerialServoChain``."""
 
     control_table = X_SERIES_CONTROL_TABLE
+    baud_rates = BAUD_RATES
     steps_per_turn = None  # 4-byte signed positions; extended-position mode goes past one turn
     homing_sign = 1  # Present = Actual + Homing_Offset
     velocity_unit_steps_s = VELOCITY_UNIT_STEPS_S
@@ -57,7 +71,7 @@ class DynamixelEmulator(SerialServoChain):
         params, instruction = request.params, request.instruction
         if request.motor_id == BROADCAST_ID:
             return self._broadcast(instruction, params)
-        servo = self._servos.get(request.motor_id)
+        servo = self._heard.get(request.motor_id)
         if servo is None:
             return []
         level = self._reg(servo, "Status_Return_Level")
@@ -91,30 +105,30 @@ class DynamixelEmulator(SerialServoChain):
         if instruction == Instruction.SYNC_READ and len(params) >= 5:
             address, length = int.from_bytes(params[:2], "little"), int.from_bytes(params[2:4], "little")
             return [
-                self._status(self._servos[i], 0, self._read_memory(self._servos[i], address, length))
+                self._status(self._heard[i], 0, self._read_memory(self._heard[i], address, length))
                 for i in params[4:]
-                if i in self._servos
+                if i in self._heard
             ]
         if instruction == Instruction.SYNC_WRITE and len(params) >= 4:
             address, length = int.from_bytes(params[:2], "little"), int.from_bytes(params[2:4], "little")
             body = params[4:]
             for offset in range(0, len(body) - length, length + 1):
-                servo = self._servos.get(body[offset])
+                servo = self._heard.get(body[offset])
                 if servo is not None and not self._write_error(servo, address, length):
                     self._write_memory(servo, address, body[offset + 1 : offset + 1 + length])
         elif instruction == Instruction.ACTION:
-            for servo in list(self._servos.values()):
+            for servo in list(self._heard.values()):
                 self._action(servo)
         return []
 
     def _write_error(self, servo: Servo, address: int, length: int) -> int:
         """Access error (7) for a range touching a read-only register, or EEPROM with torque on."""
-        torque_on = self._reg(servo, "Torque_Enable") != 0
-        for reg in self.control_table.values():
-            overlaps = reg.address < address + length and address < reg.address + reg.size
-            if overlaps and (not reg.writable or (torque_on and reg.area == "eeprom")):
-                return ACCESS_ERROR
-        return 0
+        read_only, eeprom = _write_range_areas(address, length)
+        return ACCESS_ERROR if read_only or (eeprom and self._reg(servo, "Torque_Enable")) else 0
+
+    def _relabel(self, reply: bytes, motor_id: int) -> bytes:
+        status = decode_frame(reply)  # params = error byte + data
+        return status_packet(motor_id, status.params[0], status.params[1:])
 
     def _status(self, servo: Servo, error: int, data: bytes = b"") -> tuple[int, bytes]:
         if self._reg(servo, "Hardware_Error_Status"):

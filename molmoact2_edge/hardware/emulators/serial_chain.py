@@ -6,35 +6,46 @@ The driver under test opens the pty's slave path exactly like ``/dev/ttyACM0``; 
 answers on the master side. Bytes cross a pty instantly, so with ``wire_time=True`` the emulator
 sleeps the time each packet would occupy a UART at the configured baud rate (8N1), plus each
 servo's return delay, before answering: driver timing then matches a real bus.
+
+Baud rate: each servo listens at the rate of its Baud_Rate register (initialised from
+``baudrate``); the emulator reads the rate the driver set on the pty (``tcsetattr``, Linux
+``TCGETS2``) and a servo at another rate hears nothing, as on a real line.
+
+Per-packet cost: register layouts are resolved once (name -> address slice; write range ->
+covered registers, cached per range), so a SYNC_WRITE costs a few dict lookups per servo, not a
+scan of the control table.
 """
 
 from __future__ import annotations
 
+import array
+import fcntl
 import logging
+import math
 import os
-import random
 import select
+import sys
+import termios
 import threading
 import time
 import tty
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Literal, NamedTuple, TypeVar
+from typing import NamedTuple, TypeVar
 
-from molmoact2_edge.errors import ChecksumError, PortError, RegisterError
+from molmoact2_edge.errors import ChecksumError, ConfigError, PortError, RegisterError
 from molmoact2_edge.hardware.buses.base import wire_time_s
 from molmoact2_edge.hardware.buses.registers import ControlTable, Register
+from molmoact2_edge.hardware.emulators.faults import FaultInjector, FaultPlan, FaultSchedule
 
 logger = logging.getLogger(__name__)
-
-FaultKind = Literal["drop_reply", "corrupt_checksum", "delay", "truncate", "silence", "unplug"]
-FAULT_KINDS: tuple[str, ...] = FaultKind.__args__  # type: ignore[attr-defined]
 
 C = TypeVar("C", bound="SerialServoChain")
 
 TICK_S = 0.002  # motion update period while the line is idle
+TCGETS2 = 0x802C542A  # Linux ioctl: termios2, whose c_ispeed is the actual rate (custom rates too)
+TERMIOS2_ISPEED = 9  # index of c_ispeed among the ints of struct termios2
 
 
 class WriteRecord(NamedTuple):
@@ -44,25 +55,14 @@ class WriteRecord(NamedTuple):
     value: int  # decoded (signed) value
 
 
-@dataclass
-class Fault:
-    kind: str
-    motor_id: int | None  # None = every servo
-    count: int | None  # replies left to affect; None = until clear_faults()
-    probability: float | None  # chance per reply; None = always
-    delay_s: float
-
-    def matches(self, motor_id: int) -> bool:
-        return self.motor_id is None or self.motor_id == motor_id
-
-
 class Servo:
     """One emulated servo: its register memory and the float position behind Present_Position."""
 
-    def __init__(self, motor_id: int, memory: bytearray, position: float):
+    def __init__(self, motor_id: int, memory: bytearray, position: float, baudrate: int):
         self.motor_id = motor_id
         self.memory = memory
         self.position = position  # steps, in the Present_Position frame
+        self.baudrate = baudrate  # the line rate it listens at (its Baud_Rate register)
         self.pending: list[tuple[int, bytes]] = []  # REG_WRITE staged until ACTION
 
 
@@ -76,12 +76,16 @@ class SerialServoChain(ABC):
         follow_goal: with torque on, Present_Position moves toward Goal_Position at
             ``max_speed_steps_s``; False leaves positions to ``set_present_positions`` (an outside
             simulator).
+        sweep: joints with torque off move by themselves through most of a turn (sine, period
+            ``sweep_period_s``, +-``sweep_amplitude_steps`` around the middle): what a user does
+            by hand while ``calibrate`` records ranges.
         seed: seeds the fault-probability RNG.
         write_log_limit: newest write records kept in ``write_log`` (a long simulated run must
             not grow without bound).
     """
 
     control_table: ControlTable
+    baud_rates: Mapping[int, int]  # Baud_Rate register index -> bits/s
     header: bytes  # packet header of the protocol
     find_frame: Callable[[bytes | bytearray], tuple[int, int] | None]  # vendor framing functions
     decode_frame: Callable[[bytes | bytearray], object]  # raises ChecksumError
@@ -98,19 +102,38 @@ class SerialServoChain(ABC):
         wire_time: bool = False,
         follow_goal: bool = True,
         max_speed_steps_s: float = 3000.0,
+        sweep: bool = False,
+        sweep_period_s: float = 3.0,
+        sweep_amplitude_steps: float = 900.0,
         seed: int = 0,
         write_log_limit: int = 100_000,
     ):
+        if baudrate not in self.baud_rates.values():
+            rates = ", ".join(str(r) for r in sorted(self.baud_rates.values()))
+            raise ConfigError(
+                f"{type(self).__name__}: a servo cannot run at {baudrate} baud; its rates: {rates}"
+            )
         self.motor_ids = [int(i) for i in motor_ids]
         self.baudrate = baudrate
         self.wire_time = wire_time
         self.follow_goal = follow_goal
         self.max_speed_steps_s = max_speed_steps_s
+        self.sweep = sweep
+        self.sweep_period_s = sweep_period_s
+        self.sweep_amplitude_steps = sweep_amplitude_steps
         self.write_log: deque[WriteRecord] = deque(maxlen=write_log_limit)
-        self._by_address = {reg.address: reg for reg in self.control_table.values()}
+        # register layout resolved once: name -> (register, slice); write range -> covered registers
+        self._layout = {
+            name: (reg, slice(reg.address, reg.address + reg.size))
+            for name, reg in self.control_table.items()
+        }
+        self._covered: dict[tuple[int, int], tuple[Register, ...]] = {}
+        self._baud_index = {rate: index for index, rate in self.baud_rates.items()}
         self._servos = {i: self._new_servo(i) for i in self.motor_ids}
-        self._faults: list[Fault] = []
-        self._rng = random.Random(seed)
+        self._heard = self._servos  # the servos listening at the current line rate (set per packet)
+        self._injector = FaultInjector(seed)
+        self._schedule: FaultSchedule | None = None
+        self._sweep_start = time.monotonic()
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -137,6 +160,9 @@ class SerialServoChain(ABC):
 
     def stop(self) -> None:
         """Stop answering and close the pty; safe to call twice."""
+        if self._schedule is not None:
+            self._schedule.cancel()
+            self._schedule = None
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=2.0)
@@ -160,18 +186,20 @@ class SerialServoChain(ABC):
 
     def get_register(self, motor_id: int, name: str) -> int:
         """Decoded value of register ``name`` of servo ``motor_id``."""
-        reg = self.control_table[name]
+        self.control_table[name]  # a misspelt name raises RegisterError with suggestions
         with self._lock:
-            return reg.from_bytes(self._servo(motor_id).memory[reg.address : reg.address + reg.size])
+            return self._reg(self._servo(motor_id), name)
 
     def set_register(self, motor_id: int, name: str, value: int) -> None:
         """Set any register, read-only ones included (the servo's own side of the memory)."""
-        reg = self.control_table[name]
+        self.control_table[name]
         with self._lock:
             servo = self._servo(motor_id)
-            servo.memory[reg.address : reg.address + reg.size] = reg.to_bytes(value)
+            self._poke(servo, name, value)
             if name == "Present_Position":
                 servo.position = float(value)
+            elif name == "Baud_Rate":
+                servo.baudrate = self._rate_of(value)
 
     def goal_positions(self) -> dict[int, int]:
         """Goal_Position of every servo, in raw steps."""
@@ -196,25 +224,35 @@ class SerialServoChain(ABC):
         count: int | None = None,
         probability: float | None = None,
         delay_s: float | None = None,
+        duration_s: float | None = None,
     ) -> None:
-        """Make replies misbehave until ``count`` replies were affected or ``clear_faults()``.
+        """Make replies misbehave until ``count`` replies were affected, ``duration_s`` passed or
+        ``clear_faults()``.
 
-        Kinds: ``drop_reply`` (no reply), ``corrupt_checksum`` (last byte flipped), ``delay``
-        (reply ``delay_s`` late), ``truncate`` (only the first half of the reply is sent),
-        ``silence`` (the servo is gone: same as drop_reply, meant for one ``motor_id``),
-        ``unplug`` (close the pty now: the driver's next I/O fails).
+        Kinds (``faults.py``): ``drop_reply`` (no reply), ``corrupt_checksum`` (last byte flipped),
+        ``delay`` (reply ``delay_s`` late), ``truncate`` (only the first half of the reply is sent),
+        ``wrong_id`` (the reply names an id that is not on the chain), ``silence`` (the servo is
+        gone: same as drop_reply, meant for one ``motor_id``), ``unplug`` (close the pty now: the
+        driver's next I/O fails).
         """
-        if kind not in FAULT_KINDS:
-            raise ValueError(f"unknown fault kind {kind!r}; known: {', '.join(FAULT_KINDS)}")
         if kind == "unplug":
             self.stop()  # both pty ends closed: the driver's next I/O sees EIO, like a pulled cable
             return
         with self._lock:
-            self._faults.append(Fault(kind, motor_id, count, probability, delay_s or 0.0))
+            self._injector.add(kind, motor_id, count, probability, delay_s, duration_s)
+
+    def apply_faults(self, plan: FaultPlan) -> None:
+        """Inject a parsed ``--faults`` plan: per-reply faults now, silences and the unplug on timers."""
+        self._schedule = FaultSchedule(plan, self.inject_fault, lambda: self.inject_fault("unplug"))
 
     def clear_faults(self) -> None:
         with self._lock:
-            self._faults.clear()
+            self._injector.clear()
+
+    def fault_counts(self) -> dict[str, int]:
+        """Replies each fault kind hit so far."""
+        with self._lock:
+            return dict(self._injector.counts)
 
     # --- vendor hooks -----------------------------------------------------------------------------
 
@@ -240,8 +278,12 @@ class SerialServoChain(ABC):
 
     @abstractmethod
     def _handle(self, packet: bytes) -> list[tuple[int, bytes]]:
-        """Execute one instruction packet; return ``(motor_id, status packet)`` replies in the
-        order the servos send them."""
+        """Execute one instruction packet for the servos in ``self._heard``; return
+        ``(motor_id, status packet)`` replies in the order the servos send them."""
+
+    @abstractmethod
+    def _relabel(self, reply: bytes, motor_id: int) -> bytes:
+        """The same status packet as sent by ``motor_id`` (valid checksum)."""
 
     # --- register semantics shared by both vendors -----------------------------------------------
 
@@ -254,11 +296,28 @@ class SerialServoChain(ABC):
             ) from None
 
     def _new_servo(self, motor_id: int) -> Servo:
-        memory = self.control_table.default_memory()
-        ids = self.control_table["ID"]
-        memory[ids.address : ids.address + ids.size] = ids.to_bytes(motor_id)
         position = self.control_table["Present_Position"].default
-        return Servo(motor_id, memory, float(position))
+        servo = Servo(motor_id, self.control_table.default_memory(), float(position), self.baudrate)
+        self._poke(servo, "ID", motor_id)
+        self._poke(servo, "Baud_Rate", self._baud_index[self.baudrate])
+        return servo
+
+    def _rate_of(self, index: int) -> int:
+        """Bits/s of a Baud_Rate index; an index the table lacks leaves the servo unreachable (0)."""
+        return self.baud_rates.get(index, 0)
+
+    def _line_baudrate(self) -> int | None:
+        """The rate the driver set on the pty; ``None`` if it cannot be read (then every servo hears)."""
+        if sys.platform.startswith("linux"):
+            buf = array.array("i", [0] * 64)
+            try:
+                fcntl.ioctl(self._slave, TCGETS2, buf)
+            except OSError:
+                return None
+            return buf[TERMIOS2_ISPEED]
+        speed = termios.tcgetattr(self._slave)[4]
+        rates = {getattr(termios, f"B{r}", None): r for r in self.baud_rates.values()}
+        return rates.get(speed)
 
     def _read_memory(self, servo: Servo, address: int, length: int) -> bytes:
         end = address + length
@@ -268,20 +327,37 @@ class SerialServoChain(ABC):
 
     def _write_memory(self, servo: Servo, address: int, data: bytes) -> None:
         """Apply a host write byte range: read-only registers keep their value (as on the servo),
-        every register fully covered by the range is logged."""
+        every writable register fully covered by the range is logged."""
         now = time.monotonic()
-        end = address + len(data)
-        for reg in self.control_table.values():
-            if not (address <= reg.address and reg.address + reg.size <= end):
-                continue
-            chunk = data[reg.address - address : reg.address - address + reg.size]
-            if not reg.writable:
-                continue
-            old = reg.from_bytes(servo.memory[reg.address : reg.address + reg.size])
-            servo.memory[reg.address : reg.address + reg.size] = chunk
+        memory = servo.memory
+        for reg in self._covered_registers(address, len(data)):
+            start = reg.address - address
+            chunk = data[start : start + reg.size]
             value = reg.from_bytes(chunk)
             self.write_log.append(WriteRecord(now, servo.motor_id, reg.name, value))
-            self._on_write(servo, reg, old, value)
+            if reg.name in self._WRITE_EFFECTS:
+                old = reg.from_bytes(memory[reg.address : reg.address + reg.size])
+                memory[reg.address : reg.address + reg.size] = chunk
+                self._on_write(servo, reg, old, value)
+            else:
+                memory[reg.address : reg.address + reg.size] = chunk
+
+    def _covered_registers(self, address: int, length: int) -> tuple[Register, ...]:
+        """Writable registers fully inside ``address .. address + length``; resolved once per range
+        (a control loop writes the same range every tick)."""
+        key = (address, length)
+        covered = self._covered.get(key)
+        if covered is None:
+            end = address + length
+            covered = tuple(
+                reg
+                for reg in self.control_table.values()
+                if reg.writable and address <= reg.address and reg.address + reg.size <= end
+            )
+            self._covered[key] = covered
+        return covered
+
+    _WRITE_EFFECTS = frozenset({"Homing_Offset", "Torque_Enable", "ID", "Baud_Rate"})
 
     def _on_write(self, servo: Servo, reg: Register, old: int, value: int) -> None:
         if reg.name == "Homing_Offset":
@@ -292,6 +368,8 @@ class SerialServoChain(ABC):
             self._poke(servo, "Goal_Position", round(servo.position))
         elif reg.name == "ID" and value != servo.motor_id:
             self._renumber(servo, value)
+        elif reg.name == "Baud_Rate":
+            servo.baudrate = self._rate_of(value)  # the reply to this write already goes at the new rate
 
     def _action(self, servo: Servo) -> None:
         """ACTION: apply the writes staged by REG_WRITE."""
@@ -303,6 +381,7 @@ class SerialServoChain(ABC):
         """Every register back to its default; the id and the physical angle stay."""
         servo.memory[:] = self.control_table.default_memory()
         self._poke(servo, "ID", servo.motor_id)
+        self._poke(servo, "Baud_Rate", self._baud_index.get(servo.baudrate, 0))
         self._set_position(servo, servo.position)
 
     def _renumber(self, servo: Servo, new_id: int) -> None:
@@ -315,16 +394,15 @@ class SerialServoChain(ABC):
         if self.steps_per_turn:
             position %= self.steps_per_turn
         servo.position = position
-        reg = self.control_table["Present_Position"]
-        servo.memory[reg.address : reg.address + reg.size] = reg.to_bytes(round(position))
+        self._poke(servo, "Present_Position", round(position))
 
     def _reg(self, servo: Servo, name: str) -> int:
-        reg = self.control_table[name]
-        return reg.from_bytes(servo.memory[reg.address : reg.address + reg.size])
+        reg, where = self._layout[name]
+        return reg.from_bytes(servo.memory[where])
 
     def _poke(self, servo: Servo, name: str, value: int) -> None:
-        reg = self.control_table[name]
-        servo.memory[reg.address : reg.address + reg.size] = reg.to_bytes(value)
+        reg, where = self._layout[name]
+        servo.memory[where] = reg.to_bytes(value)
 
     def _goal_target(self, servo: Servo) -> float:
         goal = self._reg(servo, "Goal_Position")
@@ -332,12 +410,18 @@ class SerialServoChain(ABC):
         return float(min(max(goal, low), high)) if low < high else float(goal)
 
     def _move(self, dt: float) -> None:
-        """Advance every torque-on servo toward its (limit-clamped) goal at bounded speed."""
+        """Advance every torque-on servo toward its (limit-clamped) goal at bounded speed; with
+        ``sweep``, torque-off servos follow the scripted hand motion."""
         step = self.max_speed_steps_s * dt
         for servo in self._servos.values():
             if not self._reg(servo, "Torque_Enable"):
-                self._poke(servo, "Present_Velocity", 0)
-                self._poke(servo, "Moving", 0)
+                if self.sweep:
+                    self._sweep(servo)
+                else:
+                    self._poke(servo, "Present_Velocity", 0)
+                    self._poke(servo, "Moving", 0)
+                continue
+            if not self.follow_goal:
                 continue
             error = self._goal_target(servo) - servo.position
             delta = max(-step, min(step, error))
@@ -345,6 +429,17 @@ class SerialServoChain(ABC):
             speed = delta / dt if dt > 0 else 0.0
             self._poke(servo, "Present_Velocity", round(speed / self.velocity_unit_steps_s))
             self._poke(servo, "Moving", int(abs(error) > 1.0))
+
+    def _sweep(self, servo: Servo) -> None:
+        """A hand moving the joint: sine around the middle of the turn in the servo's actual
+        (physical) frame, each joint out of phase; reported through the current Homing_Offset."""
+        phase = (
+            2 * math.pi * ((time.monotonic() - self._sweep_start) / self.sweep_period_s + servo.motor_id / 7)
+        )
+        middle = (self.steps_per_turn or 4096) / 2
+        actual = middle + self.sweep_amplitude_steps * math.sin(phase)
+        self._set_position(servo, actual + self.homing_sign * self._reg(servo, "Homing_Offset"))
+        self._poke(servo, "Moving", 1)
 
     # --- the serving thread -------------------------------------------------------------------------
 
@@ -359,7 +454,7 @@ class SerialServoChain(ABC):
             except (OSError, ValueError):
                 break  # pty closed (unplug or stop)
             now = time.monotonic()
-            if self.follow_goal:
+            if self.follow_goal or self.sweep:
                 with self._lock:
                     self._move(now - last)
             last = now
@@ -372,12 +467,20 @@ class SerialServoChain(ABC):
 
     def _answer(self, packet: bytes) -> None:
         received = time.perf_counter()
+        line = self._line_baudrate()
         with self._lock:
-            replies = self._handle(packet)
+            # a servo at another rate sees garbage, not a packet: it neither acts nor answers
+            self._heard = (
+                self._servos
+                if line is None
+                else {i: s for i, s in self._servos.items() if s.baudrate == line}
+            )
+            replies = self._handle(packet) if self._heard else []
         # the request starts once the line is free (a SYNC_WRITE has no reply but still occupies
         # it) and occupies it before any servo can start answering
         t = max(received, self._line_free_at)
-        t += wire_time_s(len(packet), self.baudrate) if self.wire_time else 0.0
+        baud = line or self.baudrate
+        t += wire_time_s(len(packet), baud) if self.wire_time else 0.0
         # Back-to-back replies go out as one burst when the last of them would have finished: a
         # USB adapter delivers them in frames anyway, and one sleep per burst instead of one per
         # servo keeps the timing honest on a loaded host. A fault delay starts a new burst.
@@ -390,7 +493,7 @@ class SerialServoChain(ABC):
             if faulted is None:
                 continue
             extra, data = faulted
-            t += delay + extra + (wire_time_s(len(data), self.baudrate) if self.wire_time else 0.0)
+            t += delay + extra + (wire_time_s(len(data), baud) if self.wire_time else 0.0)
             if bursts and not extra:
                 bursts[-1] = (t, bursts[-1][1] + data)
             else:
@@ -405,25 +508,18 @@ class SerialServoChain(ABC):
 
     def _apply_faults(self, motor_id: int, reply: bytes) -> tuple[float, bytes] | None:
         """``(extra delay, bytes to send)`` after active faults, or ``None`` to stay silent."""
-        extra = 0.0
-        for fault in list(self._faults):
-            if not fault.matches(motor_id):
-                continue
-            if fault.probability is not None and self._rng.random() >= fault.probability:
-                continue
-            if fault.count is not None:
-                fault.count -= 1
-                if fault.count <= 0:
-                    self._faults.remove(fault)
-            if fault.kind in ("drop_reply", "silence"):
-                return None
-            if fault.kind == "corrupt_checksum":
-                reply = reply[:-1] + bytes([reply[-1] ^ 0xFF])  # both protocols end in the checksum
-            elif fault.kind == "truncate":
-                reply = reply[: len(reply) // 2]
-            elif fault.kind == "delay":
-                extra += fault.delay_s
-        return extra, reply
+        faults = self._injector.decide(motor_id)
+        if faults is None:
+            return None
+        if faults.wrong_id:
+            # an id nobody asked for (not on the chain): a servo with a stale id, a late reply
+            stranger = next(i for i in range(1, 253) if i not in self._servos and i != motor_id)
+            reply = self._relabel(reply, stranger)
+        if faults.corrupt:
+            reply = reply[:-1] + bytes([reply[-1] ^ 0xFF])  # both protocols end in the checksum
+        if faults.truncate:
+            reply = reply[: len(reply) // 2]
+        return faults.delay_s, reply
 
 
 def _sleep_until(deadline: float) -> None:
