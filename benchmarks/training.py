@@ -111,9 +111,8 @@ def write_success() -> None:
         body = (
             "Closed-loop success in the simulated SO-101 (`molmo-edge eval --json`, seeded episodes "
             "100000+, disjoint from the training demos' seeds). Time per chunk is the PyTorch reference "
-            "policy on this shared CPU. Run `think` is the MolmoAct2-Think variant trained beside the "
-            "bundled checkpoint (same recipe plus `--think`; weights not committed, see the checkpoint's "
-            "README).\n\n"
+            "policy on this shared CPU. One row per `eval_*.json` beside each committed checkpoint; each "
+            "checkpoint's README has its recipe, and `so101-touch-small`'s README the runs behind its rows.\n\n"
             + markdown_table(["checkpoint", "run", "task", "mode", "successes", "rate", "ms/chunk"], success)
         )
         write_section("training-success", "Bundled checkpoint success rate", body)
