@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._report import markdown_table, write_section  # noqa: E402
 from molmoact2_edge.checkpoint import save_checkpoint  # noqa: E402
 from molmoact2_edge.config import get_preset  # noqa: E402
+from molmoact2_edge.contract import ContractFlags  # noqa: E402
 from molmoact2_edge.export.calibration import save_observations, synthetic_observations  # noqa: E402
 from molmoact2_edge.export.pipeline import ExportOptions, export_bundle  # noqa: E402
 from molmoact2_edge.model.molmoact2 import MolmoAct2  # noqa: E402
@@ -89,6 +90,7 @@ def run(presets: list[str], precisions: list[str]) -> list[list[object]]:
                     precision=precision, cameras=CAMERAS, allow_parity_failure=True,
                     calib=calib if precision == "int8" else None,
                     fp32_bundle=fp32 if precision != "fp32" else None,
+                    contract_flags=ContractFlags(control_hz=10.0, joint_frame="lerobot", robot="so101"),
                 )  # fmt: skip
                 start = time.perf_counter()
                 manifest = export_bundle(ckpt, out, options, progress=lambda m: print("   ", m, flush=True))

@@ -38,6 +38,7 @@ class DepthCache:
     grid: int = 10
     size: int = DEFAULT_SIZE
     threshold: float = DEFAULT_THRESHOLD
+    enabled: bool = True  # False: every frame re-predicts every cell from scratch (the no-cache baseline)
     _entries: dict[str, _CameraEntry] = field(default_factory=dict)
     # the last update, for telemetry and the rerun display: camera, (cells,) codes, (cells,) re-predicted
     last: tuple[str, np.ndarray, np.ndarray] | None = None
@@ -49,11 +50,11 @@ class DepthCache:
     def plan(self, camera: str, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """(cell vectors of ``image``, previous codes or None, (cells,) bool: cell must be re-predicted).
 
-        With no previous frame for ``camera`` every cell is re-predicted.
+        With no previous frame for ``camera`` (or the cache disabled) every cell is re-predicted.
         """
         cells = depth_cell_vectors(image, self.size, self.grid)
         entry = self._entries.get(camera)
-        if entry is None:
+        if entry is None or not self.enabled:
             return cells, None, np.ones(self.num_cells, dtype=bool)
         return cells, entry.codes, cells_changed(entry.cells, cells, self.threshold)
 
@@ -73,6 +74,18 @@ class DepthCache:
             return
         entry.cells[changed] = cells[changed]
         entry.codes = codes.copy()
+
+    def codes(self, camera: str) -> np.ndarray | None:
+        """The codes of ``camera``'s last frame (None before its first)."""
+        entry = self._entries.get(camera)
+        return None if entry is None else entry.codes.copy()
+
+    def set_codes(self, camera: str, codes: np.ndarray) -> None:
+        """Replace the remembered codes of ``camera`` (the parity gate's adversarial drafts); pixels are kept."""
+        entry = self._entries.get(camera)
+        if entry is None:
+            raise ValueError(f"depth cache for '{camera}': no frame yet, nothing to replace")
+        entry.codes = np.asarray(codes, dtype=np.int64).copy()
 
     def last_info(self) -> dict[str, object]:
         """The last update as chunk info: which camera, the grid side, every code, the re-predicted cells."""

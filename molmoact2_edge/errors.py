@@ -71,6 +71,11 @@ class BundleError(MolmoEdgeError):
     """A bundle is missing a file, has an altered or extra file, or an unknown schema."""
 
 
+class ContractError(BundleError):
+    """A policy's robot contract (``contract.py``; cameras, joints and frame, rate, dims) is missing or malformed,
+    or does not match the robot driving it, a flag, or what a remote server sent."""
+
+
 class PromptTooLongError(MolmoEdgeError, ValueError):
     """A prompt does not fit the bundle's fixed bucket (never truncated)."""
 
@@ -136,15 +141,19 @@ class SafetyError(HardwareError):
     """The safety layer stopped the robot (dead bus, servo fault, watchdog)."""
 
 
+class PreflightError(HardwareError):
+    """A check before the bus opens failed (camera, calibration, port, record folder, contract); nothing moved."""
+
+
+class FirstMoveError(SafetyError):
+    """The policy's first target is too far from the present pose (frame or calibration mistake); nothing moved."""
+
+
 class RegisterError(HardwareError, ValueError):
     """A register name is unknown for the servo model, is read-only, or a value does not fit it."""
 
 
 # --- serving (``molmo-edge serve`` and ``run --policy ws://``) ----------------------------------
-
-
-class ContractError(MolmoEdgeError):
-    """A policy's robot contract (cameras, state/action dims, rate) does not match the robot driving it."""
 
 
 class ServingError(MolmoEdgeError):

@@ -85,13 +85,17 @@ def _features(codec: str) -> dict:
     }
 
 
-def _episode_table(ep: int, start: int) -> pa.Table:
+def _episode_table(ep: int, start: int, pose: np.ndarray | None = None) -> pa.Table:
+    """pose: (6,) joint values every frame sits near (a fraction of a degree apart) instead of joint_values."""
     n = LENGTHS[ep]
     list_type = pa.list_(pa.float32())  # variable-length lists, as some HF datasets versions write them
+    action, state = joint_values(ep, n, 0.5), joint_values(ep, n, 0.0)
+    if pose is not None:
+        action = state = (pose[None, :] + (action - action.mean(0)) / 100).astype(np.float32)
     return pa.table(
         {
-            "action": pa.array(joint_values(ep, n, 0.5).tolist(), list_type),
-            "observation.state": pa.array(joint_values(ep, n, 0.0).tolist(), list_type),
+            "action": pa.array(action.tolist(), list_type),
+            "observation.state": pa.array(state.tolist(), list_type),
             "timestamp": pa.array(np.arange(n, dtype=np.float32) / FPS),
             "frame_index": pa.array(np.arange(n, dtype=np.int64)),
             "episode_index": pa.array(np.full(n, ep, np.int64)),
@@ -101,12 +105,17 @@ def _episode_table(ep: int, start: int) -> pa.Table:
     )
 
 
-def write_v30(root: Path) -> None:
-    """v3.0: one data file, one concatenated AV1 mp4, episodes + tasks parquet, stats.json."""
+def write_v30(root: Path, *, large_strings: bool = False, pose: np.ndarray | None = None) -> None:
+    """v3.0: one data file, one concatenated AV1 mp4, episodes + tasks parquet, stats.json.
+
+    large_strings: text columns as pyarrow ``large_string`` (``tasks`` as ``list<large_string>``),
+    the way LeRobot 0.4+ writes them under pandas 3 (../shared/reference/deployment-2026-12.md §5).
+    pose: the joints of every frame sit near this pose (see ``_episode_table``).
+    """
     (root / "meta" / "episodes" / "chunk-000").mkdir(parents=True)
     tables, frames, rows, start = [], [], [], 0
     for ep, n in enumerate(LENGTHS):
-        tables.append(_episode_table(ep, start))
+        tables.append(_episode_table(ep, start, pose))
         rows.append(
             {
                 "episode_index": ep,
@@ -129,8 +138,14 @@ def write_v30(root: Path) -> None:
     (root / "data" / "chunk-000").mkdir(parents=True)
     pq.write_table(pa.concat_tables(tables), root / "data/chunk-000/file-000.parquet")
     _encode(root / "videos/observation.images.front/chunk-000/file-000.mp4", frames, "libsvtav1")
-    pq.write_table(pa.Table.from_pylist(rows), root / "meta/episodes/chunk-000/file-000.parquet")
-    tasks = pa.table({"task_index": pa.array([0, 1], pa.int64()), "__index_level_0__": TASKS})
+    text = pa.large_string() if large_strings else pa.string()
+    episodes = pa.Table.from_pylist(rows)
+    if large_strings:
+        episodes = episodes.set_column(
+            episodes.column_names.index("tasks"), "tasks", episodes["tasks"].cast(pa.list_(text))
+        )
+    pq.write_table(episodes, root / "meta/episodes/chunk-000/file-000.parquet")
+    tasks = pa.table({"task_index": pa.array([0, 1], pa.int64()), "__index_level_0__": pa.array(TASKS, text)})
     pq.write_table(tasks, root / "meta/tasks.parquet")
     info = {
         "codebase_version": "v3.0",

@@ -28,6 +28,8 @@ SOURCES = (
     "runtimes/bundle.py",
     "runtimes/session.py",
     "depth_cache.py",
+    "runtimes/depth_decode.py",
+    "contract.py",
 )
 CORPUS = [
     "The task is to pick up the red cube. The setup is so101 arm. The current state of the robot is"
@@ -51,6 +53,7 @@ def make_checkpoint(path: Path, think: bool = False) -> Path:
 
     from molmoact2_edge.checkpoint import save_checkpoint
     from molmoact2_edge.config import get_preset
+    from molmoact2_edge.contract import CONTRACT_FILE
     from molmoact2_edge.model.molmoact2 import MolmoAct2
     from molmoact2_edge.normalization import NormStats
     from molmoact2_edge.tokenizers.text import train_small_tokenizer
@@ -76,7 +79,20 @@ def make_checkpoint(path: Path, think: bool = False) -> Path:
         action_horizon=8,
         n_action_steps=6,
     )
-    return save_checkpoint(model, config, path, norm_stats=norm, extra_files=[tok_dir / "tokenizer.json"])
+    save_checkpoint(model, config, path, norm_stats=norm, extra_files=[tok_dir / "tokenizer.json"])
+    contract_of("so101", ("front", "wrist"), 6).save(path / CONTRACT_FILE)  # as training writes it
+    return path
+
+
+def contract_of(tag: str, cameras: tuple[str, ...], executed_steps: int, frame: str = "lerobot", hz: float = 10.0):
+    """A recorded SO-101 robot contract (what `molmo-edge train` writes beside the weights)."""
+    from molmoact2_edge.contract import SO101_JOINTS, SO101_UNITS, SO_FRAME_KINDS, CameraSpec, RobotContract
+
+    cams = tuple(CameraSpec(c, "wrist" if c == "wrist" else "scene") for c in cameras)
+    return RobotContract(
+        tag, SO_FRAME_KINDS, SO101_JOINTS, SO101_UNITS, frame, hz, executed_steps, cams,
+        "absolute joint pose", "absolute joint pose",
+    )  # fmt: skip
 
 
 def tiny_bundle() -> tuple[Path, Path, Path]:

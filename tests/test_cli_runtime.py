@@ -73,6 +73,7 @@ def test_run_cli_drives_the_simulated_so101_and_times_every_stage(tiny, tmp_path
         str(log),
     ]
     args += ["--stall-timeout", "10"]  # the shared machine can starve inference for seconds
+    args += ["--first-move-limit", "1"]  # a random policy's first target may be anywhere in the range
     dataset = tmp_path / "recorded"
     result = CliRunner().invoke(
         cli, [*args, "--backend", "onnxruntime", "--sim-size", "64", "--record", str(dataset)]
@@ -109,7 +110,8 @@ def test_commands_reach_the_emulated_servos_within_the_safety_limits(tiny) -> No
         return EpisodeTarget(handle.robot, handle.success, handle.instruction, handle.close)
 
     settings = RunSettings(
-        bundle, "sim-so101", None, "onnxruntime", duration_s=3.0, hz=10.0, stall_timeout_s=10.0
+        bundle, "sim-so101", None, "onnxruntime", duration_s=3.0, hz=10.0, stall_timeout_s=10.0,
+        first_move_limit=1.0,  # a random policy's first target may be anywhere in the range
     )
     results, stats = run_policy(settings, open_episode)
     assert results[0]["end"] == "duration" and stats["chunks"] >= 2
@@ -150,9 +152,11 @@ def test_bench_compares_backends_with_speedup_and_plots(tiny, tmp_path) -> None:
 def test_demo_runs_a_checkpoint_on_the_simulated_so101(tiny, tmp_path) -> None:
     root, ckpt, _ = tiny
     args = ["demo", "--checkpoint", str(ckpt), "--cache", str(root), "--episodes", "1", "--duration", "2"]
+    args += ["--first-move-limit", "1"]  # the tiny checkpoint's policy is random
     result = CliRunner().invoke(cli, [*args, "--size", "64", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "success: 0/1 episodes" in result.output or "success: 1/1 episodes" in result.output
     assert "latency p50 ms" in result.output and "power: unavailable" in result.output
+    assert "control rate 10 Hz (the bundle's robot contract)" in result.output  # not a flag's default
     assert (tmp_path / "plots" / "latency_per_stage.png").is_file()
     assert any(r["type"] == "chunk" for r in read_jsonl(tmp_path / "telemetry.jsonl"))

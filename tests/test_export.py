@@ -42,6 +42,7 @@ from molmoact2_edge.runtimes import bundle as B
 from molmoact2_edge.runtimes.session import PolicySession
 from molmoact2_edge.tokenizers.text import train_small_tokenizer
 from molmoact2_edge.types import STAGES
+from tests._runtime_bundle import contract_of
 
 CAMERAS = ("front", "wrist")
 CORPUS = ["The task is to pick up the red cube. The setup is so101 arm. The current state of the robot is"] * 20
@@ -72,6 +73,7 @@ def write_checkpoint(path: Path, **changes) -> Path:
     )  # fmt: skip
     save_checkpoint(model, config, path, norm_stats=norm)
     train_small_tokenizer(CORPUS).save(path / "tokenizer.json")
+    contract_of("so101", CAMERAS, 6).save(path / "robot_contract.json")
     return path
 
 
@@ -218,24 +220,6 @@ def test_export_refuses_bad_requests(checkpoint: Path, tmp_path: Path) -> None:
     (tmp_path / "notabundle" / "x.txt").write_text("keep me")
     with pytest.raises(ExportError, match="not a bundle"):
         export_bundle(checkpoint, tmp_path / "notabundle", ExportOptions(cameras=CAMERAS))
-
-
-def test_think_bundle_decodes_depth_codes_with_the_cache(tmp_path: Path) -> None:
-    """A MolmoAct2-Think bundle (2 x 2 depth grid to keep it small): decode_step is exported, depth codes are
-    decoded on the device, an unchanged frame replays every code and gives the same chunk."""
-    ckpt = write_checkpoint(tmp_path / "think", flow_matching_num_steps=1, enable_depth_reasoning=True, num_depth_codes=4)
-    manifest = export_bundle(ckpt, tmp_path / "bundle", ExportOptions(cameras=CAMERAS, parity_observations=1))
-    assert "decode_step" in manifest["artifacts"] and manifest["parity"]["passed"], manifest["parity"]
-    assert manifest["model"]["context_length"] == manifest["model"]["cache_length"] > manifest["prompt"]["bucket"]
-    policy = Policy.from_checkpoint(ckpt, camera_order=list(CAMERAS), bucket=manifest["prompt"]["bucket"])
-    obs = synthetic_observations(CAMERAS, policy.meta, 1, seed=2)[0]
-    with PolicySession(tmp_path / "bundle", "onnxruntime", providers=("CPUExecutionProvider",)) as session:
-        first = session.act(obs, seed=0)
-        assert first.info["depth_cells_repredicted"] == 4 and first.timings["depth"] > 0
-        np.testing.assert_allclose(first.actions, policy.act(obs, seed=0).actions, atol=1e-3)
-        again = session.act(obs, seed=0)
-        assert again.info["depth_cells_repredicted"] == 0
-        np.testing.assert_allclose(again.actions, first.actions, atol=1e-4)
 
 
 # --- bundle integrity -------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from tests._runtime_bundle import tiny_bundle
 from tests._serving_helpers import API_KEY, ServeProcess, env
 
 pytestmark = pytest.mark.slow
-SIM = ["--robot", "sim-so101", "--hz", "10", "--sim-size", "64"]
+SIM = ["--robot", "sim-so101", "--hz", "10", "--sim-size", "64", "--first-move-limit", "1"]  # the tiny policy is random
 
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,14 @@ def render(report: dict[str, Any]) -> str:
         f"p99 {_ms(err, 'p99')} ms, max {_ms(err, 'max')} ms, overruns {loop['overruns']}/{loop['ticks']}, "
         f"held {loop['held']}"
     )
+    depth = report.get("depth")
+    if depth:
+        lines.append(
+            f"depth (Think, {depth['frames']} moving frames): graph calls per frame {depth['graph_calls_per_frame']:.1f} "
+            f"(no cache {depth['graph_calls_per_frame_uncached']:.1f}), stage p50 {depth['stage_ms_p50']:.1f} ms "
+            f"(no cache {depth['stage_ms_p50_uncached']:.1f} ms), cells re-predicted {depth['cells_repredicted_mean']:.1f}"
+            f"/{depth['cells']}, drafts rejected {depth['drafts_rejected_mean']:.1f}"
+        )
     power = report["power"]
     if power.get("available"):
         energy = power["energy_per_chunk_j"]
@@ -63,7 +71,9 @@ def render(report: dict[str, Any]) -> str:
 @click.option(
     "--loop-seconds", default=5.0, show_default=True, help="How long to run the control loop for jitter."
 )
-@click.option("--hz", default=30.0, show_default=True, help="Control rate for the jitter measurement.")
+@click.option(
+    "--hz", type=float, default=None, help="Control rate for the jitter measurement [default: the bundle's robot contract]."
+)
 @click.option("--threads", type=int, help="CPU threads for every backend (default: each backend's own).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--plots", type=click.Path(file_okay=False, path_type=Path), help="Write PNG plots here.")
@@ -73,7 +83,7 @@ def bench(
     backends: tuple[str, ...],
     iterations: int,
     loop_seconds: float,
-    hz: float,
+    hz: float | None,
     threads: int | None,
     as_json: bool,
     plots: Path | None,
@@ -89,8 +99,10 @@ def bench(
       molmo-edge bench bundle/ --backend onnxruntime --backend torch --json
     """
     from molmoact2_edge.runtimes.benchmark import run_benchmark
+    from molmoact2_edge.runtimes.bundle import Bundle
     from molmoact2_edge.viz.progress import StepProgress
 
+    hz = hz or Bundle.open(bundle, verify=False).contract.control_hz  # a bench may time any rate: no override needed
     progress = StepProgress("bench", None)
     progress.show(
         f"bench: {iterations} act() calls per backend ({', '.join(backends) or 'auto'}), then the control loop "

@@ -12,20 +12,22 @@ commanded vs actual joints) and the ``report`` page of its telemetry.
 Examples:
   molmo-edge demo
   molmo-edge demo --episodes 5 --task place --backend onnxruntime --out demo_out/
-  molmo-edge demo --checkpoint my_ckpt/ --precision int8
+  molmo-edge demo --checkpoint my_ckpt/ --precision fp16
   molmo-edge demo --display              # watch it live in rerun
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 import click
 
-from molmoact2_edge.cli.run import display_options
+from molmoact2_edge.cli.run import DEFAULT_SIM_TASK, SIM_TASKS, display_options
 from molmoact2_edge.errors import CheckpointError
+from molmoact2_edge.runtimes.first_move import FirstMoveConfig
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +65,18 @@ def cached_bundle(checkpoint: Path, precision: str, cache: Path = CACHE, options
         except BundleError as err:
             log.warning("cached bundle %s is unusable (%s); exporting again", target, err)
     click.echo(f"exporting {checkpoint} ({precision}) to {target} ...")
+    # into a staging folder renamed when complete: an export killed mid-way (kill -9 runs no cleanup)
+    # leaves only the staging folder, which the next export replaces
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
     export_bundle(
         checkpoint,
-        target,
+        staging,
         options or ExportOptions(precision=precision),
         progress=lambda m: click.echo(f"  {m}"),
     )
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
     return target
 
 
@@ -132,11 +140,26 @@ def save_plots(stats: dict[str, Any], telemetry_path: Path, out: Path, hz: float
 )
 @click.option("--backend", default="auto", show_default=True, help="auto | onnxruntime | tensorrt | torch.")
 @click.option(
-    "--task", "sim_task", default="touch", show_default=True, help="Simulated task: touch | lift | place."
+    "--task",
+    "--sim-task",
+    "sim_task",
+    type=click.Choice(SIM_TASKS),
+    default=DEFAULT_SIM_TASK,
+    show_default=True,
+    help="Simulated task (checked before exporting).",
 )
 @click.option("--episodes", default=3, show_default=True)
 @click.option("--duration", default=20.0, show_default=True, help="Seconds per episode at most.")
-@click.option("--hz", default=10.0, show_default=True, help="Control rate (the sim data's rate).")
+@click.option(
+    "--hz", type=float, default=None, help="Control rate [default: the bundle's robot contract, the rate it was trained at]."
+)
+@click.option("--override-contract", is_flag=True, help="Let --hz differ from the bundle's robot contract.")
+@click.option(
+    "--first-move-limit",
+    default=FirstMoveConfig.max_fraction,
+    show_default=True,
+    help="Refuse a first target farther than this fraction of a joint's range (as `run`).",
+)
 @click.option("--size", default=128, show_default=True, help="Camera resolution (square).")
 @click.option("--seed", default=EVAL_SEED, show_default=True,
               help="Seed of the first episode's scene (counts up); the default is eval's, away from the demos'.")  # fmt: skip
@@ -160,7 +183,9 @@ def demo(
     sim_task: str,
     episodes: int,
     duration: float,
-    hz: float,
+    hz: float | None,
+    override_contract: bool,
+    first_move_limit: float,
     size: int,
     seed: int,
     out: Path,
@@ -178,22 +203,29 @@ def demo(
       molmo-edge demo --episodes 5 --task place --out demo_out/
     """
     from molmoact2_edge.cli.run import RunSettings, print_summary, run_policy, sim_episodes
+    from molmoact2_edge.runtimes.bundle import Bundle
+    from molmoact2_edge.runtimes.preflight import preflight, resolve_run
     from molmoact2_edge.viz.progress import RunProgress
 
     ckpt = checkpoint or bundled_checkpoint()
-    bundle = cached_bundle(ckpt, precision, cache)
+    bundle = Bundle.open(cached_bundle(ckpt, precision, cache))
+    choices = resolve_run(bundle.contract, "sim-so101", hz=hz, override=override_contract)
+    preflight(bundle.contract, "sim-so101", None, task=sim_task)
+    click.echo(f"control rate {choices.hz:g} Hz (the bundle's robot contract), joint frame {choices.joint_frame}")
     out.mkdir(parents=True, exist_ok=True)
     telemetry = out / "telemetry.jsonl"
     telemetry.unlink(missing_ok=True)
     # a simulated arm holding still is harmless: tolerate a slow or busy laptop starving inference
     settings = RunSettings(
-        bundle, "sim-so101", None, backend, duration, episodes, hz, telemetry=telemetry, stall_timeout_s=10.0,
+        bundle, "sim-so101", None, backend, duration, episodes, choices.hz, telemetry=telemetry,
+        stall_timeout_s=10.0, joint_frame=choices.joint_frame, overrides=choices.overrides,
+        first_move_limit=first_move_limit,
         display=display, save_rrd=save_rrd, video_dir=out / "videos" if plots and video else None,
     )  # fmt: skip
     progress = RunProgress(episodes)
-    open_episode = sim_episodes(sim_task, size, hz)
     try:
-        results, stats = run_policy(settings, lambda i: open_episode(seed + i), observers=[progress])
+        episodes_of = sim_episodes(sim_task, size, choices.hz, choices.joint_frame)
+        results, stats = run_policy(settings, lambda i: episodes_of(seed + i), observers=[progress])
     finally:
         progress.close()
     print_summary(results, stats)
@@ -208,7 +240,7 @@ def demo(
     if plots:
         from molmoact2_edge.viz.report import write_report
 
-        written = save_plots(stats, telemetry, out / "plots", hz)
+        written = save_plots(stats, telemetry, out / "plots", choices.hz)
         click.echo(f"plots: {', '.join(str(p) for p in written)}")
         click.echo(f"report: {write_report(telemetry, out / 'report')[-1]}")
         for r in results:

@@ -8,6 +8,7 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import click
+
+from molmoact2_edge.install_checks import install_steps
 
 
 def _version(module: str) -> str | None:
@@ -146,6 +149,7 @@ def gather() -> dict[str, Any]:
         "cameras": cameras(),
     }
     report["features"] = features(report)
+    report["install"] = [dataclasses.asdict(s) for s in install_steps(l4t=report["inference"]["jetpack_l4t"])]
     return report
 
 
@@ -186,3 +190,8 @@ def doctor(as_json: bool) -> None:
     click.echo("features:")
     for name, why in report["features"].items():
         click.echo(f"  {name:26s} {'ok' if why is None else why}")
+    click.echo("install (docs/jetson.md):")
+    for step in report["install"]:
+        click.echo(f"  {step['name']:36s} {'ok' if step['ok'] else 'NO'}: {step['detail']}")
+        if not step["ok"]:
+            click.echo(f"      fix: {step['fix']}")

@@ -13,13 +13,13 @@ from molmoact2_edge.cli.run import display_options, open_display
 
 @click.command(name="eval")
 @click.argument("path", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--task", default="touch", show_default=True, help="Sim task: touch, lift, place.")
+@click.option("--task", "--sim-task", "task", default="touch", show_default=True, help="Sim task: touch, lift, place.")
 @click.option("--episodes", type=int, default=50, show_default=True, help="Closed-loop episodes (seeded).")
 @click.option("--seed", type=int, default=100_000, show_default=True,
               help="Seed of the first episode (counts up); keep it away from the training demos' seeds.")  # fmt: skip
 @click.option("--mode", type=click.Choice(["continuous", "discrete"]), default=None,
               help="Action head [default: continuous when the checkpoint has an expert].")  # fmt: skip
-@click.option("--backend", default="onnxruntime", show_default=True, help="Backend for a BUNDLE.")
+@click.option("--backend", default="auto", show_default=True, help="Backend for a BUNDLE: auto | onnxruntime | tensorrt | torch.")
 @click.option(
     "--videos",
     type=click.Path(path_type=Path),

@@ -2,7 +2,7 @@
 
 \b
 Examples:
-  molmo-edge export checkpoints/small -o bundles/small-fp16 --precision fp16
+  molmo-edge export checkpoints/so101-touch-small -o bundles/touch-fp16 --precision fp16
   molmo-edge export CKPT -o bundles/int8 --precision int8 --calib data/so101_demo
   molmo-edge export CKPT -o bundles/int4 --precision int4 --fp32-bundle bundles/small-fp32
   molmo-edge inspect bundles/small-fp16 [--json]
@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import click
+
+from molmoact2_edge.contract import JOINT_FRAMES, ROBOT_KINDS
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 
@@ -36,6 +38,9 @@ def _split(value: str | None) -> tuple[str, ...] | None:
 @click.option("--quantizer", type=click.Choice(["ort", "modelopt"]), default="ort", show_default=True, help="int8/int4 quantizer; modelopt needs the 'quant' extra.")
 @click.option("--fp32-bundle", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Reuse this fp32 bundle's graphs (same checkpoint) instead of exporting again.")
 @click.option("--allow-parity-failure", is_flag=True, help="Keep a bundle that fails the parity gate (the manifest says so).")
+@click.option("--control-hz", type=float, help="Rate the policy's actions were recorded at (only for a checkpoint without robot_contract.json).")
+@click.option("--joint-frame", type=click.Choice(JOINT_FRAMES), help="Joint frame of the training data (only without robot_contract.json).")
+@click.option("--robot", type=click.Choice(ROBOT_KINDS), help="Robot kind the policy drives (only without robot_contract.json).")
 def export(
     checkpoint: Path,
     out: Path,
@@ -48,21 +53,31 @@ def export(
     quantizer: str,
     fp32_bundle: Path | None,
     allow_parity_failure: bool,
+    control_hz: float | None,
+    joint_frame: str | None,
+    robot: str | None,
 ) -> None:
     """Export CHECKPOINT to a fixed-shape, quantized ONNX bundle checked for parity against PyTorch.
 
     \b
     Examples:
-      molmo-edge export checkpoints/small -o bundles/small-fp16 --precision fp16
-      molmo-edge export CKPT -o bundles/int8 --precision int8 --calib data/so101_demo
-      molmo-edge export CKPT -o bundles/int4 --precision int4 --fp32-bundle bundles/small-fp32
+      molmo-edge export checkpoints/so101-touch-small -o bundles/touch-fp16 --precision fp16
+      molmo-edge export checkpoints/so101-touch-small -o bundles/touch-int4 --precision int4
+      molmo-edge export MolmoAct2-SO100_101 -o bundles/so101 --cameras front,wrist --precision int8 --calib my_dataset/
+
+    The robot contract (rate, joint frame, cameras, robot kinds) comes from the checkpoint's
+    robot_contract.json (written by `molmo-edge train`); a release without one gets the
+    conventions of its known tag (printed as ASSUMED); otherwise pass --control-hz,
+    --joint-frame and --robot.
     """
+    from molmoact2_edge.contract import ContractFlags
     from molmoact2_edge.errors import ParityError
     from molmoact2_edge.export.pipeline import ExportOptions, export_bundle
 
     options = ExportOptions(
         precision=precision, calib=calib, bucket=bucket, cameras=_split(cameras), tag=tag, target=target,
         quantizer=quantizer, allow_parity_failure=allow_parity_failure, fp32_bundle=fp32_bundle,
+        contract_flags=ContractFlags(control_hz, joint_frame, robot),
     )  # fmt: skip
     try:
         manifest = export_bundle(checkpoint, out, options, progress=lambda msg: click.echo(f"  {msg}"))
@@ -103,6 +118,7 @@ def inspect(bundle: Path, as_json: bool, no_verify: bool) -> None:
     for name, art in summary["artifacts"].items():
         table.add_row(name, art["precision"], str(art["opset"]), _io(art["inputs"]), _io(art["outputs"]))
     console.print(table)
+    _print_contract(summary["robot_contract"], console)
     _print_parity(summary["parity"], console)
     for key, engines in summary["engines"].items():
         console.print(f"engines [bold]{key}[/]: {sorted(engines.get('graphs', {}))}")
@@ -118,6 +134,21 @@ def build_engines(bundle: Path, graphs: tuple[str, ...], workspace_gib: float) -
 
     key = build(bundle, list(graphs) or None, workspace_gib=workspace_gib)
     click.echo(f"engines for {key} written to {bundle}/engines/{key}")
+
+
+def _print_contract(contract: dict[str, Any], console: Any) -> None:
+    """The robot contract: what the policy expects of the robot (and where each assumed value came from)."""
+    joints = contract["joints"]
+    console.print(
+        f"robot contract ({contract['provenance']}): tag {contract['embodiment_tag']}, robots {contract['robot_kinds']}, "
+        f"{contract['control_hz']:g} Hz, {contract['executed_steps']} steps executed per chunk, "
+        f"joint frame {joints['frame']}"
+    )
+    console.print(f"  joints: {', '.join(f'{n} [{u}]' for n, u in zip(joints['names'], joints['units'], strict=True))}")
+    cams = ", ".join(f"{c['name']} ({c['role']}, {c['image_size']})" for c in contract["cameras"])
+    console.print(f"  cameras: {cams}; state {contract['state']!r}, action {contract['action']!r}")
+    for name, source in contract.get("assumed", {}).items():
+        console.print(f"  [yellow]assumed[/] {name}: {source}")
 
 
 def _io(specs: list[dict[str, Any]]) -> str:

@@ -97,9 +97,9 @@ def motors() -> None:
     \b
     Examples:
       molmo-edge motors scan --bus feetech --port /dev/ttyACM0
-      molmo-edge motors read --bus feetech --port /dev/ttyACM0 --id 1-6 Present_Position Status
-      molmo-edge motors write --bus feetech --port /dev/ttyACM0 --id 6 Torque_Enable 0
-      molmo-edge motors read --bus damiao --port can0 --id 1-7 Timeout
+      molmo-edge motors read --bus feetech --port /dev/ttyACM0 --ids 1-6 Present_Position Status
+      molmo-edge motors write --bus feetech --port /dev/ttyACM0 --ids 6 Torque_Enable 0
+      molmo-edge motors read --bus damiao --port can0 --ids 1-7 Timeout
       molmo-edge motors setup so101 --port /dev/ttyACM0
     """
 
@@ -109,7 +109,7 @@ def motors() -> None:
 @port_option
 @interface_option
 @timeout_option
-@click.option("--ids", default="1-20", show_default=True, help="Ids to ping.")
+@click.option("--ids", "--id", "ids", default="1-20", show_default=True, help="Motor ids to ping, e.g. 1-20.")
 @click.option(
     "--all-baudrates/--default-baudrate",
     default=False,
@@ -141,7 +141,7 @@ def _bus_options(command: Callable[..., None]) -> Callable[..., None]:
 
 @motors.command()
 @_bus_options
-@click.option("--id", "ids", default="1", show_default=True, help="Motor ids, e.g. 1-6.")
+@click.option("--ids", "--id", "ids", default="1", show_default=True, help="Motor ids, e.g. 6, 1-6 or 1,3.")
 @click.argument("registers", nargs=-1)
 def read(
     bus_kind: str,
@@ -168,7 +168,7 @@ def read(
 
 @motors.command()
 @_bus_options
-@click.option("--id", "ids", required=True, help="Motor ids, e.g. 6 or 1-6.")
+@click.option("--ids", "--id", "ids", required=True, help="Motor ids, e.g. 6, 1-6 or 1,3.")
 @click.argument("register")
 @click.argument("value", type=int)
 def write(
@@ -203,7 +203,9 @@ def write(
 @click.argument("robot_kind", type=click.Choice(["so101", "koch"]))
 @port_option
 @click.option("--motor", "only", default=None, help="Set up this joint only (default: all, gripper first).")
-@click.option("--ids", default="1-20", show_default=True, help="Ids to look for the connected motor at.")
+@click.option(
+    "--ids", "--id", "ids", default="1-20", show_default=True, help="Motor ids to look for the connected motor at."
+)
 @timeout_option
 def setup(robot_kind: str, port: str, only: str | None, ids: str, timeout_ms: float) -> None:
     """Give each motor of an arm its id and the bus baud rate, one motor connected at a time.
@@ -297,6 +299,7 @@ def calibrate(
     from molmoact2_edge.hardware.calibration import load_calibration
     from molmoact2_edge.hardware.robots import make_robot
     from molmoact2_edge.hardware.robots.serial_arm import SerialArm
+    from molmoact2_edge.runtimes.preflight import check_output_file
 
     # an empty calibration keeps the robot from loading (and validating) an existing file here
     bus = _open_bus(_bus_of(robot_kind), port, None, "", [], timeout_ms)
@@ -304,6 +307,7 @@ def calibrate(
     assert isinstance(robot, SerialArm)
     robot.calibration = None
     path = Path(output) if output else robot.calibration_path()
+    check_output_file(path, "--output")  # before any servo is touched: a calibration must never be lost
     robot.connect_for_calibration()
     try:
         if path.exists() and not force:

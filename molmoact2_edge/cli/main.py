@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "demo": "molmoact2_edge.cli.demo:demo",
     "doctor": "molmoact2_edge.cli.doctor:doctor",
     "run": "molmoact2_edge.cli.run:run",
+    "recover": "molmoact2_edge.cli.recover:recover",
     "report": "molmoact2_edge.cli.report:report",
     "serve": "molmoact2_edge.cli.serve:serve",
     "sim": "molmoact2_edge.cli.sim:sim",

@@ -7,26 +7,39 @@ Examples:
   molmo-edge run bundle/ --robot yam --can can0 --camera front=/dev/video0 --task "wipe the table"
   molmo-edge run bundle/ --robot sim-so101 --task "pick up the red cube" --telemetry run.jsonl
   molmo-edge run --policy ws://gpu-box:8000 --robot so101 --port /dev/ttyACM0 --camera front=/dev/video0
+
+The rate, the joint frame, the camera names and the steps executed per chunk come from the
+bundle's robot contract; a flag that disagrees is refused unless --override-contract is given
+(printed, and recorded in the telemetry). Everything checkable without motion is checked
+before the bus opens (``runtimes.preflight``); the first move is a slow approach or a refusal
+(``runtimes.first_move``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
 
-from molmoact2_edge.errors import CameraError, DependencyError, MolmoEdgeError
+from molmoact2_edge.contract import RobotContract
+from molmoact2_edge.errors import CameraError, ContractError, DependencyError, MolmoEdgeError
+from molmoact2_edge.runtimes.bundle import Bundle
+from molmoact2_edge.runtimes.first_move import FirstMoveConfig
 from molmoact2_edge.viz.progress import RunProgress
 
 log = logging.getLogger(__name__)
 
-ROBOTS = ("so101", "yam", "bimanual-yam", "sim-so101")
+SIM_TASKS = ("touch", "lift", "place")  # sim.tasks.TASKS (not imported: the sim extra may be absent)
+DEFAULT_SIM_TASK = "touch"  # the bundled checkpoint's task; run, demo and eval agree
+
+ROBOTS = ("so101", "koch", "yam", "bimanual-yam", "sim-so101")
 ROBOT_TYPES = {
     "so101": "so101_follower",
+    "koch": "koch_follower",
     "yam": "yam",
     "bimanual-yam": "bimanual_yam",
     "sim-so101": "so101_follower",
@@ -63,24 +76,28 @@ def open_cameras(specs: dict[str, str], fps: float) -> dict[str, Any]:
 class RunSettings:
     """What one ``run`` invocation does, gathered from the options."""
 
-    bundle: Path | None  # None: --policy names a server
+    bundle: Path | Bundle | None  # None: --policy names a server; an opened Bundle is not hashed again
     robot: str
     task: str | None  # None: the target's own instruction (the simulator's task)
     backend: str = "auto"
     duration_s: float | None = None
     episodes: int = 1
-    hz: float = 30.0
+    hz: float = 30.0  # the contract's (``preflight.resolve_run``)
     swap_threshold: float = 0.5
     record: Path | None = None
     telemetry: Path | None = None
     on_exit: str = "hold"
     stall_timeout_s: float = 2.0
+    joint_frame: str = "lerobot"  # what the robot presents (recorded datasets say so)
+    first_move_limit: float = FirstMoveConfig.max_fraction  # of each joint's range (``runtimes.first_move``)
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # contract values overridden by flags
     policy_url: str | None = None  # ws:// or wss:// of a `molmo-edge serve`
     api_key_file: Path | None = None
     tls_ca: Path | None = None
     display: str | None = None  # rerun: auto | viewer | serve (viz/rerun_display.py)
     save_rrd: Path | None = None  # rerun recording file
     video_dir: Path | None = None  # one MP4 per episode (sim only: needs the robot's cameras)
+    policy: Any = None  # an already connected RemotePolicy (the CLI opens it for pre-flight)
 
 
 @dataclass
@@ -93,11 +110,33 @@ class EpisodeTarget:
     close: Callable[[], None] | None = None
 
 
+def open_contract(
+    bundle: Path | None, policy_url: str | None, api_key_file: Path | None, tls_ca: Path | None, timeout_s: float
+) -> tuple[Bundle | None, Any, RobotContract]:
+    """(opened bundle, connected remote policy, the robot contract): the bundle's hashes are checked here, once;
+    a remote server sends its contract on connect. Both come before anything touches the robot."""
+    if bundle is not None:
+        opened = Bundle.open(bundle)
+        return opened, None, opened.contract
+    from molmoact2_edge.serving.auth import load_api_key
+    from molmoact2_edge.serving.remote import RemotePolicy
+
+    assert policy_url is not None
+    remote = RemotePolicy(policy_url, load_api_key(api_key_file), ca_file=tls_ca, timeout_s=timeout_s, reconnect_s=timeout_s)
+    sent = remote.contract.get("robot_contract")
+    if sent is None:
+        remote.close()
+        raise ContractError(f"{policy_url}: the server sent no robot contract; run the same molmoact2-edge version on both sides")
+    return None, remote, RobotContract.from_dict(sent, f"{policy_url} robot contract")
+
+
 def open_policy(settings: RunSettings) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """(policy, its robot contract, its description): a local PolicySession, or a RemotePolicy for ws:// URLs.
 
     Both have ``act``/``reset``/``close``; a remote one gives up after the stall timeout without a reply.
     """
+    if settings.policy is not None:
+        return settings.policy, settings.policy.contract, settings.policy.describe()
     if settings.policy_url is None:
         from molmoact2_edge.runtimes.session import PolicySession
         from molmoact2_edge.serving.contract import policy_contract
@@ -135,6 +174,7 @@ def run_policy(
     """
     from molmoact2_edge.hardware.safety import SafetyConfig, SafetyLayer
     from molmoact2_edge.runtimes.control import LoopConfig, run_episode, summarize
+    from molmoact2_edge.runtimes.first_move import first_move
     from molmoact2_edge.runtimes.power import PowerMonitor, detect_power_sampler
     from molmoact2_edge.runtimes.recording import DatasetRecorder
     from molmoact2_edge.runtimes.telemetry import Telemetry
@@ -142,7 +182,12 @@ def run_policy(
 
     session, contract, described = open_policy(settings)
     monitor = PowerMonitor(detect_power_sampler()).start()
-    meta = {"backend": described, "robot": settings.robot, "task": settings.task}
+    meta = {
+        "backend": described,
+        "robot": settings.robot,
+        "task": settings.task,
+        "contract": {"hz": settings.hz, "joint_frame": settings.joint_frame, "overrides": settings.overrides},
+    }
     display = open_display(settings.display, settings.save_rrd)
     watchers = [*observers, *([display] if display is not None else [])]
     telemetry = Telemetry(settings.telemetry, control_hz=settings.hz, power=monitor, meta=meta, observers=watchers)
@@ -154,12 +199,17 @@ def run_policy(
             target = open_episode(episode)
             try:
                 robot = target.robot
-                check_robot(contract, list(robot.cameras), robot.joint_names, settings.hz)  # before the bus opens
+                hz = None if "hz" in settings.overrides else settings.hz  # an override was printed and recorded
+                check_robot(contract, list(robot.cameras), robot.joint_names, hz)  # before the bus opens
                 if not robot.is_connected:
                     robot.connect()
                 if settings.record is not None and recorder is None:
                     recorder = DatasetRecorder(
-                        settings.record, int(settings.hz), robot.joint_names, ROBOT_TYPES[settings.robot]
+                        settings.record,
+                        int(settings.hz),
+                        robot.joint_names,
+                        ROBOT_TYPES[settings.robot],
+                        joint_frame=settings.joint_frame,
                     )
                 task = settings.task or target.instruction
                 if not task:
@@ -172,6 +222,9 @@ def run_policy(
                 with SafetyLayer(robot, SafetyConfig(on_exit=settings.on_exit, control_hz=settings.hz)) as layer:  # type: ignore[arg-type]
                     telemetry.write({"type": "safety", "episode": episode, **layer.telemetry()})
                     videos.begin(episode, robot, layer)
+                    guard = FirstMoveConfig(settings.first_move_limit, likely_cause=first_move_cause(settings))
+                    moved = first_move(session.act, layer, task, settings.hz, guard)
+                    telemetry.write({"type": "first_move", "episode": episode, **moved})
                     gate = display.watch(layer) if display is not None else layer
                     result = run_episode(session.act, gate, config, telemetry, target.success, recorder)
                     summary = {
@@ -204,6 +257,17 @@ def run_policy(
         if recorder is not None and results:
             recorder.finalize()
     return results, stats
+
+
+def first_move_cause(settings: RunSettings) -> str:
+    """What most likely put the first target far away, for the first-move error."""
+    if "joint_frame" in settings.overrides:
+        o = settings.overrides["joint_frame"]
+        return (
+            f"the joint frame: the bundle's policy was trained in {o['contract']} but --override-contract ran it "
+            f"in {o['used']}; drop --joint-frame"
+        )
+    return f"the calibration of the arm (or a policy trained in another joint frame than {settings.joint_frame})"
 
 
 def open_display(mode: str | None, save_rrd: Path | None) -> Any:
@@ -248,12 +312,14 @@ class EpisodeVideos:
         return str(path) if path is not None else None
 
 
-def sim_episodes(sim_task: str, size: int, hz: float) -> Callable[[int], EpisodeTarget]:
+def sim_episodes(
+    sim_task: str, size: int, hz: float, joint_frame: str = "lerobot"
+) -> Callable[[int], EpisodeTarget]:
     """Episode i on a fresh simulated SO-101 scene seeded with i, reached through the Feetech driver."""
     from molmoact2_edge.sim.robot import make_sim_so101
 
     def open_episode(i: int) -> EpisodeTarget:
-        handle = make_sim_so101(sim_task, seed=i, size=size, control_hz=hz)
+        handle = make_sim_so101(sim_task, seed=i, size=size, control_hz=hz, joint_frame=joint_frame)
         return EpisodeTarget(handle.robot, handle.success, handle.instruction, handle.close)
 
     return open_episode
@@ -272,6 +338,8 @@ def make_hardware_robot(
 
     if kind == "so101":
         return make_robot(kind, port=port, cameras=cameras, robot_id=robot_id, joint_frame=joint_frame)
+    if kind == "koch":
+        return make_robot(kind, port=port, cameras=cameras, robot_id=robot_id)
     if kind == "yam":
         return make_robot(kind, channel=can[0], cameras=cameras)
     if len(can) != 2:
@@ -350,20 +418,32 @@ def print_summary(results: list[dict[str, Any]], stats: dict[str, Any]) -> None:
 @click.option(
     "--joint-frame",
     type=click.Choice(["lerobot", "so100_101_legacy"]),
-    default="lerobot",
-    show_default=True,
-    help="SO-101 joint frame the policy was trained in: so100_101_legacy for the released MolmoAct2 "
-    "SO100_101 checkpoints (LeRobot < 0.5 frame), lerobot for checkpoints trained on current LeRobot data.",
+    default=None,
+    help="SO-101 joint frame the policy was trained in [default: the bundle's robot contract].",
 )
 @click.option("--task", help="The language instruction (sim-so101: defaults to the sim task's).")
-@click.option("--sim-task", default="lift", show_default=True, help="sim-so101 only: touch | lift | place.")
+@click.option(
+    "--sim-task", type=click.Choice(SIM_TASKS), default=DEFAULT_SIM_TASK, show_default=True, help="sim-so101 only."
+)
 @click.option(
     "--sim-size", default=128, show_default=True, help="sim-so101 only: camera resolution (square)."
 )
 @click.option("--backend", default="auto", show_default=True, help="auto | onnxruntime | tensorrt | torch.")
 @click.option("--duration", type=float, help="Seconds per episode (default: until Ctrl-C).")
 @click.option("--episodes", default=1, show_default=True)
-@click.option("--hz", default=30.0, show_default=True, help="Control rate.")
+@click.option("--hz", type=float, default=None, help="Control rate [default: the bundle's robot contract].")
+@click.option(
+    "--override-contract",
+    is_flag=True,
+    help="Let --hz / --joint-frame differ from the bundle's robot contract (printed and recorded in telemetry).",
+)
+@click.option(
+    "--first-move-limit",
+    default=FirstMoveConfig.max_fraction,
+    show_default=True,
+    help="Refuse a first target farther than this fraction of a joint's range from the present pose "
+    "(1 allows anything within the range; it is still approached slowly).",
+)
 @click.option(
     "--swap-threshold", default=0.5, show_default=True, help="Ask for the next chunk at this fraction left."
 )
@@ -404,7 +484,9 @@ def run(
     backend: str,
     duration: float | None,
     episodes: int,
-    hz: float,
+    hz: float | None,
+    override_contract: bool,
+    first_move_limit: float,
     swap_threshold: float,
     on_exit: str,
     stall_timeout: float,
@@ -420,43 +502,53 @@ def run(
       molmo-edge run bundle/ --robot so101 --port /dev/ttyACM0 --camera front=/dev/video0 --task "pick up the cube"
       molmo-edge run bundle/ --robot sim-so101 --task "pick up the red cube" --duration 20
     """
+    from molmoact2_edge.runtimes.preflight import preflight, resolve_run
+
     if (bundle is None) == (policy_url is None):
         raise MolmoEdgeError("give either BUNDLE or --policy ws://HOST:PORT (a `molmo-edge serve`), not both or neither")
-    if robot == "so101" and not port:
+    if robot in ("so101", "koch") and not port:
         raise MolmoEdgeError(
-            "--robot so101 needs --port (the bus adapter, e.g. /dev/ttyACM0; see `molmo-edge doctor`)"
+            f"--robot {robot} needs --port (the bus adapter, e.g. /dev/ttyACM0; see `molmo-edge doctor`)"
         )
     if robot in ("yam", "bimanual-yam") and not can:
         raise MolmoEdgeError(f"--robot {robot} needs --can (e.g. --can can0; see `molmo-edge doctor`)")
+    opened, remote, contract = open_contract(bundle, policy_url, api_key_file, tls_ca, stall_timeout)
+    choices = resolve_run(contract, robot, hz=hz, joint_frame=joint_frame, override=override_contract)
+    for name, o in choices.overrides.items():
+        click.echo(f"OVERRIDE: {name} {o['used']} instead of the policy's {o['contract']} (--override-contract)")
     settings = RunSettings(
-        bundle,
+        opened,
         robot,
         task,
         backend,
         duration,
         episodes,
-        hz,
+        choices.hz,
         swap_threshold,
         record,
         telemetry,
         on_exit,
         stall_timeout,
-        policy_url,
-        api_key_file,
-        tls_ca,
-        display,
-        save_rrd,
+        policy_url=policy_url,
+        api_key_file=api_key_file,
+        tls_ca=tls_ca,
+        display=display,
+        save_rrd=save_rrd,
+        joint_frame=choices.joint_frame,
+        first_move_limit=first_move_limit,
+        overrides=choices.overrides,
+        policy=remote,
     )
     progress = RunProgress(episodes)
     try:
         if robot == "sim-so101":
-            results, stats = run_policy(settings, sim_episodes(sim_task, sim_size, hz), observers=[progress])
+            preflight(contract, robot, None, task=task or sim_task, record=record)
+            episodes_of = sim_episodes(sim_task, sim_size, choices.hz, choices.joint_frame)
+            results, stats = run_policy(settings, episodes_of, observers=[progress])
         else:
-            if not task:
-                raise MolmoEdgeError(f'--robot {robot} needs --task "<instruction>"')
-            arm = make_hardware_robot(
-                robot, port, can, open_cameras(parse_cameras(cameras), hz), robot_id, joint_frame
-            )
+            camera_objects = open_cameras(parse_cameras(cameras), choices.hz)
+            arm = make_hardware_robot(robot, port, can, camera_objects, robot_id, choices.joint_frame)
+            preflight(contract, robot, arm, task=task, record=record, port=port, can=can)
             results, stats = run_policy(settings, *hardware_episodes(arm), observers=[progress])
     finally:
         progress.close()

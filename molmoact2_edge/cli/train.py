@@ -54,6 +54,13 @@ import click
     help="Train the chunk tail past an episode's end (the last action repeated) instead of masking it: "
     "the policy learns to hold still once done (tasks whose success is a hold, e.g. touch).",
 )
+@click.option(
+    "--joint-frame",
+    type=click.Choice(["lerobot", "so100_101_legacy", "native"]),
+    default=None,
+    help="Joint frame of the dataset, recorded in the checkpoint's robot contract "
+    "[default: meta/info.json joint_frame; SO-100/101 data without it must say].",
+)
 @click.option("--save-every", type=int, default=200, show_default=True, help="Checkpoint interval in steps.")
 @click.option(
     "--save-dtype",
@@ -84,6 +91,7 @@ def train(
     think: bool,
     finetune_backbone: bool,
     hold_past_end: bool,
+    joint_frame: str | None,
     save_every: int,
     save_dtype: str,
     resume: bool,
@@ -125,6 +133,7 @@ def train(
         think=think,
         finetune_backbone=finetune_backbone,
         hold_past_end=hold_past_end,
+        joint_frame=joint_frame,
         save_every=save_every,
         save_dtype=save_dtype,
         resume=resume,

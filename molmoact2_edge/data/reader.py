@@ -101,7 +101,7 @@ class LeRobotDataset:
         text_cols = [
             n
             for n in table.column_names
-            if n != "task_index" and pa.types.is_string(table.schema.field(n).type)
+            if n != "task_index" and _is_text(table.schema.field(n).type)
         ]
         if "task_index" not in table.column_names or not text_cols:
             raise DatasetError(
@@ -312,6 +312,11 @@ class LeRobotDataset:
             episode_index=episode.index,
             frame_index=int(self.frame_index[i]),
         )
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    """``string`` or ``large_string``: LeRobot 0.4+ under pandas 3 writes the latter."""
+    return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind))
 
 
 def _read_parquet(path: Path) -> pa.Table:

@@ -32,6 +32,7 @@ class LeRobotWriter:
         fps: int,
         features: dict[str, dict],
         robot_type: str = fmt.SO101_ROBOT_TYPE,
+        joint_frame: str | None = None,
         codec: str | None = None,
         crf: int = 30,
         data_file_mb: float = fmt.DATA_FILE_MB,
@@ -48,6 +49,8 @@ class LeRobotWriter:
         self.fps = int(fps)
         self.features = features
         self.robot_type = robot_type
+        # not a LeRobot key: the joint frame of state/action, which training writes into the robot contract
+        self.joint_frame = joint_frame
         self.codec = pick_codec(codec)
         self.crf = crf
         self.data_file_mb = data_file_mb
@@ -259,6 +262,8 @@ class LeRobotWriter:
             "video_path": fmt.VIDEO_PATH if self.video_keys else None,
             "features": features,
         }
+        if self.joint_frame is not None:
+            info["joint_frame"] = self.joint_frame
         (self.root / fmt.INFO_PATH).write_text(json.dumps(info, indent=4) + "\n")
 
 

@@ -13,11 +13,15 @@ lengths, chunk length); nothing is data-dependent, so no If/Loop nodes appear.
   padded to its static length.
 - ``decode_step``: one token against the static cache (written with ``index_copy``
   and returned, never mutated) -> logits, new cache, this token's projected context.
+- ``decode_block`` (Think bundles): k tokens at once the same way -> per-token argmaxes
+  (depth rows, whole vocabulary), one token's logits, new cache, the k projected contexts.
+- ``expert_context`` (Think bundles with the expert's depth gate): the cache -> the whole
+  expert context with the gate applied (it needs the depth tokens, so it runs after them).
 - ``flow``: every Euler step unrolled, the accumulator in fp32 even when the expert
   runs in fp16 (``FlowGraph(dtype=torch.float16)``, ``model/flow.py``).
 
 Shape legend: b batch, n cameras, h w pixels, q pooled tokens per camera, t bucket,
-tm cache length, tc context length, l layers, kh KV heads, hd head dim, d LLM width,
+tm cache length, tc context length, k block length, l layers, kh KV heads, hd head dim, d LLM width,
 e expert width, v vocabulary, ah chunk length, ad max action dim.
 """
 
@@ -53,6 +57,7 @@ class GraphShapes:
     context_length: int  # tc: positions the expert attends to (bucket, or tm for Think bundles)
     chunk_length: int  # ah
     pooled_per_camera: int  # q
+    block_length: int = 0  # k: tokens per decode_block call (Think bundles; 0 = no decode_block graph)
 
     def example_inputs(self, config: MolmoAct2Config) -> dict[str, tuple[torch.Tensor, ...]]:
         """Zero-valued example inputs of every graph (export traces shapes and dtypes only)."""
@@ -78,6 +83,20 @@ class GraphShapes:
                 cache,
                 cache.clone(),
                 torch.zeros(BATCH, 1, 1, self.cache_length),
+            ),
+            B.DECODE_BLOCK.name: (
+                torch.zeros(BATCH, self.block_length, dtype=torch.int64),
+                torch.arange(self.block_length)[None],
+                cache,
+                cache.clone(),
+                torch.zeros(BATCH, 1, self.block_length, self.cache_length),
+                torch.zeros(BATCH, dtype=torch.int64),
+            ),
+            B.EXPERT_CONTEXT.name: (
+                cache,
+                cache.clone(),
+                torch.ones(BATCH, self.context_length, dtype=torch.bool),
+                torch.zeros(BATCH, self.context_length, dtype=torch.bool),
             ),
             B.FLOW.name: (
                 torch.zeros(BATCH, self.chunk_length, config.max_action_dim),
@@ -154,6 +173,58 @@ class DecodeStepGraph(nn.Module):
         return logits[:, -1], keys, values, context_k, context_v
 
 
+class DecodeBlockGraph(nn.Module):
+    """``decode_block``: k tokens against the static cache in one call (batch 1), for the Think depth codes.
+
+    The caller's bias says which slots each token sees (causal inside the block); padding tokens are
+    written too and simply never marked valid. Argmaxes are taken in the graph so a call returns
+    O(k) integers instead of k x v logits (``runtimes.depth_decode`` verifies drafts with them).
+    """
+
+    def __init__(self, model: MolmoAct2) -> None:
+        super().__init__()
+        self.model = model
+        first, count = model.config.require_token_ids("depth_token_start_id", "num_depth_tokens")
+        self.depth_rows = (first, first + count)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        block_bias: torch.Tensor,
+        last_index: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        slots = positions[0]  # (k,): batch 1, positions are the cache slots
+        logits, keys, values = self.model.decode_step(input_ids, positions, slots, cache_k, cache_v, block_bias)
+        b, _, v = logits.shape  # (b, k, v)
+        lo, hi = self.depth_rows
+        last = torch.gather(logits, 1, last_index[:, None, None].expand(b, 1, v))[:, 0]  # (b, v)
+        expert: ActionExpert = self.model.model.action_expert
+        context_k, context_v = expert.project_context(keys.index_select(3, slots), values.index_select(3, slots))
+        return logits[..., lo:hi].argmax(-1), logits.argmax(-1), last, keys, values, context_k, context_v
+
+
+class ExpertContextGraph(nn.Module):
+    """``expert_context`` (Think bundles with ``action_expert_depth_gate``): the expert's context over the cache.
+
+    The gate (per layer, or from the last layer, as released) pools V over every valid non-depth
+    position and scales K and V at depth positions before the projection, so it can only be applied
+    once the depth tokens are in the cache: this graph re-projects the first tc slots with it.
+    """
+
+    def __init__(self, model: MolmoAct2, context_length: int) -> None:
+        super().__init__()
+        self.model, self.context_length = model, context_length
+
+    def forward(
+        self, cache_k: torch.Tensor, cache_v: torch.Tensor, context_valid: torch.Tensor, depth_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        tc = self.context_length
+        return self.model.expert_context(cache_k[:, :, :, :tc], cache_v[:, :, :, :tc], context_valid, depth_mask)
+
+
 class FlowGraph(nn.Module):
     """``flow``: N Euler steps of the expert, unrolled; the accumulator is fp32 whatever ``dtype`` is.
 
@@ -189,11 +260,6 @@ def build_graphs(model: MolmoAct2, shapes: GraphShapes, with_decode: bool, with_
     config = model.config
     if not config.add_action_expert:
         raise ExportError("the checkpoint has no action expert (add_action_expert=false); nothing to export")
-    if config.action_expert_depth_gate:
-        raise ExportError(
-            "action_expert_depth_gate=true is not exported yet: the gate needs per-prompt depth masks the "
-            "bundle graphs do not take"
-        )
     inner = model.model
     graphs: dict[str, nn.Module] = {
         B.VISION.name: VisionGraph(inner.vision_backbone),
@@ -201,6 +267,10 @@ def build_graphs(model: MolmoAct2, shapes: GraphShapes, with_decode: bool, with_
     }
     if with_decode:
         graphs[B.DECODE_STEP.name] = DecodeStepGraph(model)
+    if shapes.block_length:
+        graphs[B.DECODE_BLOCK.name] = DecodeBlockGraph(model)
+        if config.action_expert_depth_gate:  # without depth tokens (not Think) the gate scales nothing
+            graphs[B.EXPERT_CONTEXT.name] = ExpertContextGraph(model, shapes.context_length)
     if with_flow:
         graphs[B.FLOW.name] = FlowGraph(inner.action_expert, config.flow_matching_num_steps, config.mask_action_dim_padding)
     return {k: g.eval() for k, g in graphs.items()}

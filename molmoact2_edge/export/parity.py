@@ -12,6 +12,10 @@ Two checks, as vla-edge's gates (``reference/molmoact2-checkpoint.md`` §8.4):
   itself under another noise draw. A zero seed spread (the policy ignores its noise)
   fails: the gate could not tell anything apart. Discrete bundles have no noise; their
   chunks must match the reference to ``DISCRETE_ATOL`` of the action range.
+- **depth codes** (Think bundles): the session's codes must EQUAL the reference's on every
+  parity observation, decoded sequentially (the first frame) and again speculatively
+  (``runtimes.depth_decode``) from adversarial drafts; the chunk after them passes the
+  end-to-end check too.
 
 The report goes into the manifest; a failure raises ``ParityError`` unless the
 caller allows it (the manifest then records ``allowed_failure``).
@@ -31,7 +35,7 @@ from torch import nn
 from molmoact2_edge.errors import ParityError
 from molmoact2_edge.runtimes import bundle as B
 from molmoact2_edge.runtimes.session import PolicySession
-from molmoact2_edge.types import Observation
+from molmoact2_edge.types import ActionChunk, Observation
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,7 @@ GRAPH_RMS_LIMITS = {"fp32": 1e-4, "fp16": 5e-2, "int8": 0.25, "int4": 0.4}
 SEED_SPREAD_FRACTION = 0.5
 DISCRETE_ATOL = 1e-3
 DEFAULT_SEEDS = (1234, 4321)
+DRAFT_STRIDE = 10  # Think: every 10th draft is made wrong in the speculative check (11 rejections per 100 cells)
 
 
 def relative_rms(candidate: np.ndarray, reference: np.ndarray) -> float:
@@ -100,6 +105,7 @@ def run_parity(
     """
     seed_a, seed_b = seeds
     e2e: list[dict[str, float]] = []
+    depth: list[dict[str, Any]] = []
     worst: dict[str, float] = {}
     for obs in observations:
         reference.reset()
@@ -110,12 +116,22 @@ def run_parity(
         recorder = FirstCalls()
         session.record_feeds = recorder  # the session's own feeds: what the device would run
         try:
-            cand = session.act(obs, seed=seed_a).actions
+            chunk = session.act(obs, seed=seed_a)
         finally:
             session.record_feeds = None
+        e2e.append(_end_to_end(chunk.actions, ref_a, ref_b, session.discrete))
+        if session.depth:
+            codes = reference.depth_cache.codes(session.camera_order[0])
+            depth.append(_depth_codes(session, codes, chunk.info))
+            session.record_feeds = recorder  # now the speculative path's decode_block call too
+            try:
+                chunk = _speculative_act(session, obs, codes, seed_a)
+            finally:
+                session.record_feeds = None
+            depth.append(_depth_codes(session, codes, chunk.info))
+            e2e.append(_end_to_end(chunk.actions, ref_a, ref_b, session.discrete))
         for graph, err in graph_parity(session, reference_graphs, recorder.calls).items():
             worst[graph] = max(worst.get(graph, 0.0), err)
-        e2e.append(_end_to_end(cand, ref_a, ref_b, session.discrete))
     graphs = {}
     for graph, err in worst.items():
         limit = GRAPH_RMS_LIMITS[graph_precisions[graph]]
@@ -123,8 +139,8 @@ def run_parity(
     worst_e2e = max(e2e, key=lambda r: r["ratio"])
     end_to_end = {**worst_e2e, "limit": SEED_SPREAD_FRACTION if not session.discrete else DISCRETE_ATOL}
     end_to_end["passed"] = all(r["passed"] for r in e2e)
-    passed = end_to_end["passed"] and all(g["passed"] for g in graphs.values())
-    return {
+    passed = end_to_end["passed"] and all(g["passed"] for g in graphs.values()) and all(d["passed"] for d in depth)
+    report = {
         "passed": bool(passed),
         "backend": session.backend.name,
         "observations": len(observations),
@@ -132,6 +148,37 @@ def run_parity(
         "graphs": graphs,
         "end_to_end": end_to_end,
     }
+    if depth:
+        report["depth_codes"] = {
+            "frames": len(depth),
+            "mismatched_cells": max(d["mismatched_cells"] for d in depth),
+            "graph_calls": [d["graph_calls"] for d in depth],
+            "passed": all(d["passed"] for d in depth),
+        }
+    return report
+
+
+def _speculative_act(session: PolicySession, obs: Observation, codes: np.ndarray, seed: int) -> ActionChunk:
+    """Act again on ``obs`` with every cell treated as changed and adversarial drafts: the reference codes with
+    every ``DRAFT_STRIDE``-th one wrong, so the speculative path must reject and recover (and must still
+    give the reference codes)."""
+    camera, cache = session.camera_order[0], session.depth_cache
+    drafts = codes.copy()
+    drafts[::DRAFT_STRIDE] = (drafts[::DRAFT_STRIDE] + 1) % int(session.token_ids["num_depth_tokens"])
+    cache.set_codes(camera, drafts)
+    saved, cache.threshold = cache.threshold, 2.0  # cosine similarity never reaches 2: every cell is checked
+    try:
+        return session.act(obs, seed=seed)
+    finally:
+        cache.threshold = saved
+
+
+def _depth_codes(session: PolicySession, reference_codes: np.ndarray, info: Mapping[str, Any]) -> dict[str, Any]:
+    """Exact equality of the session's last depth codes with the reference's (argmax: no tolerance)."""
+    codes = session.depth_cache.codes(session.camera_order[0])
+    assert codes is not None
+    mismatched = int(np.sum(codes != reference_codes))
+    return {"mismatched_cells": mismatched, "graph_calls": info["depth_graph_calls"], "passed": mismatched == 0}
 
 
 def _end_to_end(cand: np.ndarray, ref_a: np.ndarray, ref_b: np.ndarray, discrete: bool) -> dict[str, float]:
@@ -149,6 +196,9 @@ def enforce(report: Mapping[str, Any], allow_failure: bool, where: str) -> None:
     if report["passed"]:
         return
     bad = [f"{g} rel RMS {r['rel_rms']:.3g} > {r['limit']:.3g}" for g, r in report["graphs"].items() if not r["passed"]]
+    depth = report.get("depth_codes")
+    if depth and not depth["passed"]:
+        bad.append(f"depth codes differ from the reference in {depth['mismatched_cells']} cell(s)")
     e = report["end_to_end"]
     if not e["passed"]:
         bad.append(f"end to end max|cand-ref| {e['max_diff']:.3g} vs seed spread {e['seed_spread']:.3g} (ratio {e['ratio']:.3g})")

@@ -9,7 +9,9 @@ The order:
   3. export the graphs once in fp32 (``onnx_export``; checker + TensorRT allow-list);
   4. derive the requested precision from those files (``quantize``); int8 first records
      calibration inputs by running the fp32 graphs through ``PolicySession``;
-  5. write the bundle (graphs, config, tokenizer, norm stats, manifest);
+  5. write the bundle (graphs, config, tokenizer, norm stats, manifest with the robot contract:
+     the checkpoint's ``robot_contract.json``, else the release conventions of its tag, else
+     the contract flags; ``contract.export_contract``);
   6. parity gate: the finished bundle through ``PolicySession`` on onnxruntime-CPU vs the
      reference (``parity``); the report goes into the manifest;
   7. ``--target tensorrt``: build engines into the bundle (``tensorrt_build``).
@@ -29,11 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from molmoact2_edge import __version__
+from molmoact2_edge.contract import CONTRACT_FILE, SO101_JOINTS, ContractFlags, RobotContract, export_contract
 from molmoact2_edge.errors import ExportError, PromptTooLongError
 from molmoact2_edge.export import calibration, parity, quantize
 from molmoact2_edge.export.graphs import FlowGraph, GraphShapes, build_graphs
 from molmoact2_edge.export.onnx_export import DEFAULT_OPSET, data_file, export_module, io_specs
 from molmoact2_edge.runtimes import bundle as B
+from molmoact2_edge.runtimes.depth_decode import depth_block_length
 from molmoact2_edge.runtimes.session import PolicySession
 from molmoact2_edge.types import Observation
 
@@ -64,6 +68,7 @@ class ExportOptions:
     fp32_bundle: Path | None = None  # reuse this fp32 bundle's graphs (same checkpoint and shapes) instead of exporting
     calib_samples: int = 8  # calibration calls recorded per graph
     seeds: tuple[int, int] = parity.DEFAULT_SEEDS
+    contract_flags: ContractFlags = ContractFlags()  # --control-hz / --joint-frame / --robot
 
     def __post_init__(self) -> None:
         if self.precision not in B.PRECISIONS:
@@ -118,6 +123,9 @@ def _export(checkpoint: Path, out: Path, options: ExportOptions, say: Progress) 
     bucket = options.bucket or suggested
     policy.prompts.bucket = bucket
     shapes = _shapes(policy, cameras, bucket)
+    contract = bundle_contract(checkpoint, policy, cameras, shapes.image_size, options.contract_flags)
+    if contract.provenance != "recorded":
+        say(f"robot contract: {checkpoint} records none; {describe_provenance(contract)}")
     say(f"shapes: {len(cameras)} camera(s) {list(cameras)}, bucket {bucket}, cache {shapes.cache_length}, chunk {shapes.chunk_length}")
 
     graphs = build_graphs(
@@ -138,7 +146,7 @@ def _export(checkpoint: Path, out: Path, options: ExportOptions, say: Progress) 
                 )
                 artifacts[name] = {"exporter": exported.exporter, "export_seconds": round(exported.seconds, 2)}
             _copy_side_files(checkpoint, stage, policy.mode == "discrete")
-            _write_manifest(stage, checkpoint, policy, shapes, cameras, _artifacts(stage, artifacts, dict.fromkeys(graphs, "fp32")), None)
+            _write_manifest(stage, checkpoint, policy, shapes, contract, _artifacts(stage, artifacts, dict.fromkeys(graphs, "fp32")), None)
         else:
             say(f"reusing the fp32 graphs of {stage}")
             artifacts = _check_reusable(stage, checkpoint, shapes, cameras, list(graphs))
@@ -162,7 +170,7 @@ def _export(checkpoint: Path, out: Path, options: ExportOptions, say: Progress) 
             shutil.rmtree(stage, ignore_errors=True)
 
     final = _artifacts(out, artifacts, precisions)
-    manifest = _write_manifest(out, checkpoint, policy, shapes, cameras, final, None)
+    manifest = _write_manifest(out, checkpoint, policy, shapes, contract, final, None)
     observations = (calib_obs or calibration.synthetic_observations(cameras, policy.meta, options.parity_observations))[
         : options.parity_observations
     ]
@@ -203,6 +211,40 @@ def _check_reusable(
     if problems:
         raise ExportError(f"--fp32-bundle {path}: cannot reuse: " + "; ".join(problems))
     return {g: {k: m["artifacts"][g][k] for k in ("exporter", "export_seconds")} for g in graphs}
+
+
+def bundle_contract(
+    checkpoint: Path, policy: Any, cameras: Sequence[str], image_size: Sequence[int], flags: ContractFlags
+) -> RobotContract:
+    """The robot contract of the bundle (``contract.export_contract``), decided before any graph is exported."""
+    path = checkpoint / CONTRACT_FILE
+    recorded = RobotContract.load(path) if path.is_file() else None
+    names = tuple(policy.meta.action_stats.names)
+    if not names and policy.action_dim == len(SO101_JOINTS) and flags.robot == "so101":
+        names = SO101_JOINTS
+    names = tuple(n.removesuffix(".pos") for n in names) or tuple(f"joint_{i}" for i in range(policy.action_dim))
+    return export_contract(
+        recorded,
+        flags,
+        tag=policy.tag or next(iter(policy.norm.tags)),
+        executed_steps=int(policy.n_action_steps),
+        cameras=tuple(cameras),
+        image_size=(int(image_size[0]), int(image_size[1])),
+        action=policy.meta.control_mode or "absolute joint pose",
+        joint_names=names,
+        where=str(checkpoint),
+    )
+
+
+def describe_provenance(contract: RobotContract) -> str:
+    """One line saying where an unrecorded contract's values came from (export prints it)."""
+    if contract.provenance == "flags":
+        return "using the contract given by the flags"
+    values = ", ".join(f"{k} from {src}" for k, src in contract.assumed.items())
+    return (
+        f"ASSUMED the release conventions of tag {contract.embodiment_tag!r}: joint frame {contract.joint_frame}, "
+        f"{contract.control_hz:g} Hz ({values}); pass --control-hz / --joint-frame if your checkpoint differs"
+    )
 
 
 def graph_precisions(precision: str, graphs: Sequence[str]) -> dict[str, str]:
@@ -253,14 +295,18 @@ def _shapes(policy: Any, cameras: Sequence[str], bucket: int) -> GraphShapes:
         budget += 1 + cfg.num_depth_codes + max(8, policy.horizon)
     if policy.mode == "discrete":
         budget += 16 * policy.horizon
+    # Think: <depth_start>, the codes and <depth_end> fit one decode_block call; its padding tokens are
+    # written past the last real one, so the cache keeps k scratch slots the expert never reads.
+    block = depth_block_length(cfg.num_depth_codes) if policy.depth else 0
     return GraphShapes(
         num_cameras=len(cameras),
         image_size=tuple(cfg.vit_config.image_default_input_size),
         bucket=bucket,
-        cache_length=bucket + budget,
+        cache_length=bucket + budget + block,
         context_length=bucket + budget if policy.depth else bucket,  # Think: the expert reads the depth tokens too
         chunk_length=policy.horizon,
         pooled_per_camera=cfg.tokens_per_image,
+        block_length=block,
     )
 
 
@@ -352,7 +398,7 @@ def _write_manifest(
     checkpoint: Path,
     policy: Any,
     shapes: GraphShapes,
-    cameras: Sequence[str],
+    contract: RobotContract,
     artifacts: dict[str, dict[str, Any]],
     report: dict[str, Any] | None,
 ) -> dict[str, Any]:
@@ -375,6 +421,7 @@ def _write_manifest(
         "n_action_steps": policy.n_action_steps,
         "cache_length": shapes.cache_length,
         "context_length": shapes.context_length,
+        "block_length": shapes.block_length,
         "norm_tag": tag,
         "norm_mode": policy.norm.norm_mode,
     }
@@ -393,10 +440,11 @@ def _write_manifest(
         toolchain=_toolchain(),
         model=model,
         prompt=prompt,
-        cameras={"order": list(cameras), "image_size": list(shapes.image_size)},
+        cameras={"order": list(contract.camera_names), "image_size": list(shapes.image_size)},
         artifacts=artifacts,
         parity=report,
         exporter_version=__version__,
+        robot_contract=contract.to_dict(),
     )
     B.write_manifest(root, manifest)
     return manifest

@@ -43,7 +43,7 @@ INT4_BLOCK = 32
 INT4_OPSET = 21
 
 
-FP16_KEPT_FP32 = ("prefill", "decode_step")  # graphs the fp16 bundle keeps in fp32 (see above)
+FP16_KEPT_FP32 = ("prefill", "decode_step", "decode_block", "expert_context")  # graphs the fp16 bundle keeps in fp32 (see above)
 
 
 def to_fp16(src: Path, dst: Path) -> dict[str, int]:

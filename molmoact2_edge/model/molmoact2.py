@@ -243,7 +243,8 @@ class MolmoAct2(nn.Module):
         flat = values.permute(0, 1, 3, 2, 4).reshape(L, B, T, KH * HD)  # (l, b, t, kh*hd)
         depth = depth & valid
         keep = valid & ~depth
-        keep = torch.where(keep.any(-1, keepdim=True), keep, valid).to(flat.dtype)  # all valid if none
+        # all valid if none; Where on float masks (onnxruntime has no bool Where kernel)
+        keep = torch.where(keep.any(-1, keepdim=True), keep.to(flat.dtype), valid.to(flat.dtype))
         mean = (flat * keep[None, ..., None]).sum(2) / keep.sum(-1).clamp(min=1.0)[None, :, None]  # (l, b, kh*hd)
         gate_mod = self.model.action_expert_depth_gate
         if isinstance(gate_mod, nn.ModuleList):

@@ -9,6 +9,8 @@ What each number includes (stated once, reported with every result):
   all of them alike, and ratios are taken within this one run;
 - loop jitter is ``|send time - deadline|`` of a fixed-rate control loop driving a
   ``DryRunGate`` (no robot) while the first backend computes chunks in its thread;
+- Think bundles: the depth stage with the cache vs without (graph calls per frame, stage p50,
+  cells re-predicted, drafts rejected) on a moving scene, ``depth_benchmark``;
 - energy per chunk needs a power sampler (``power.detect_power_sampler``); without
   one the result says ``available: false`` and why.
 """
@@ -145,4 +147,18 @@ def run_benchmark(
         report["power_trace"] = monitor.trace()
     finally:
         monitor.stop()
+    report.update(think_depth(bundle, backends[0], options.get(backends[0])))
     return report
+
+
+def think_depth(bundle: str | Path, backend: str, backend_options: dict[str, Any] | None) -> dict[str, Any]:
+    """``{"depth": ...}`` for a Think bundle (``depth_benchmark``: with vs without the cache), else ``{}``."""
+    from molmoact2_edge.runtimes.bundle import Bundle
+    from molmoact2_edge.runtimes.depth_benchmark import depth_benchmark
+
+    opened = Bundle.open(bundle)
+    if not opened.model.get("depth"):
+        return {}
+    options = backend_options or {}
+    with PolicySession(opened, backend, **options) as cached, PolicySession(opened, backend, **options) as uncached:
+        return {"depth": depth_benchmark(cached, uncached, synthetic_observation(cached))}

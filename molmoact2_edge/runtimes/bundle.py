@@ -6,10 +6,13 @@ schema, the graph names and every tensor name exist exactly once. Torch-free
 
 Layout of a bundle directory::
 
-    manifest.json            this module's schema (SCHEMA_VERSION), built by ``build_manifest``
+    manifest.json            this module's schema (SCHEMA_VERSION), built by ``build_manifest``,
+                             with the robot contract (``molmoact2_edge.contract``) under ``robot_contract``
     vision.onnx(.data)       one ONNX graph per entry of GRAPHS (external data beside it)
     prefill.onnx(.data)
     decode_step.onnx(.data)  only when the model decodes tokens (depth codes or discrete actions)
+    decode_block.onnx(.data) Think bundles: a block of depth tokens in one call (``runtimes.depth_decode``)
+    expert_context.onnx(.data) Think bundles of checkpoints with the expert's depth gate
     flow.onnx(.data)
     config.json              the checkpoint's config, copied
     norm_stats.json          normalization statistics, copied
@@ -38,11 +41,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from molmoact2_edge.contract import RobotContract
 from molmoact2_edge.errors import BundleError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the robot contract (contract.py) is part of the manifest
 MANIFEST = "manifest.json"
 ENGINES_DIR = "engines"
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
@@ -99,6 +103,39 @@ DECODE_STEP = GraphSpec(
         "context_v",
     ),
 )
+DECODE_BLOCK = GraphSpec(
+    "decode_block",
+    inputs=(
+        "input_ids",  # (b, k) int64: a block of k tokens; only the first n are real (the rest is padding)
+        "positions",  # (b, k) int64: cache slot and rotary position of each token (consecutive)
+        "cache_k",  # (l, b, kh, tm, hd)
+        "cache_v",  # (l, b, kh, tm, hd)
+        "block_bias",  # (b, 1, k, tm) float32 additive: the cache slots each token may attend to
+        "last_index",  # (b,) int64: block index whose full logits are returned (the last real token)
+    ),
+    outputs=(
+        "depth_argmax",  # (b, k) int64: argmax over the depth-code rows after each token (code index)
+        "token_argmax",  # (b, k) int64: argmax over the whole vocabulary after each token
+        "logits",  # (b, v) the logits after token last_index
+        "cache_k_out",  # (l, b, kh, tm, hd) the cache with all k tokens written (inputs are not mutated)
+        "cache_v_out",
+        "context_k",  # (l, b, k, e) each token's keys projected for the expert
+        "context_v",
+    ),
+)
+EXPERT_CONTEXT = GraphSpec(
+    "expert_context",
+    inputs=(
+        "cache_k",  # (l, b, kh, tm, hd) the decoder cache after the depth tokens
+        "cache_v",
+        "context_valid",  # (b, tc) bool: the expert's cross-attention mask (pools the gate's mean)
+        "depth_mask",  # (b, tc) bool: depth-token positions (scaled by the gate)
+    ),
+    outputs=(
+        "context_k",  # (l, b, tc, e) the whole expert context, the depth gate applied
+        "context_v",
+    ),
+)
 FLOW = GraphSpec(
     "flow",
     inputs=(
@@ -110,7 +147,9 @@ FLOW = GraphSpec(
     ),
     outputs=("actions",),  # (b, ah, ad) normalized actions after all Euler steps
 )
-GRAPHS: dict[str, GraphSpec] = {g.name: g for g in (VISION, PREFILL, DECODE_STEP, FLOW)}
+GRAPHS: dict[str, GraphSpec] = {
+    g.name: g for g in (VISION, PREFILL, DECODE_STEP, DECODE_BLOCK, EXPERT_CONTEXT, FLOW)
+}
 
 # Large negative used in additive attention biases. Not finfo.min: fp16 graphs must not overflow it
 # (vla-edge clamps to -30000 for the same reason); exp(-30000) underflows to exactly 0 in every dtype.
@@ -156,6 +195,7 @@ def build_manifest(
     artifacts: Mapping[str, Mapping[str, Any]],
     parity: Mapping[str, Any] | None,
     exporter_version: str,
+    robot_contract: Mapping[str, Any],
 ) -> dict[str, Any]:
     """The whole export-side manifest, built once from what export computed. Hashes every file in root.
 
@@ -165,6 +205,7 @@ def build_manifest(
     prompt: bucket, tokenizer files, template info (special token ids, setup/control text)
     cameras: {'order': [...], 'image_size': [h, w]}
     artifacts: graph name -> {file, data_file, precision, opset, inputs, outputs}
+    robot_contract: ``RobotContract.to_dict()`` (robot kinds, joints and frame, rate, cameras, semantics)
     """
     required_model = ("chunk_length", "flow_steps", "action_dim", "max_action_dim", "state_dim")
     missing = [k for k in required_model if k not in model]
@@ -194,6 +235,7 @@ def build_manifest(
         "cameras": dict(cameras),
         "artifacts": {k: dict(v) for k, v in artifacts.items()},
         "parity": dict(parity) if parity is not None else None,
+        "robot_contract": dict(robot_contract),
         "files": {rel: file_entry(root / rel) for rel in list_files(root)},
         "engines": {},
     }
@@ -230,6 +272,12 @@ class Bundle:
         except json.JSONDecodeError as err:
             raise BundleError(f"{manifest_path}: not valid JSON ({err})") from err
         version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+        if isinstance(version, int) and version < SCHEMA_VERSION:
+            raise BundleError(
+                f"{manifest_path}: schema_version {version} predates the robot contract (rate, joint frame, "
+                f"cameras the policy was trained with; this runtime reads {SCHEMA_VERSION}) and cannot be run "
+                "safely; re-export it: molmo-edge export CHECKPOINT -o BUNDLE"
+            )
         if version != SCHEMA_VERSION:
             raise BundleError(
                 f"{manifest_path}: schema_version {version!r} is not supported (this runtime reads "
@@ -325,6 +373,11 @@ class Bundle:
     def image_size(self) -> tuple[int, int]:
         h, w = self.manifest["cameras"]["image_size"]
         return int(h), int(w)
+
+    @property
+    def contract(self) -> RobotContract:
+        """The robot contract this bundle's policy was trained under (checked when read)."""
+        return RobotContract.from_dict(self.manifest["robot_contract"], f"{self.root / MANIFEST} robot_contract")
 
     @property
     def engines(self) -> dict[str, Any]:

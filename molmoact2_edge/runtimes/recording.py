@@ -2,10 +2,12 @@
 
 ``DatasetRecorder`` feeds ``data.writer.LeRobotWriter`` (which encodes an episode
 when it ends) and, every ``flush()`` (the loop calls it once a second), also
-spools the frames since the last flush to ``<root>/.spool/episode_<i>/part_<k>.npz``.
-A clean episode end saves the episode and deletes its spool; after a crash the
-spool holds everything but the last second, and ``recover_spool`` turns it into
-episodes of a dataset.
+spools the frames since the last flush to ``<root>/.spool/episode_<i>/part_<k>.npz``
+(with ``.spool/meta.json``: rate, joints, robot type, joint frame). The spool keeps every
+episode until ``finalize`` has written the dataset's metadata: after a crash (even a
+``kill -9``) it holds everything but the last second, nothing is deleted, and ``recover``
+(``molmo-edge recover DIR``) turns it into a valid dataset in place. ``run --record`` refuses
+a folder holding a spool (pre-flight) instead of overwriting it.
 
 Features follow LeRobot's SO-101 naming: ``observation.state`` and ``action``
 with ``<joint>.pos`` names, one ``observation.images.<camera>`` video per camera.
@@ -14,6 +16,7 @@ pyarrow and PyAV are imported only when recording (``pip install 'molmoact2-edge
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -27,6 +30,7 @@ from molmoact2_edge.types import Observation
 log = logging.getLogger(__name__)
 
 SPOOL = ".spool"
+SPOOL_META = "meta.json"
 
 
 def _writer_module() -> Any:
@@ -65,8 +69,11 @@ class DatasetRecorder:
         joint_names: tuple[str, ...],
         robot_type: str,
         codec: str | None = None,
+        joint_frame: str | None = None,
     ):
+        """joint_frame: the frame of state and action (written to meta/info.json for the robot contract)."""
         self.root = Path(root)
+        self.joint_frame = joint_frame
         self.fps, self.joint_names, self.robot_type, self.codec = (
             int(fps),
             tuple(joint_names),
@@ -85,7 +92,7 @@ class DatasetRecorder:
         codec = writer.pick_codec(self.codec)
         feats = features(self.joint_names, cameras, self.fps, codec)
         self._writer = writer.LeRobotWriter(
-            self.root, fps=self.fps, features=feats, robot_type=self.robot_type, codec=codec
+            self.root, fps=self.fps, features=feats, robot_type=self.robot_type, joint_frame=self.joint_frame, codec=codec
         )
 
     def add(self, observation: Observation, action: np.ndarray) -> None:
@@ -110,6 +117,10 @@ class DatasetRecorder:
         if not self._pending:
             return
         self.spool_dir.mkdir(parents=True, exist_ok=True)
+        meta = self.root / SPOOL / SPOOL_META
+        if not meta.is_file():
+            facts = {"fps": self.fps, "joint_names": list(self.joint_names), "robot_type": self.robot_type}
+            meta.write_text(json.dumps({**facts, "joint_frame": self.joint_frame}) + "\n")
         keys = list(self._pending[0][0])
         arrays: dict[str, Any] = {
             k.replace("/", "_"): np.stack([f[k] for f, _ in self._pending]) for k in keys
@@ -122,7 +133,13 @@ class DatasetRecorder:
         self._pending.clear()
 
     def end_episode(self, keep: bool = True) -> int | None:
-        """Save (or discard) the episode; its spool is deleted either way. Returns the episode index saved."""
+        """Save (or discard) the episode; returns the episode index saved.
+
+        A kept episode stays whole in the spool until ``finalize`` (a crash before the dataset's
+        metadata exists must not lose it); a discarded one's spool is deleted.
+        """
+        if keep:
+            self.flush()
         self._pending.clear()
         saved = None
         if self._writer is not None and self._frames_in_episode:
@@ -130,7 +147,8 @@ class DatasetRecorder:
                 saved = self._writer.save_episode()
             else:
                 self._writer.discard_episode()
-        shutil.rmtree(self.spool_dir, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(self.spool_dir, ignore_errors=True)
         self.episode += 1
         self._part = 0
         self._frames_in_episode = 0
@@ -145,15 +163,44 @@ class DatasetRecorder:
         log.info("recorded %d episode(s) to %s", len(self._writer.episodes), self.root)
 
 
+def recover(root: str | Path) -> int:
+    """Turn the interrupted recording at ``root`` into a valid dataset at ``root``; returns the episodes recovered.
+
+    The dataset is written beside it first; only then is the crashed folder (partial files and
+    spool) replaced, so an interruption of the recovery itself loses nothing either.
+    """
+    root = Path(root)
+    meta_path = root / SPOOL / SPOOL_META
+    if not meta_path.is_file():
+        raise DatasetError(f"{root}: no interrupted recording here ({meta_path} is missing)")
+    meta = json.loads(meta_path.read_text())
+    staging = root.parent / f".{root.name}.recovering"
+    shutil.rmtree(staging, ignore_errors=True)
+    count = recover_spool(
+        root, staging, int(meta["fps"]), tuple(meta["joint_names"]), meta["robot_type"], meta.get("joint_frame")
+    )
+    crashed = root.parent / f".{root.name}.crashed"
+    root.rename(crashed)
+    staging.rename(root)
+    shutil.rmtree(crashed)
+    log.info("recovered %d episode(s) into %s", count, root)
+    return count
+
+
 def recover_spool(
-    root: str | Path, out: str | Path, fps: int, joint_names: tuple[str, ...], robot_type: str
+    root: str | Path,
+    out: str | Path,
+    fps: int,
+    joint_names: tuple[str, ...],
+    robot_type: str,
+    joint_frame: str | None = None,
 ) -> int:
     """Turn a crashed recording's spool at ``root`` into a dataset at ``out``; returns the episodes written."""
     spool = Path(root) / SPOOL
     episodes = sorted(p for p in spool.glob("episode_*") if p.is_dir())
     if not episodes:
         raise DatasetError(f"{spool}: no spooled episodes to recover")
-    recorder = DatasetRecorder(out, fps, joint_names, robot_type)
+    recorder = DatasetRecorder(out, fps, joint_names, robot_type, joint_frame=joint_frame)
     for episode in episodes:
         for part in sorted(episode.glob("part_*.npz")):
             with np.load(part) as data:

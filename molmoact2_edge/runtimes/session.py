@@ -8,8 +8,9 @@ The full order, in one place (``act``):
      bucket (too long -> ``PromptTooLongError``, never truncated);
   4. ``vision`` graph -> pooled image features;
   5. ``prefill`` graph -> last-token logits, expert context K/V, decoder cache;
-  6. Think bundles: depth codes through ``decode_step``, with the adaptive per-camera
-     cache (unchanged cells replayed, changed cells re-predicted);
+  6. Think bundles: depth codes with the adaptive per-camera cache (unchanged cells
+     replayed, changed cells re-predicted), verified speculatively in ``decode_block``
+     calls with the cached codes as drafts (``depth_decode``; exact, few calls);
   7. ``flow`` graph (all Euler steps inside) -> normalized chunk, or for discrete
      bundles greedy ``decode_step`` decoding + OpenFAST;
   8. slice to the returned steps and un-normalize with the bundle's norm stats.
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from molmoact2_edge.normalization import NormStats
 from molmoact2_edge.preprocess import resize_cameras
 from molmoact2_edge.runtimes import bundle as B
 from molmoact2_edge.runtimes.backends.base import BackendSession, load_backend
+from molmoact2_edge.runtimes.depth_decode import DepthTokens, decode_depth, depth_token_mask
 from molmoact2_edge.tokenizers.openfast import OpenFASTTokenizer, action_span, llm_to_fast_ids
 from molmoact2_edge.tokenizers.prompt import (
     ImageLayout,
@@ -102,6 +104,8 @@ class PolicySession:
         self.depth_cache = DepthCache(grid=int(round(int(m.get("num_depth_codes", 100)) ** 0.5)))
         self._cache_len = int(m.get("cache_length", p["bucket"]))
         self._context_len = int(m.get("context_length", p["bucket"]))
+        self._block_len = int(m.get("block_length", 0)) if B.DECODE_BLOCK.name in self.bundle.graph_names else 0
+        self.speculative_depth = True  # False: depth codes one decode_step per token (the baseline benchmarks compare)
 
     # --- public --------------------------------------------------------------------------
 
@@ -124,7 +128,7 @@ class PolicySession:
         ctx = _Context.from_prefill(pre, prompt, self._context_len)
         if self.depth:
             with self._timed(timings, "depth"):
-                info["depth_cells_repredicted"] = self._decode_depth(ctx, observation)
+                info.update(self._decode_depth(ctx, observation))
             info.update(self.depth_cache.last_info())  # which cells, for telemetry and the rerun display
         if self.discrete:
             with self._timed(timings, "decode"):
@@ -208,29 +212,37 @@ class PolicySession:
         ctx.append(token, out)
         return out["logits"][0]
 
-    def _decode_depth(self, ctx: _Context, observation: Observation) -> int:
-        """<depth_start>, one code per cell (re-predicted or replayed), then greedy until <depth_end>."""
-        ids = self.token_ids
-        first, count = ids["depth_token_start_id"], ids["num_depth_tokens"]
+    def _decode_depth(self, ctx: _Context, observation: Observation) -> dict[str, int]:
+        """<depth_start>, one code per cell (re-predicted or replayed), then greedy until <depth_end>;
+        speculative block calls with the cached codes as drafts (``depth_decode``). Returns the frame's stats."""
         camera = self.camera_order[0]  # the "main image" of the depth question
         cells, previous, changed = self.depth_cache.plan(camera, observation.images[camera])
-        logits = self._step(ctx, ids["depth_start_token_id"])
-        codes = np.zeros(self.depth_cache.num_cells, dtype=np.int64)
-        for cell in range(self.depth_cache.num_cells):
-            if changed[cell] or previous is None:
-                codes[cell] = int(np.argmax(logits[first : first + count]))
-            else:
-                codes[cell] = previous[cell]
-            logits = self._step(ctx, first + int(codes[cell]))
-        self.depth_cache.update(camera, cells, codes, changed)
-        budget = max(8, self.chunk_length)
-        token = int(np.argmax(logits))
-        for _ in range(budget):
-            logits = self._step(ctx, token)
-            if token == ids["depth_end_token_id"]:
-                break
-            token = int(np.argmax(logits))
-        return int(changed.sum())
+        result = decode_depth(
+            _ContextDecoder(self, ctx),
+            DepthTokens.from_ids(self.token_ids),
+            previous,
+            changed,
+            tail_budget=max(8, self.chunk_length),
+            speculative=self.speculative_depth,
+        )
+        self.depth_cache.update(camera, cells, result.codes, changed)
+        if B.EXPERT_CONTEXT.name in self.bundle.graph_names:  # the depth gate needs the depth tokens first
+            self._gated_context(ctx)
+        return result.stats.info()
+
+    def _gated_context(self, ctx: _Context) -> None:
+        """Replace the expert context with the ``expert_context`` graph's: the depth gate applied over all of it."""
+        ids, valid = ctx.ids(), ctx.cache_valid[: self._context_len]
+        out = self._run(
+            B.EXPERT_CONTEXT.name,
+            {
+                "cache_k": ctx.cache_k,
+                "cache_v": ctx.cache_v,
+                "context_valid": cross_attention_valid(ids, valid, self.token_ids, self.action_mode)[None],
+                "depth_mask": (depth_token_mask(ids, self.token_ids) & valid)[None],
+            },
+        )
+        ctx.context_k, ctx.context_v = out["context_k"], out["context_v"]
 
     def _decode_discrete(self, ctx: _Context) -> tuple[np.ndarray, bool]:
         """Greedy decoding to eos (at most 16 * ah tokens), then OpenFAST on the action span (§4.14)."""
@@ -274,6 +286,43 @@ class PolicySession:
         start = self.n_obs_steps - 1
         chunk = normalized[start : start + self.n_action_steps, : self.action_dim]
         return self.norm.unnormalize_action(chunk, self.tag).astype(np.float32)
+
+
+class _ContextDecoder:
+    """``depth_decode.Decoder`` over one ``act``'s context: ``decode_step`` and ``decode_block`` calls."""
+
+    def __init__(self, session: PolicySession, ctx: _Context) -> None:
+        self.session, self.ctx = session, ctx
+        self.block_length = session._block_len
+
+    def step(self, token: int) -> np.ndarray:
+        return self.session._step(self.ctx, token)
+
+    def block(self, tokens: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        ctx, k, n = self.ctx, self.block_length, len(tokens)
+        start, cache_len = ctx.length, self.session._cache_len
+        if not 0 < n <= k or start + k > cache_len:
+            raise BundleError(f"decode_block: {n} token(s) at slot {start} do not fit k={k} / cache length {cache_len}")
+        ids = np.zeros((1, k), dtype=np.int64)
+        ids[0, :n] = tokens
+        allowed = np.repeat(ctx.cache_valid[None, :cache_len], k, axis=0)  # (k, tm): every earlier valid slot
+        allowed[:, start : start + k] |= np.tril(np.ones((k, k), dtype=bool))  # causal inside the block
+        out = self.session._run(
+            B.DECODE_BLOCK.name,
+            {
+                "input_ids": ids,
+                "positions": np.arange(start, start + k, dtype=np.int64)[None],
+                "cache_k": ctx.cache_k,
+                "cache_v": ctx.cache_v,
+                "block_bias": bias_from_allowed(allowed)[None, None],
+                "last_index": np.array([n - 1], dtype=np.int64),
+            },
+        )
+        ctx.append_block(tokens, out)
+        return out["depth_argmax"][0, :n], out["token_argmax"][0, :n]
+
+    def drop(self, count: int) -> None:
+        self.ctx.drop(count)
 
 
 class _Context:
@@ -321,6 +370,23 @@ class _Context:
             self.context_v[:, :, pos] = out["context_v"][:, :, 0]
         self._ids[pos], self.cache_valid[pos] = token, True
         self.length = pos + 1
+        self.last_logits = out["logits"][0]
+
+    def append_block(self, tokens: Sequence[int], out: Mapping[str, np.ndarray]) -> None:
+        """A decode_block call's outputs: its real tokens become valid slots (the padding stays invalid)."""
+        start, n = self.length, len(tokens)
+        self.cache_k, self.cache_v = out["cache_k_out"], out["cache_v_out"]
+        inside = max(0, min(n, self.context_k.shape[2] - start))  # slots past the context are scratch
+        self.context_k[:, :, start : start + inside] = out["context_k"][:, :, :inside]
+        self.context_v[:, :, start : start + inside] = out["context_v"][:, :, :inside]
+        self._ids[start : start + n], self.cache_valid[start : start + n] = tokens, True
+        self.length = start + n
+        self.last_logits = out["logits"][0]
+
+    def drop(self, count: int) -> None:
+        """Forget the last ``count`` tokens (a rejected draft and what followed it); the slots are free again."""
+        self.length -= count
+        self.cache_valid[self.length : self.length + count] = False
 
 
 def describe(bundle: B.Bundle) -> dict[str, Any]:
@@ -333,6 +399,7 @@ def describe(bundle: B.Bundle) -> dict[str, Any]:
         "model": m["model"],
         "prompt_bucket": m["prompt"]["bucket"],
         "cameras": m["cameras"],
+        "robot_contract": bundle.contract.to_dict(),
         "artifacts": m["artifacts"],
         "parity": m.get("parity"),
         "engines": m.get("engines", {}),

@@ -101,7 +101,7 @@ class TelemetryLog:
     ticks: field -> (n,) or (n, joints) array (see ``TICK_SCALARS``, ``TICK_VECTORS``; ``rule`` is a
         str array, "" where no rule fired; ``chunk_row`` the row of the tick's chunk in ``chunks``, -1
         when none). chunks: ``index``, ``episode``, ``t``, ``obs_t``,
-        ``energy_j``, ``depth_cells_repredicted`` (n_chunks,) arrays, ``timings_ms`` stage -> (n_chunks,)
+        ``energy_j`` and the ``DEPTH_INFO`` fields (n_chunks,) arrays, ``timings_ms`` stage -> (n_chunks,)
         and ``actions`` a list of (ah, ad) arrays. swaps: ``episode``, ``tick``, ``chunk``, ``t``,
         ``delay_ms``, ``start_action``. power: ``t``, ``w`` (n_samples,).
     """
@@ -199,6 +199,9 @@ def _tick_arrays(ticks: list[dict[str, Any]], width: int) -> dict[str, np.ndarra
     return arrays
 
 
+DEPTH_INFO = ("depth_cells_repredicted", "depth_drafts_rejected", "depth_block_calls", "depth_graph_calls")
+
+
 def _columns(records: list[dict[str, Any]], names: Sequence[str]) -> dict[str, np.ndarray]:
     return {
         name: np.array([np.nan if r.get(name) is None else r[name] for r in records], dtype=np.float64)
@@ -208,9 +211,8 @@ def _columns(records: list[dict[str, Any]], names: Sequence[str]) -> dict[str, n
 
 def _chunk_arrays(chunks: list[dict[str, Any]]) -> dict[str, Any]:
     arrays: dict[str, Any] = _columns(chunks, ("index", "episode", "t", "obs_t", "energy_j"))
-    arrays["depth_cells_repredicted"] = np.array(
-        [c.get("info", {}).get("depth_cells_repredicted", np.nan) for c in chunks], dtype=np.float64
-    )
+    for key in DEPTH_INFO:  # Think chunks (``runtimes.depth_decode.DepthStats``); NaN elsewhere
+        arrays[key] = np.array([c.get("info", {}).get(key, np.nan) for c in chunks], dtype=np.float64)
     stages = sorted({stage for c in chunks for stage in c.get("timings_ms", {})})
     arrays["timings_ms"] = {
         stage: np.array([c["timings_ms"].get(stage, np.nan) for c in chunks], dtype=np.float64) for stage in stages

@@ -2,9 +2,10 @@
 
 ``policy_contract`` is the one place that reads the contract out of a bundle manifest, so a
 local bundle and a remote server are checked by the same ``check_robot`` before the bus opens.
-The manifest today carries cameras, image size, state/action dims, chunk length, the norm tag
-and the prompt's setup/control text; a ``robot`` section (control rate, joint names, ...) is
-passed through as-is when the bundle has one, and ``control_hz`` is taken from it.
+The manifest carries cameras, image size, state/action dims, chunk length, the norm tag, the
+prompt's setup/control text and the robot contract (``molmoact2_edge.contract``, sent whole as
+``robot_contract``; ``control_hz`` is its rate), which the client resolves and pre-flights exactly
+like a local bundle's (``runtimes.preflight``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def policy_contract(bundle: Bundle) -> dict[str, Any]:
     """
     model, prompt = bundle.model, bundle.prompt
     robot = bundle.manifest.get("robot")
-    control_hz = robot.get("control_hz") if isinstance(robot, Mapping) else None
+    robot_contract = bundle.contract  # molmoact2_edge.contract: the client resolves and pre-flights it
+    control_hz = robot_contract.control_hz
     spec = prompt.get("spec", {})
     h, w = bundle.image_size
     contract: dict[str, Any] = {
@@ -61,16 +63,20 @@ def policy_contract(bundle: Bundle) -> dict[str, Any]:
         "depth": bool(model.get("depth", False)),
         "precision": bundle_precision(bundle),
         "source_sha256": bundle.manifest.get("source", {}).get("sha256"),
+        "robot_contract": robot_contract.to_dict(),
     }
     if isinstance(robot, Mapping):
         contract["robot"] = dict(robot)
     return contract
 
 
-def check_robot(contract: Mapping[str, Any], cameras: Sequence[str], joint_names: Sequence[str], hz: float) -> None:
+def check_robot(
+    contract: Mapping[str, Any], cameras: Sequence[str], joint_names: Sequence[str], hz: float | None
+) -> None:
     """Pre-flight: raise ContractError when the robot cannot feed or execute this policy.
 
-    cameras: the robot's camera names; joint_names: its joints in state order; hz: the loop rate.
+    cameras: the robot's camera names; joint_names: its joints in state order; hz: the loop rate
+    (None: not compared, the user overrode the contract's rate explicitly).
     """
     missing = [key for key in REQUIRED_KEYS if key not in contract]
     if missing:
@@ -82,7 +88,7 @@ def check_robot(contract: Mapping[str, Any], cameras: Sequence[str], joint_names
     for key in ("state_dim", "action_dim"):
         if int(contract[key]) != len(joint_names):
             problems.append(f"{key} is {contract[key]} but the robot has {len(joint_names)} joints {list(joint_names)}")
-    if contract["control_hz"] is not None and abs(float(contract["control_hz"]) - hz) > 1e-6:
+    if hz is not None and contract["control_hz"] is not None and abs(float(contract["control_hz"]) - hz) > 1e-6:
         problems.append(f"it was recorded at {contract['control_hz']:g} Hz but the loop runs at {hz:g} Hz (pass --hz)")
     if problems:
         raise ContractError("the policy does not fit this robot: " + "; ".join(problems))

@@ -59,7 +59,7 @@ def record_demos(
     if missing:
         raise SimulationError(f"depth camera(s) {missing} are not recorded cameras {list(cameras)}")
     features = so101_features({cam: (size, size) for cam in cameras}, control_hz, codec, depth_cameras)
-    writer = LeRobotWriter(out, fps=control_hz, features=features, codec=codec)
+    writer = LeRobotWriter(out, fps=control_hz, features=features, joint_frame="lerobot", codec=codec)
     render = RenderConfig(width=size, height=size)
     envs = {
         name: SimEnv(name, render=render, cameras=cameras, control_hz=control_hz, depth_cameras=depth_cameras)

@@ -315,7 +315,9 @@ class SimSO101Robot(SO101):
         control_hz: float = DEFAULT_CONTROL_HZ,
         max_step_deg: float = 10.0,
         max_step_gripper: float = 25.0,
+        joint_frame: str = "lerobot",
     ):
+        """joint_frame: the frame the policy sees (``SO101``); the simulated arm itself is in LeRobot's."""
         from molmoact2_edge.hardware.buses.feetech import FeetechBus
 
         self.sim = SimSO101(
@@ -333,6 +335,7 @@ class SimSO101Robot(SO101):
                 max_step_deg=max_step_deg,
                 max_step_gripper=max_step_gripper,
                 control_hz=control_hz,
+                joint_frame=joint_frame,
             )
         except BaseException:
             self.sim.stop()

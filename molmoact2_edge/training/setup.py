@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from molmoact2_edge.config import SMALL_BASE_VOCAB, MolmoAct2Config, get_preset
+from molmoact2_edge.contract import CONTRACT_FILE, RobotContract, dataset_contract
 from molmoact2_edge.data.reader import LeRobotDataset
 from molmoact2_edge.data.stats import dataset_norm_stats
 from molmoact2_edge.errors import DatasetError
@@ -49,6 +50,7 @@ class Run:
     batches: BatchMaker
     depth_vq: DepthVQ | None
     finetune_backbone: bool
+    contract: RobotContract
 
     def objective(self, stage: int) -> torch.nn.Module:
         if stage == 1:
@@ -56,7 +58,8 @@ class Run:
         return FlowObjective(self.model, finetune_backbone=self.finetune_backbone)
 
     def save(self, directory: Path, dtype: torch.dtype | None = None) -> None:
-        """The released layout: config.json, safetensors, norm_stats.json, tokenizer files (+ depth codebook).
+        """The released layout: config.json, safetensors, norm_stats.json, tokenizer files (+ depth codebook),
+        and the robot contract the data implies (``robot_contract.json``).
 
         dtype: storage dtype of the weights (None: as trained, float32; the loader upcasts fp16/bf16).
         """
@@ -66,6 +69,7 @@ class Run:
         save_checkpoint(self.model, self.config, directory, norm_stats=self.norm_stats, dtype=dtype)
         self.text_tokenizer.save(directory / "tokenizer.json")
         self.fast.save(directory / ACTION_TOKENIZER_DIR)
+        self.contract.save(directory / CONTRACT_FILE)
         if self.depth_vq is not None:
             save_depth_vq(self.depth_vq, directory)
 
@@ -167,6 +171,7 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
         raise DatasetError(
             f"--action-horizon {cfg.action_horizon} exceeds the preset's max_action_horizon {config.max_action_horizon}"
         )
+    contract = training_contract(cfg)  # before reading frames: a dataset that cannot say its frame fails fast
     frames, stats, cameras = read_dataset(cfg, config)
     if frames.chunks.shape[2] > config.max_action_dim:
         raise DatasetError(
@@ -190,4 +195,24 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
     model = MolmoAct2.from_config(config, seed=cfg.seed).to(info.device)
     if info.is_main:
         log.info("model %s: %s parameters", cfg.preset, model.parameter_counts())
-    return Run(config, model, text, fast, stats, batches, depth_vq, cfg.finetune_backbone)
+    return Run(config, model, text, fast, stats, batches, depth_vq, cfg.finetune_backbone, contract)
+
+
+def training_contract(cfg: TrainConfig) -> RobotContract:
+    """The robot contract of the checkpoint this run writes: the dataset's fps, robot type, joints and frame."""
+    import json
+
+    from molmoact2_edge.data import lerobot_format as fmt
+
+    info = json.loads((Path(cfg.data) / fmt.INFO_PATH).read_text())
+    visual = [camera_name(k) for k, f in info.get("features", {}).items() if fmt.is_visual(f) and not k.startswith(DEPTH_PREFIX)]
+    cameras = tuple(cfg.cameras or visual)
+    return dataset_contract(
+        info,
+        tag=cfg.tag,
+        executed_steps=cfg.n_action_steps or cfg.action_horizon,
+        cameras=cameras,
+        action="absolute joint pose",
+        joint_frame=cfg.joint_frame,
+        where=str(cfg.data),
+    )

@@ -57,6 +57,7 @@ class TrainConfig:
     # (right for tasks whose success is a hold, e.g. touch), False masks it out of the loss.
     hold_past_end: bool = False
     tag: str = "so100_so101_molmoact2"  # norm_stats.json tag, also the prompt's setup/control text
+    joint_frame: str | None = None  # the dataset's joint frame when meta/info.json does not say (robot contract)
     save_every: int = 200
     save_dtype: str = "float32"  # storage dtype of the final weights: float32, float16 or bfloat16
     log_every: int = 10

@@ -34,7 +34,7 @@ from molmoact2_edge.errors import BackendError, BackendUnavailableError
 
 log = logging.getLogger(__name__)
 
-GRAPH_NAMES = ("vision", "prefill", "decode_step", "flow")
+GRAPH_NAMES = ("vision", "prefill", "decode_step", "decode_block", "expert_context", "flow")
 
 
 @runtime_checkable

@@ -50,6 +50,7 @@ def graph_shapes(bundle: B.Bundle) -> Any:
         context_length=int(model.get("context_length", prompt["bucket"])),
         chunk_length=int(model["chunk_length"]),
         pooled_per_camera=rows // n,
+        block_length=int(model.get("block_length", 0)),
     )
 
 
