@@ -1,6 +1,6 @@
 """Training throughput (samples/s per preset and stage) on this machine, and the bundled checkpoint's success table.
 
-    python benchmarks/training.py [--presets tiny small] [--steps 6] [--threads 1]
+    python benchmarks/training.py [--presets tiny small-fast small] [--steps 6] [--threads 1]
 
 Throughput: a 3-episode touch dataset is recorded into a temporary directory, then for each
 preset the real stage objectives run ``--steps`` optimizer steps (after one warm-up step) at
@@ -82,7 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small-fast", "small"])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
@@ -111,9 +111,8 @@ def write_success() -> None:
         body = (
             "Closed-loop success in the simulated SO-101 (`molmo-edge eval --json`, seeded episodes "
             "100000+, disjoint from the training demos' seeds). Time per chunk is the PyTorch reference "
-            "policy on this shared CPU. Run `think` is the MolmoAct2-Think variant trained beside the "
-            "bundled checkpoint (same recipe plus `--think`; weights not committed, see the checkpoint's "
-            "README).\n\n"
+            "policy on this shared CPU. One row per `eval_*.json` beside each committed checkpoint; each "
+            "checkpoint's README has its recipe, and `so101-touch-small`'s README the runs behind its rows.\n\n"
             + markdown_table(["checkpoint", "run", "task", "mode", "successes", "rate", "ms/chunk"], success)
         )
         write_section("training-success", "Bundled checkpoint success rate", body)

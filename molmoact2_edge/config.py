@@ -680,6 +680,56 @@ def _small() -> MolmoAct2Config:
     )
 
 
+@register_preset("small-fast")
+def _small_fast() -> MolmoAct2Config:
+    """The bundled demo policy: CPU-trainable in about an hour, 6x6 pooled tokens per 96 px camera.
+
+    Against ``small``: 8 px patches at 96 px give each camera 36 image tokens (16 px of the image
+    each, against 28 px for ``small``'s 4x4 grid at 112 px), so the cube covers several tokens,
+    while narrower and shallower blocks make a training step several times cheaper.
+    """
+    vocab, ids = _layout_fields(SMALL_BASE_VOCAB, num_depth_tokens=128)
+    return MolmoAct2Config(
+        vit_config=VitConfig(
+            hidden_size=96,
+            intermediate_size=384,
+            num_hidden_layers=3,
+            num_attention_heads=3,
+            num_key_value_heads=3,
+            head_dim=32,
+            image_default_input_size=(96, 96),
+            image_patch_size=8,
+            image_num_pos=144,
+        ),
+        adapter_config=AdapterConfig(
+            vit_layers=(-1, -2),
+            hidden_size=96,
+            num_attention_heads=3,
+            num_key_value_heads=3,
+            head_dim=32,
+            intermediate_size=256,
+            text_hidden_size=128,
+        ),
+        text_config=TextConfig(
+            hidden_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            intermediate_size=384,
+            vocab_size=vocab,
+            max_position_embeddings=1024,
+        ),
+        action_expert_config=ActionExpertConfig(
+            hidden_size=96, num_layers=3, num_heads=3, mlp_ratio=4.0, ffn_multiple_of=32, timestep_embed_dim=64
+        ),
+        max_action_dim=32,
+        max_action_horizon=30,
+        **ids,
+        **_special_ids(SMALL_BASE_VOCAB),
+    )
+
+
 @register_preset("tiny")
 def _tiny() -> MolmoAct2Config:
     vocab, ids = _layout_fields(SMALL_BASE_VOCAB, num_depth_tokens=128)

@@ -164,6 +164,11 @@ def eval_command(
         f"{task}: {summary['successes']}/{summary['episodes']} successes ({100 * result.success_rate:.0f}%), "
         f"mean {summary['mean_steps']:.1f} steps, {summary['mean_seconds_per_chunk'] * 1000:.0f} ms per chunk"
     )
+    if summary["successes"] < summary["episodes"]:
+        click.echo(
+            f"failures: {summary['task_failures']} task, {summary['decode_failures']} decode "
+            f"({summary['chunks_not_decoded']} chunks did not decode)"
+        )
     for video in result.videos:
         click.echo(f"video: {video}")
     if save_rrd is not None:

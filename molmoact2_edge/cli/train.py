@@ -49,6 +49,12 @@ import click
     "--finetune-backbone", is_flag=True, help="Stage 2 also trains the backbone (no stop-gradient)."
 )
 @click.option(
+    "--hold-past-end",
+    is_flag=True,
+    help="Train the chunk tail past an episode's end (the last action repeated) instead of masking it: "
+    "the policy learns to hold still once done (tasks whose success is a hold, e.g. touch).",
+)
+@click.option(
     "--joint-frame",
     type=click.Choice(["lerobot", "so100_101_legacy", "native"]),
     default=None,
@@ -88,6 +94,7 @@ def train(
     cameras: tuple[str, ...],
     think: bool,
     finetune_backbone: bool,
+    hold_past_end: bool,
     joint_frame: str | None,
     save_every: int,
     save_dtype: str,
@@ -132,6 +139,7 @@ def train(
         cameras=cameras or None,
         think=think,
         finetune_backbone=finetune_backbone,
+        hold_past_end=hold_past_end,
         joint_frame=joint_frame,
         save_every=save_every,
         save_dtype=save_dtype,

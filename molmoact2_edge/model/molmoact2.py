@@ -87,6 +87,7 @@ class MolmoAct2(nn.Module):
         | parameters                                         | init                       |
         |----------------------------------------------------|----------------------------|
         | every Linear weight, wte tables, positional table  | normal(0, std)             |
+        | connector (pooling attention, projector) weights   | normal(0, 1/sqrt(fan_in))  |
         | every Linear bias                                  | 0                          |
         | RMSNorm / LayerNorm weights, LayerNorm biases      | 1 / 0                      |
         | expert ``*.modulation.linear`` weight and bias      | 0 (adaLN-Zero: gates start closed) |
@@ -108,6 +109,15 @@ class MolmoAct2(nn.Module):
         nn.init.normal_(wte.embedding, 0.0, std)
         nn.init.normal_(wte.new_embedding, 0.0, std)
         nn.init.normal_(self.model.vision_backbone.image_vit.positional_embedding, 0.0, std)
+        # The connector is a chain without residuals (pooling q/k/v/o, then a SwiGLU whose output is a
+        # product of two projections). At std 0.02 each layer shrinks its input ~0.3x and the product
+        # squares it: a from-scratch model's image features start near 1e-6 with a vanishing gradient,
+        # and the policy trains blind (measured: loss unchanged with shuffled images). Fan-in scaling
+        # keeps the features at the embeddings' scale. Released checkpoints load over this anyway.
+        vision = self.model.vision_backbone
+        for module in [*vision.image_pooling_2d.modules(), *vision.image_projector.modules()]:
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, module.in_features**-0.5)
         if self.config.add_action_expert:
             expert = self.model.action_expert
             for module in expert.modules():

@@ -5,7 +5,10 @@ Protocol: episode k resets ``SimEnv(task)`` with seed ``seed + k`` (use seeds th
 demos did not: ``molmo-edge sim record`` counts up from its --seed), then repeatedly asks the
 policy for a chunk and executes its ``n_action_steps`` actions open loop, one per control
 step, until the task's success signal holds for ``hold_steps`` steps (success) or the
-episode cap (failure). The flow noise of chunk j in episode k is seeded ``(seed + k) * 1000 + j``
+episode cap (failure). A failed episode in which any discrete chunk failed to decode
+(``info["decode_ok"] is False``: the policy then returned zeros) counts as a *decode*
+failure, the others as *task* failures, so a head that cannot write a chunk is not
+mistaken for one that writes wrong chunks. The flow noise of chunk j in episode k is seeded ``(seed + k) * 1000 + j``
 so a run is reproducible.
 
 ``policy`` is anything with ``act(observation, seed=...) -> ActionChunk`` and ``reset()``:
@@ -45,6 +48,14 @@ class EpisodeResult:
     steps: int
     chunks: int
     seconds_per_chunk: float
+    decode_failures: int = 0  # chunks whose discrete tokens did not decode (the policy returned zeros)
+
+    @property
+    def failure(self) -> str | None:
+        """None on success, else ``decode`` (some chunk failed to decode) or ``task``."""
+        if self.success:
+            return None
+        return "decode" if self.decode_failures else "task"
 
 
 @dataclass
@@ -58,11 +69,15 @@ class EvalResult:
         return sum(e.success for e in self.episodes) / max(1, len(self.episodes))
 
     def to_dict(self) -> dict[str, object]:
+        failures = [e.failure for e in self.episodes]
         return {
             "task": self.task,
             "episodes": len(self.episodes),
             "successes": sum(e.success for e in self.episodes),
             "success_rate": self.success_rate,
+            "task_failures": failures.count("task"),
+            "decode_failures": failures.count("decode"),
+            "chunks_not_decoded": sum(e.decode_failures for e in self.episodes),
             "mean_steps": float(np.mean([e.steps for e in self.episodes])) if self.episodes else 0.0,
             "mean_seconds_per_chunk": float(np.mean([e.seconds_per_chunk for e in self.episodes]))
             if self.episodes
@@ -138,7 +153,7 @@ class _SimClock:
 def _episode(env, policy: ChunkPolicy, seed: int, frames: EpisodeFrames | None, clock: _SimClock) -> EpisodeResult:  # type: ignore[no-untyped-def]
     obs = env.reset(seed)
     policy.reset()
-    streak = steps = chunks = 0
+    streak = steps = chunks = not_decoded = 0
     spent = 0.0
     while True:
         start = time.perf_counter()
@@ -148,6 +163,7 @@ def _episode(env, policy: ChunkPolicy, seed: int, frames: EpisodeFrames | None, 
         timings = {stage: seconds * 1e3 for stage, seconds in chunk.timings.items()}
         clock.emit("chunk", index=chunks, timings_ms=timings, info=chunk.info, actions=chunk.actions)
         chunks += 1
+        not_decoded += chunk.info.get("decode_ok") is False
         for action in chunk.actions:
             if frames is not None:  # the sim executes actions as given: commanded = sent
                 frames.add(np.concatenate([obs.images[c] for c in env.cameras], axis=1), obs.state, action, action)
@@ -157,5 +173,6 @@ def _episode(env, policy: ChunkPolicy, seed: int, frames: EpisodeFrames | None, 
             clock.steps += 1
             streak = streak + 1 if success else 0
             if done:
-                return EpisodeResult(seed, streak >= env.task.hold_steps, steps, chunks, spent / chunks)
+                success = streak >= env.task.hold_steps
+                return EpisodeResult(seed, success, steps, chunks, spent / chunks, not_decoded)
 

@@ -133,7 +133,7 @@ def _frames(
         for c, key in enumerate(cameras):
             images[i, c] = resize_bilinear(sample.images[key], size)
         chunks[i] = stats.normalize_action(sample.actions, cfg.tag)
-        valid[i] = sample.action_mask
+        valid[i] = True if cfg.hold_past_end else sample.action_mask
         if sample.task not in tasks:
             tasks.append(sample.task)
         task_index[i] = tasks.index(sample.task)

@@ -53,6 +53,9 @@ class TrainConfig:
     cameras: tuple[str, ...] | None = (
         None  # camera names to train on, in prompt order; None = all in the dataset
     )
+    # Past an episode's end a chunk repeats the last action; True trains on that tail as "hold still"
+    # (right for tasks whose success is a hold, e.g. touch), False masks it out of the loss.
+    hold_past_end: bool = False
     tag: str = "so100_so101_molmoact2"  # norm_stats.json tag, also the prompt's setup/control text
     joint_frame: str | None = None  # the dataset's joint frame when meta/info.json does not say (robot contract)
     save_every: int = 200
