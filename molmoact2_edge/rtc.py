@@ -16,7 +16,8 @@ Torch-free (the device imports it). The pieces, in the order a swap uses them:
 Modes: ``off`` (naive swap), ``inference`` (guided sampling, any flow checkpoint), ``training``
 (prefix conditioning; only checkpoints trained with ``rtc_max_delay > 0``), ``auto`` (training
 when the checkpoint has it, else off: inference-time guidance measured worse task success than the
-naive swap on the bundled checkpoint, so it is opt-in; ``docs/design.md``).
+naive swap on the bundled checkpoint, so it is opt-in; ``docs/design.md``). A bundle runs what its
+flow graph was exported for (``export --rtc inference`` opts in); ``auto`` follows it.
 """
 
 from __future__ import annotations
@@ -67,18 +68,19 @@ def session_mode(requested: str, exported: str | None) -> str | None:
     exported before RTC. Returns None when the graph takes no prefix at all, else ``off`` or the exported mode."""
     if requested not in MODES:
         raise ConfigError(f"--rtc must be one of {MODES}, got {requested!r}")
-    if exported is None:
+    if exported in (None, "off"):
         if requested in ("inference", "training"):
-            raise ConfigError(f"--rtc {requested}: this bundle's flow graph takes no committed prefix; re-export it")
-        return None
+            raise ConfigError(
+                f"--rtc {requested}: this bundle's flow graph takes no committed prefix; re-export it "
+                "(`molmo-edge export --rtc inference`, or a checkpoint trained with `train --rtc-max-delay`)"
+            )
+        return exported
     if requested in ("inference", "training") and requested != exported:
         raise ConfigError(
             f"--rtc {requested}: this bundle's flow graph was exported for {exported}-time RTC "
             f"(a checkpoint {'with' if exported == 'training' else 'without'} rtc_max_delay); use --rtc auto or off"
         )
-    if requested == "off" or (requested == "auto" and exported == "inference"):
-        return "off"  # inference-time guidance is opt-in (module docstring)
-    return exported
+    return "off" if requested == "off" else exported
 
 
 def guidance_weights(horizon: int, delay: int, overlap: int) -> np.ndarray:

@@ -74,6 +74,7 @@ def test_run_cli_drives_the_simulated_so101_and_times_every_stage(tiny, tmp_path
     ]
     args += ["--stall-timeout", "10"]  # the shared machine can starve inference for seconds
     args += ["--first-move-limit", "1"]  # a random policy's first target may be anywhere in the range
+    args += ["--sim-task", "lift"]  # its first move may touch the cube (a touch success ends the episode at once)
     dataset = tmp_path / "recorded"
     result = CliRunner().invoke(
         cli, [*args, "--backend", "onnxruntime", "--sim-size", "64", "--record", str(dataset)]

@@ -185,7 +185,7 @@ def test_spool_of_a_killed_recording_is_recovered_never_deleted(tmp_path: Path) 
     env = {**os.environ, "MUJOCO_GL": "egl", "PYTHONPATH": str(REPO)}
     args = [sys.executable, "-m", "molmoact2_edge.cli.main", "run", str(bundle), "--robot", "sim-so101"]
     args += ["--sim-size", "64", "--backend", "onnxruntime", "--stall-timeout", "30", "--duration", "120"]
-    args += ["--first-move-limit", "1"]  # the tiny bundle's policy is random
+    args += ["--first-move-limit", "1", "--sim-task", "lift"]  # random policy: its first move may touch the cube
     proc = subprocess.Popen([*args, "--record", str(record)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     spool = record / ".spool"
     deadline = time.monotonic() + 240

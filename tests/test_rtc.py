@@ -74,7 +74,9 @@ def test_modes_resolve_and_refuse_what_the_checkpoint_or_bundle_lacks() -> None:
     with pytest.raises(ConfigError, match="training-time RTC"):
         resolve_mode("training", 0)
     assert session_mode("auto", None) is None and session_mode("off", "training") == "off"
-    assert session_mode("auto", "inference") == "off" and session_mode("inference", "inference") == "inference"
+    assert session_mode("auto", "inference") == "inference" and session_mode("auto", "off") == "off"
+    with pytest.raises(ConfigError, match="export --rtc inference"):
+        session_mode("inference", "off")
     with pytest.raises(ConfigError, match="exported for training-time"):
         session_mode("inference", "training")
     with pytest.raises(ConfigError):

@@ -41,6 +41,7 @@ def _split(value: str | None) -> tuple[str, ...] | None:
 @click.option("--control-hz", type=float, help="Rate the policy's actions were recorded at (only for a checkpoint without robot_contract.json).")
 @click.option("--joint-frame", type=click.Choice(JOINT_FRAMES), help="Joint frame of the training data (only without robot_contract.json).")
 @click.option("--robot", type=click.Choice(ROBOT_KINDS), help="Robot kind the policy drives (only without robot_contract.json).")
+@click.option("--rtc", type=click.Choice(["auto", "inference"]), default="auto", show_default=True, help="Real-time chunking in the flow graph: auto = training-time if the checkpoint was trained for it, else none; inference = guided sampling (one extra expert pass per flow step; docs/rtc.md).")
 def export(
     checkpoint: Path,
     out: Path,
@@ -56,6 +57,7 @@ def export(
     control_hz: float | None,
     joint_frame: str | None,
     robot: str | None,
+    rtc: str,
 ) -> None:
     """Export CHECKPOINT to a fixed-shape, quantized ONNX bundle checked for parity against PyTorch.
 
@@ -77,7 +79,7 @@ def export(
     options = ExportOptions(
         precision=precision, calib=calib, bucket=bucket, cameras=_split(cameras), tag=tag, target=target,
         quantizer=quantizer, allow_parity_failure=allow_parity_failure, fp32_bundle=fp32_bundle,
-        contract_flags=ContractFlags(control_hz, joint_frame, robot),
+        contract_flags=ContractFlags(control_hz, joint_frame, robot), rtc=rtc,
     )  # fmt: skip
     try:
         manifest = export_bundle(checkpoint, out, options, progress=lambda msg: click.echo(f"  {msg}"))

@@ -237,7 +237,7 @@ class FlowGraph(nn.Module):
     is computed in fp16 and cast to fp32 before each Euler update (``model/flow.py``).
     rtc: how the committed prefix enters (``model/rtc_flow.py``): ``inference`` guides every step
     (``EXPORTABLE_VJP``, one extra expert pass per step), ``training`` pins it at flow time 1 (for
-    checkpoints trained with ``rtc_max_delay``).
+    checkpoints trained with ``rtc_max_delay``), ``off`` ignores it (the plain flow).
     """
 
     def __init__(
@@ -246,7 +246,7 @@ class FlowGraph(nn.Module):
         num_steps: int,
         mask_padding: bool,
         dtype: torch.dtype = torch.float32,
-        rtc: str = "inference",
+        rtc: str = "off",
     ) -> None:
         super().__init__()
         self.expert = expert if dtype == torch.float32 else copy.deepcopy(expert).to(dtype)
@@ -269,19 +269,26 @@ class FlowGraph(nn.Module):
             return self.expert(x, t, ctx_k, ctx_v, cross_bias)
 
         mask = action_dim_mask if self.mask_padding else None
-        if rtc_prefix is None or rtc_weights is None:
+        if rtc_prefix is None or rtc_weights is None or self.rtc == "off":
             return euler_sample(velocity, noise, self.num_steps, mask)  # (b, ah, ad) fp32
         return rtc_sample(self.rtc, velocity, noise, self.num_steps, rtc_prefix, rtc_weights, mask, vjp=EXPORTABLE_VJP)
 
 
-def rtc_mode(config: MolmoAct2Config) -> str:
-    """How the flow graph takes a committed prefix: conditioned if the expert was trained with it, else guided."""
-    return "training" if config.rtc_max_delay > 0 else "inference"
+def rtc_mode(config: MolmoAct2Config, requested: str = "auto") -> str:
+    """How the exported flow graph takes a committed prefix: ``training`` (conditioned) for a checkpoint trained
+    with it; ``inference`` (guided, one extra expert pass per Euler step) only when ``requested``; else ``off``,
+    the plain flow, its two prefix inputs present and unused (one graph signature for every bundle)."""
+    if config.rtc_max_delay > 0:
+        return "training"
+    return "inference" if requested == "inference" else "off"
 
 
-def build_graphs(model: MolmoAct2, shapes: GraphShapes, with_decode: bool, with_flow: bool = True) -> dict[str, nn.Module]:
+def build_graphs(
+    model: MolmoAct2, shapes: GraphShapes, with_decode: bool, with_flow: bool = True, rtc: str | None = None
+) -> dict[str, nn.Module]:
     """name -> wrapper module for every graph the bundle holds: ``decode_step`` only when tokens are decoded,
-    ``flow`` only when actions come from the expert (not for discrete bundles)."""
+    ``flow`` only when actions come from the expert (not for discrete bundles); rtc: the flow graph's mode
+    (None: ``rtc_mode(config)``)."""
     config = model.config
     if not config.add_action_expert:
         raise ExportError("the checkpoint has no action expert (add_action_expert=false); nothing to export")
@@ -298,6 +305,6 @@ def build_graphs(model: MolmoAct2, shapes: GraphShapes, with_decode: bool, with_
             graphs[B.EXPERT_CONTEXT.name] = ExpertContextGraph(model, shapes.context_length)
     if with_flow:
         graphs[B.FLOW.name] = FlowGraph(
-            inner.action_expert, config.flow_matching_num_steps, config.mask_action_dim_padding, rtc=rtc_mode(config)
+            inner.action_expert, config.flow_matching_num_steps, config.mask_action_dim_padding, rtc=rtc or rtc_mode(config)
         )
     return {k: g.eval() for k, g in graphs.items()}

@@ -74,6 +74,7 @@ class ExportOptions:
     calib_samples: int = 8  # calibration calls recorded per graph
     seeds: tuple[int, int] = parity.DEFAULT_SEEDS
     contract_flags: ContractFlags = ContractFlags()  # --control-hz / --joint-frame / --robot
+    rtc: str = "auto"  # auto | inference: the flow graph's real-time chunking (``graphs.rtc_mode``)
 
     def __post_init__(self) -> None:
         if self.precision not in B.PRECISIONS:
@@ -114,6 +115,7 @@ def _export(checkpoint: Path, out: Path, options: ExportOptions, say: Progress) 
     start = time.perf_counter()
     say(f"loading {checkpoint}")
     policy = Policy.from_checkpoint(checkpoint, tag=options.tag)
+    policy.rtc = rtc_mode(policy.config, options.rtc)  # the reference samples as the exported flow graph will
     known = options.cameras or policy.camera_order or None
     calib_obs = calibration.load_observations(options.calib, known) if options.calib else []
     cameras = _cameras(options, policy, calib_obs)
@@ -134,7 +136,7 @@ def _export(checkpoint: Path, out: Path, options: ExportOptions, say: Progress) 
     say(f"shapes: {len(cameras)} camera(s) {list(cameras)}, bucket {bucket}, cache {shapes.cache_length}, chunk {shapes.chunk_length}")
 
     graphs = build_graphs(
-        policy.model, shapes, with_decode=shapes.cache_length > bucket, with_flow=policy.mode != "discrete"
+        policy.model, shapes, with_decode=shapes.cache_length > bucket, with_flow=policy.mode != "discrete", rtc=policy.rtc
     )
     owns_stage = options.fp32_bundle is None
     stage = out.parent / f".{out.name}.fp32-stage" if owns_stage else Path(options.fp32_bundle)  # type: ignore[arg-type]
@@ -181,8 +183,7 @@ def _export(checkpoint: Path, out: Path, options: ExportOptions, say: Progress) 
     ]
     say(f"parity gate: {len(observations)} observation(s), seeds {list(options.seeds)}, onnxruntime CPU")
     # the gate checks the flow graph in the mode it was exported for, opt-in inference-time RTC included
-    mode = policy.rtc = rtc_mode(policy.config)
-    with PolicySession(out, "onnxruntime", providers=("CPUExecutionProvider",), thread_pool=EXPORT_POOL, rtc=mode) as session:
+    with PolicySession(out, "onnxruntime", providers=("CPUExecutionProvider",), thread_pool=EXPORT_POOL) as session:
         report = parity.run_parity(policy, session, graphs, observations, precisions, options.seeds)
     report["allowed_failure"] = bool(options.allow_parity_failure and not report["passed"])
     manifest["parity"] = report
@@ -347,7 +348,7 @@ def _export_fp16_flow(policy: Any, shapes: GraphShapes, dst: Path, opset: int) -
 
     cfg = policy.config
     module = FlowGraph(
-        policy.model.model.action_expert, cfg.flow_matching_num_steps, cfg.mask_action_dim_padding, torch.float16, rtc_mode(cfg)
+        policy.model.model.action_expert, cfg.flow_matching_num_steps, cfg.mask_action_dim_padding, torch.float16, policy.rtc
     )
     exported = export_module(module, shapes.example_inputs(cfg)[B.FLOW.name], dst, B.FLOW.inputs, B.FLOW.outputs, opset)
     return {"converted": sum(exported.op_counts.values()), "kept_fp32": 0}
@@ -436,7 +437,7 @@ def _write_manifest(
         "norm_tag": tag,
         "norm_mode": policy.norm.norm_mode,
         # real-time chunking inside the flow graph (molmoact2_edge/rtc.py); the runtime reads the mode from here
-        "rtc": {"mode": rtc_mode(cfg), "vjp": EXPORTABLE_VJP, "clip": GUIDANCE_CLIP, "max_delay": cfg.rtc_max_delay},
+        "rtc": {"mode": policy.rtc, "vjp": EXPORTABLE_VJP, "clip": GUIDANCE_CLIP, "max_delay": cfg.rtc_max_delay},
     }
     prompt = {
         "bucket": shapes.bucket,
