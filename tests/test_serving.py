@@ -190,7 +190,9 @@ def test_a_request_past_its_deadline_is_told_so_instead_of_getting_a_stale_chunk
         slow.recv(), late.recv()
         late.send(_request(obs, deadline_ms=1))  # no act() finishes within 1 ms
         answer = late.recv(timeout=60)
-        assert isinstance(answer, str) and answer.startswith("error: deadline exceeded") and "stale" in answer
+        # computed and discarded as stale, or (a busy machine) expired before the worker took it: never a chunk
+        assert isinstance(answer, str) and answer.startswith("error: deadline exceeded"), answer
+        assert "stale" in answer or "in the queue" in answer, answer
         slow.send(_request(obs))  # occupies the worker ...
         time.sleep(0.02)
         late.send(_request(obs, deadline_ms=5))  # ... so this one expires in the queue
