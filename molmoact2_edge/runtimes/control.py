@@ -165,8 +165,10 @@ class _InferenceWorker:
 
     @property
     def busy(self) -> bool:
+        """Running, or holding a result not yet taken: a request submitted now would overwrite that chunk
+        (or race it) with one computed from an older current chunk, wasting an inference."""
         with self._cv:
-            return self._busy
+            return self._busy or self._result is not None
 
     def submit(self, observation: Observation, prefix: CommittedPrefix | None = None) -> None:
         with self._cv:
