@@ -128,6 +128,7 @@ def test_fp32_bundle_manifest_parity_and_session(bundles, checkpoint: Path) -> N
     assert m["schema_version"] == B.SCHEMA_VERSION and len(m["source"]["sha256"]) == 64
     assert set(bundle.graph_names) == {"vision", "prefill", "flow"}  # nothing is decoded: no decode_step
     assert m["model"]["chunk_length"] == 8 and m["model"]["flow_steps"] == 2 and m["cameras"]["order"] == list(CAMERAS)
+    assert m["model"]["rtc"]["mode"] == "off"  # guided RTC only with export --rtc inference
     assert {"config.json", "norm_stats.json", "tokenizer.json"} <= set(m["files"])
     for name, art in m["artifacts"].items():
         assert [t["name"] for t in art["inputs"]] == list(B.GRAPHS[name].inputs)
@@ -204,6 +205,13 @@ def _reference_graphs(policy: Policy, bundle: B.Bundle):
     from molmoact2_edge.runtimes.backends.torch import graph_shapes
 
     return build_graphs(policy.model, graph_shapes(bundle), with_decode=False)
+
+
+def test_reusing_fp32_graphs_of_another_flow_mode_is_refused(bundles, checkpoint: Path, tmp_path: Path) -> None:
+    options = ExportOptions(precision="int4", cameras=CAMERAS, fp32_bundle=bundles["fp32"], rtc="inference")
+    with pytest.raises(ExportError, match="real-time chunking is off, not inference"):
+        export_bundle(checkpoint, tmp_path / "guided", options)
+    assert not (tmp_path / "guided").exists()
 
 
 def test_export_refuses_bad_requests(checkpoint: Path, tmp_path: Path) -> None:

@@ -156,7 +156,7 @@ def _export(checkpoint: Path, out: Path, options: ExportOptions, say: Progress) 
             _write_manifest(stage, checkpoint, policy, shapes, contract, _artifacts(stage, artifacts, dict.fromkeys(graphs, "fp32")), None)
         else:
             say(f"reusing the fp32 graphs of {stage}")
-            artifacts = _check_reusable(stage, checkpoint, shapes, cameras, list(graphs))
+            artifacts = _check_reusable(stage, checkpoint, shapes, cameras, list(graphs), policy.rtc)
 
         precisions = graph_precisions(options.precision, list(graphs))
         calib_calls: dict[str, list[dict[str, Any]]] = {}
@@ -200,9 +200,9 @@ def _export(checkpoint: Path, out: Path, options: ExportOptions, say: Progress) 
 
 
 def _check_reusable(
-    path: Path, checkpoint: Path, shapes: GraphShapes, cameras: Sequence[str], graphs: list[str]
+    path: Path, checkpoint: Path, shapes: GraphShapes, cameras: Sequence[str], graphs: list[str], rtc: str
 ) -> dict[str, dict[str, Any]]:
-    """The fp32 bundle at ``path`` must come from this checkpoint with these shapes; its export facts."""
+    """The fp32 bundle at ``path`` must come from this checkpoint with these shapes and flow mode; its export facts."""
     from molmoact2_edge.checkpoint import checkpoint_sha256
 
     bundle = B.Bundle.open(path)
@@ -216,6 +216,8 @@ def _check_reusable(
         problems.append(f"bucket/cameras {m['prompt']['bucket']}/{bundle.camera_order} != {shapes.bucket}/{list(cameras)}")
     if sorted(bundle.graph_names) != sorted(graphs) or m["model"]["cache_length"] != shapes.cache_length:
         problems.append("its graphs or cache length differ")
+    if m["model"].get("rtc", {}).get("mode") != rtc:
+        problems.append(f"its flow graph's real-time chunking is {m['model'].get('rtc', {}).get('mode')}, not {rtc} (--rtc)")
     if problems:
         raise ExportError(f"--fp32-bundle {path}: cannot reuse: " + "; ".join(problems))
     return {g: {k: m["artifacts"][g][k] for k in ("exporter", "export_seconds")} for g in graphs}
