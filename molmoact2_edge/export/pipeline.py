@@ -46,8 +46,11 @@ from molmoact2_edge.types import Observation
 log = logging.getLogger(__name__)
 
 TARGETS = ("onnx", "tensorrt")
-BUCKET_MULTIPLE = 32  # buckets are rounded up to this many tokens
-BUCKET_MARGIN = 32  # tokens of headroom for tasks longer than the probe task
+# The bucket is the smallest that fits: every padded slot costs a full row of prefill work (a 192-slot
+# bucket for a 143-token prompt ran prefill ~1.3x slower than 160, same logits). A longer task at run
+# time is refused (PromptTooLongError, checked at pre-flight); export again with --bucket.
+BUCKET_MULTIPLE = 16  # buckets are rounded up to this many tokens
+BUCKET_MARGIN = 8  # tokens of headroom for tasks longer than the probe task
 SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 FAST_DIR = "action_tokenizer"
 # The int8 calibrator builds its own onnxruntime sessions, which onnxruntime refuses once a process has a

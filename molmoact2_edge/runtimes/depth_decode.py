@@ -134,10 +134,14 @@ def decode_depth(
     tail_budget: int,
     speculative: bool = True,
 ) -> DepthResult:
-    """The frame's depth codes: speculative when there are drafts and a block graph, else sequential."""
-    if speculative and previous is not None and decoder.block_length > 0:
-        return decode_speculative(decoder, ids, previous, changed, tail_budget)
-    return decode_sequential(decoder, ids, previous, changed, tail_budget)
+    """The frame's depth codes: speculative when there is a block graph, else sequential. Without a previous
+    frame every cell is predicted and the drafts come from the block's own predictions (Jacobi drafts)."""
+    if not speculative or decoder.block_length == 0:
+        return decode_sequential(decoder, ids, previous, changed, tail_budget)
+    if previous is None:
+        n = len(changed)
+        return decode_speculative(decoder, ids, np.zeros(n, np.int64), np.ones(n, bool), tail_budget, jacobi=True)
+    return decode_speculative(decoder, ids, previous, changed, tail_budget)
 
 
 def decode_sequential(
@@ -177,9 +181,19 @@ def _greedy_tail(decoder: Decoder, ids: DepthTokens, tokens: list[int], token: i
 
 
 def decode_speculative(
-    decoder: Decoder, ids: DepthTokens, previous: np.ndarray, changed: np.ndarray, tail_budget: int
+    decoder: Decoder,
+    ids: DepthTokens,
+    previous: np.ndarray,
+    changed: np.ndarray,
+    tail_budget: int,
+    jacobi: bool = False,
 ) -> DepthResult:
-    """Same tokens as ``decode_sequential``, in 1 + (drafts rejected) block calls (see the module doc)."""
+    """Same tokens as ``decode_sequential``, in 1 + (drafts rejected) block calls (see the module doc).
+
+    jacobi: after a rejection, the predicted cells behind it take the block's own predictions there as their
+    new drafts (computed after a wrong token, but usually right on a smooth depth map) instead of keeping
+    ``previous``; for the first frame, whose ``previous`` is only a placeholder. Exactness is unaffected:
+    a draft only decides how far a call gets, never what is accepted."""
     n = len(changed)
     changed = np.asarray(changed, dtype=bool)
     seq = [ids.start, *(ids.first_code + int(c) for c in previous), ids.end]  # the drafts
@@ -207,6 +221,8 @@ def decode_speculative(
                 del seq[nxt:]
             else:
                 seq[nxt] = pred
+                if jacobi:
+                    _jacobi_drafts(seq, changed, depth_argmax, ids, after=nxt, offset=done + 1)
             if nxt < done + len(block):  # the block fed the wrong draft at nxt: drop it and what follows
                 kept = j + 1
             break
@@ -217,3 +233,14 @@ def decode_speculative(
         stats.step_calls = _greedy_tail(decoder, ids, seq, tail, tail_budget)
     codes = np.asarray(seq[1 : n + 1], dtype=np.int64) - ids.first_code
     return DepthResult(codes, seq, stats)
+
+
+def _jacobi_drafts(
+    seq: list[int], changed: np.ndarray, depth_argmax: np.ndarray, ids: DepthTokens, after: int, offset: int
+) -> None:
+    """Redraft the predicted cells of ``seq`` behind position ``after`` from a block call's depth argmaxes
+    (``depth_argmax[j]`` predicted ``seq[offset + j]``)."""
+    n = len(changed)
+    for pos in range(after + 1, min(n, offset + len(depth_argmax) - 1) + 1):
+        if changed[pos - 1]:
+            seq[pos] = ids.first_code + int(depth_argmax[pos - offset])
