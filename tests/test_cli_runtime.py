@@ -161,3 +161,15 @@ def test_demo_runs_a_checkpoint_on_the_simulated_so101(tiny, tmp_path) -> None:
     assert "control rate 10 Hz (the bundle's robot contract)" in result.output  # not a flag's default
     assert (tmp_path / "plots" / "latency_per_stage.png").is_file()
     assert any(r["type"] == "chunk" for r in read_jsonl(tmp_path / "telemetry.jsonl"))
+
+
+def test_run_refuses_a_task_longer_than_the_bucket_before_the_robot_moves(tiny, tmp_path) -> None:
+    """The bucket is tight (export picks the smallest that fits): a longer task is refused before any tick."""
+    _, _, bundle = tiny
+    log = tmp_path / "run.jsonl"
+    task = "pick up the cube " * 40
+    args = ["run", str(bundle), "--robot", "sim-so101", "--duration", "1", "--task", task, "--telemetry", str(log)]
+    result = CliRunner().invoke(cli, [*args, "--backend", "onnxruntime", "--sim-size", "64"])
+    assert result.exit_code != 0
+    assert result.output.startswith("error: ") and "--bucket" in result.output, result.output
+    assert not log.exists() or not [r for r in read_jsonl(log) if r["type"] == "chunk"]  # nothing ran

@@ -143,6 +143,12 @@ def open_policy(settings: RunSettings) -> tuple[Any, dict[str, Any], dict[str, A
         from molmoact2_edge.serving.contract import policy_contract
 
         session = PolicySession(settings.bundle, settings.backend, rtc=settings.rtc)  # type: ignore[arg-type]
+        if settings.task:
+            try:
+                session.check_task(settings.task)
+            except BaseException:
+                session.close()
+                raise
         return session, policy_contract(session.bundle), session.backend.describe()
     try:
         from molmoact2_edge.serving.remote import RemotePolicy

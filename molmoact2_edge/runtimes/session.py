@@ -161,6 +161,11 @@ class PolicySession:
             bins = state_bins(self.norm.normalize_state(np.asarray(observation.state, dtype=np.float32), self.tag))
         return self.prompts.build(observation.task, bins, len(self.camera_order), self.spec)
 
+    def check_task(self, task: str) -> None:
+        """Raise PromptTooLongError now if ``task``'s prompt does not fit the bundle's bucket (the token count does
+        not depend on the state's value), so a run refuses before the robot is touched, not at the first chunk."""
+        self.build_prompt(Observation(images={}, state=np.zeros(self.state_dim, np.float32), task=task))
+
     def prefill_feeds(self, prompt: Prompt, features: np.ndarray) -> dict[str, np.ndarray]:
         """The prefill graph's inputs for a padded prompt and the vision graph's features."""
         t, rows = len(prompt.input_ids), features.shape[1]

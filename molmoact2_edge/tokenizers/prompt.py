@@ -240,7 +240,7 @@ class PromptBuilder:
         if n > length:
             raise PromptTooLongError(
                 f"prompt for {what!r} has {n} tokens but the bucket holds {length}; shorten the task, use fewer "
-                "cameras, or export with a larger --prompt-bucket (prompts are never truncated)"
+                "cameras, or export again with a larger --bucket (prompts are never truncated)"
             )
         input_ids = np.full(length, self.pad_id, dtype=np.int64)
         input_ids[:n] = ids
