@@ -220,3 +220,23 @@ def test_stage2_without_stage1_is_refused(dataset: Path, tmp_path: Path) -> None
 def test_loop_config_rejects_nonsense() -> None:
     with pytest.raises(TrainingError):
         LoopConfig(steps=10, batch_size=0)
+
+
+def test_think_stage2_with_the_backbone_loosened_keeps_the_depth_token_loss(tmp_path: Path) -> None:
+    """A Think backbone fine-tuned on the flow loss also keeps stage 1's cross-entropy on the depth (and action)
+    tokens, whose gradient reaches lm_head; without the loosened backbone stage 2 is the flow loss alone."""
+    from molmoact2_edge.sim.record import record_demos
+
+    data = tmp_path / "touch_depth"
+    record_demos(data, ["touch"], 2, seed=0, size=64, codec="libx264", depth_cameras=("front",))
+    cfg = _config(data, tmp_path / "ckpt", think=True, finetune_backbone=True, cameras=("front",))
+    run = build_run(cfg, CPU)
+    batch = run.batches(0, slice(0, cfg.batch_size))
+    assert (batch["labels"] >= run.config.depth_token_start_id).any()  # depth codes are targets
+    trainer_mod._set_trainable(run.model, 2, finetune_backbone=True)
+    loss, metrics = run.objective(2)(batch)
+    assert loss.item() > metrics["flow_loss"] > 0 and 0.0 <= metrics["token_acc"] <= 1.0
+    loss.backward()
+    assert run.model.lm_head.weight.grad is not None and run.model.lm_head.weight.grad.abs().sum() > 0
+    insulated = build_run(replace(cfg, finetune_backbone=False), CPU).objective(2)
+    assert insulated(batch)[1] == {}

@@ -12,6 +12,8 @@
   Training-time RTC (``config.rtc_max_delay > 0``, arXiv 2512.05964): each draw's first ``rtc_delay``
   steps are the committed prefix, fed clean (the ground-truth actions at flow time 1, per-step
   times) and left out of the loss, so the expert learns to continue a prefix it is given.
+  A Think backbone fine-tuned in stage 2 also keeps stage 1's cross-entropy on the target tokens
+  (``token_weight``): the runtime decodes the depth codes with that backbone.
 
 Both losses are per-sample means averaged over the batch, so the mean over ranks of equal
 shards equals the loss of the combined batch (what DDP's gradient averaging assumes).
@@ -49,6 +51,17 @@ def _per_sample_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return ((values * mask).sum(dims) / mask.sum(dims).clamp(min=1)).mean()
 
 
+def token_loss(model: MolmoAct2, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Cross-entropy on the target tokens (labels != IGNORE) and its token accuracy."""
+    target = labels != IGNORE
+    logits = model.lm_head(hidden[target])  # (targets, V): only the target positions, not a (b, t, V) tensor
+    per_token = F.cross_entropy(logits.float(), labels[target], reduction="none")
+    dense = torch.zeros(labels.shape, dtype=per_token.dtype, device=per_token.device)
+    dense[target] = per_token
+    accuracy = (logits.argmax(-1) == labels[target]).float().mean()
+    return _per_sample_mean(dense, target), accuracy.item()
+
+
 class NextTokenObjective(nn.Module):
     """Stage 1: cross-entropy on the action (and depth) tokens."""
 
@@ -58,30 +71,24 @@ class NextTokenObjective(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         hidden, _, _ = backbone_pass(self.model, batch)
-        labels = batch["labels"]
-        target = labels != IGNORE
-        logits = self.model.lm_head(
-            hidden[target]
-        )  # (targets, V)  # only the target positions: saves the (b, t, V) tensor
-        per_token = F.cross_entropy(logits.float(), labels[target], reduction="none")
-        dense = torch.zeros(labels.shape, dtype=per_token.dtype, device=per_token.device)
-        dense[target] = per_token
-        loss = _per_sample_mean(dense, target)
-        accuracy = (logits.argmax(-1) == labels[target]).float().mean()
-        return loss, {"token_acc": accuracy.item()}
+        loss, accuracy = token_loss(self.model, hidden, batch["labels"])
+        return loss, {"token_acc": accuracy}
 
 
 class FlowObjective(nn.Module):
     """Stage 2: flow matching of the action expert on the backbone's per-layer K/V."""
 
-    def __init__(self, model: MolmoAct2, finetune_backbone: bool = False) -> None:
+    def __init__(self, model: MolmoAct2, finetune_backbone: bool = False, token_weight: float = 0.0) -> None:
+        """token_weight > 0 (with finetune_backbone): also the stage-1 cross-entropy on the target tokens, so a
+        Think backbone keeps predicting the depth codes the runtime decodes while the flow loss moves it."""
         super().__init__()
         self.model = model
         self.finetune_backbone = finetune_backbone
+        self.token_weight = token_weight if finetune_backbone else 0.0
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         with torch.set_grad_enabled(self.finetune_backbone and torch.is_grad_enabled()):
-            _, keys, values = backbone_pass(self.model, batch)
+            hidden, keys, values = backbone_pass(self.model, batch)
         ctx_k, ctx_v = self.model.model.action_expert.project_context(keys, values)  # (l, b, t, d), trained
         noise, t = batch["noise"], batch["t"]  # (b, k, ah, ad), (b, k)
         b, k = t.shape
@@ -104,4 +111,7 @@ class FlowObjective(nn.Module):
         velocity = self.model.expert_velocity(x_t, t_model, repeat(ctx_k), repeat(ctx_v), cross_bias)
         error = (velocity.float() - velocity_target).pow(2).view(b, k, *actions.shape[1:])
         loss = _per_sample_mean(error, loss_mask)
-        return loss, {}
+        if not self.token_weight:
+            return loss, {}
+        tokens, accuracy = token_loss(self.model, hidden, batch["labels"])
+        return loss + self.token_weight * tokens, {"flow_loss": loss.item(), "token_acc": accuracy}

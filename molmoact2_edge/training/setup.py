@@ -55,7 +55,10 @@ class Run:
     def objective(self, stage: int) -> torch.nn.Module:
         if stage == 1:
             return NextTokenObjective(self.model)
-        return FlowObjective(self.model, finetune_backbone=self.finetune_backbone)
+        # Think: the runtime decodes the depth codes with this backbone, so fine-tuning it on the flow loss alone
+        # would let them drift (the depth tokens in stage 2's context are teacher-forced, never predicted).
+        token_weight = 1.0 if self.config.enable_depth_reasoning else 0.0
+        return FlowObjective(self.model, finetune_backbone=self.finetune_backbone, token_weight=token_weight)
 
     def save(self, directory: Path, dtype: torch.dtype | None = None) -> None:
         """The released layout: config.json, safetensors, norm_stats.json, tokenizer files (+ depth codebook),
