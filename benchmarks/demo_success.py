@@ -24,10 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import markdown_table, write_section  # noqa: E402
 
 
-def run(checkpoint: Path, precision: str, args: argparse.Namespace) -> dict[str, object]:
+def export(checkpoint: Path, precision: str, args: argparse.Namespace) -> Path:
+    """The demo's cached bundle at ``precision``. Every bundle is exported before any runs: the int8 calibrator
+    needs per-session onnxruntime pools, which onnxruntime refuses once a run has made the shared one."""
     from molmoact2_edge.checkpoint import checkpoint_sha256
     from molmoact2_edge.cli.demo import CACHE, cached_bundle
-    from molmoact2_edge.cli.run import RunSettings, run_policy, sim_episodes
     from molmoact2_edge.export.pipeline import ExportOptions
 
     fp32 = CACHE / "bundles" / f"{checkpoint_sha256(checkpoint)[:16]}-fp32"  # cached_bundle's naming
@@ -36,7 +37,12 @@ def run(checkpoint: Path, precision: str, args: argparse.Namespace) -> dict[str,
         calib=args.calib if precision == "int8" else None,
         fp32_bundle=fp32 if precision != "fp32" and (fp32 / "manifest.json").is_file() else None,
     )
-    bundle = cached_bundle(checkpoint, precision, CACHE, options)
+    return cached_bundle(checkpoint, precision, CACHE, options)
+
+
+def run(bundle: Path, precision: str, args: argparse.Namespace) -> dict[str, object]:
+    from molmoact2_edge.cli.run import RunSettings, run_policy, sim_episodes
+
     settings = RunSettings(
         bundle, "sim-so101", None, args.backend, args.duration, args.episodes, args.hz, stall_timeout_s=10.0
     )
@@ -83,8 +89,9 @@ def main() -> None:
     args = parser.parse_args()
 
     if not args.report_only:
-        for precision in args.precision:
-            record = run(args.checkpoint, precision, args)
+        bundles = {precision: export(args.checkpoint, precision, args) for precision in args.precision}
+        for precision, bundle in bundles.items():
+            record = run(bundle, precision, args)
             (args.checkpoint / f"eval_demo_{precision}.json").write_text(json.dumps(record, indent=2) + "\n")
             print(markdown_table(HEADERS, [row(args.checkpoint.name, record)]), flush=True)
     rows = [

@@ -36,8 +36,13 @@ CACHE = Path(".cache") / "molmo-edge"
 EVAL_SEED = 100_000  # first scene seed of `eval` and `demo`; `sim record` demos count up from 0
 
 
+DEFAULT_CHECKPOINT = "so101-touch"  # the demo's policy; its Think sibling is so101-touch-think
+
+
 def bundled_checkpoint(root: Path = REPO / "checkpoints") -> Path:
-    """The checkpoint shipped in ``checkpoints/`` (the first directory holding a config.json)."""
+    """The checkpoint ``demo`` runs: ``checkpoints/so101-touch``, else the first directory holding a config.json."""
+    if (root / DEFAULT_CHECKPOINT / "config.json").is_file():
+        return root / DEFAULT_CHECKPOINT
     found = sorted(p.parent for p in root.glob("*/config.json"))
     if not found:
         raise CheckpointError(
