@@ -64,11 +64,11 @@ def eval_command(
     A checkpoint runs through the PyTorch reference policy, a bundle (a directory with
     manifest.json) through the device-side PolicySession on --backend.
     Examples:
-      molmo-edge eval checkpoints/so101-touch-small --task touch --episodes 50
-      molmo-edge eval checkpoints/so101-touch-small --mode discrete --episodes 50 --json
+      molmo-edge eval checkpoints/so101-touch --task touch --episodes 50
+      molmo-edge eval checkpoints/so101-touch --mode discrete --episodes 50 --json
       molmo-edge eval bundle/ --task touch --episodes 20 --videos out/videos
       molmo-edge eval bundle/ --episodes 5 --save-rrd eval.rrd     # rerun: cameras, joints, chunks, latency
-      molmo-edge eval checkpoints/so101-touch-small --episodes 50 --inject-latency-ms 200 --rtc inference --json
+      molmo-edge eval checkpoints/so101-touch --episodes 50 --inject-latency-ms 200 --rtc inference --json
 
     \b
     With --inject-latency-ms or --rtc, episodes run in real time through the device's control loop

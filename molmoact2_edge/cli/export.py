@@ -2,7 +2,7 @@
 
 \b
 Examples:
-  molmo-edge export checkpoints/so101-touch-small -o bundles/touch-fp16 --precision fp16
+  molmo-edge export checkpoints/so101-touch -o bundles/touch-fp16 --precision fp16
   molmo-edge export CKPT -o bundles/int8 --precision int8 --calib data/so101_demo
   molmo-edge export CKPT -o bundles/int4 --precision int4 --fp32-bundle bundles/small-fp32
   molmo-edge inspect bundles/small-fp16 [--json]
@@ -63,8 +63,8 @@ def export(
 
     \b
     Examples:
-      molmo-edge export checkpoints/so101-touch-small -o bundles/touch-fp16 --precision fp16
-      molmo-edge export checkpoints/so101-touch-small -o bundles/touch-int4 --precision int4
+      molmo-edge export checkpoints/so101-touch -o bundles/touch-fp16 --precision fp16
+      molmo-edge export checkpoints/so101-touch -o bundles/touch-int4 --precision int4
       molmo-edge export MolmoAct2-SO100_101 -o bundles/so101 --cameras front,wrist --precision int8 --calib my_dataset/
 
     The robot contract (rate, joint frame, cameras, robot kinds) comes from the checkpoint's

@@ -3,7 +3,7 @@
 \b
 Examples:
   molmo-edge plan molmoact2-4b --device agx-orin-64gb --precision int8
-  molmo-edge plan checkpoints/so101-touch-small --device orin-nano-8gb --precision int4 --json
+  molmo-edge plan checkpoints/so101-touch --device orin-nano-8gb --precision int4 --json
   molmo-edge plan bundle/ --device thor --precision fp8
 """
 

@@ -125,12 +125,17 @@ class VisionGraph(nn.Module):
 
 
 class PrefillGraph(nn.Module):
-    """``prefill``: embeddings + image features -> LLM over the bucket -> logits, expert context, static cache."""
+    """``prefill``: embeddings + image features -> LLM over the bucket -> logits, expert context, static cache.
 
-    def __init__(self, llm: LLM, lm_head: nn.Linear, expert: ActionExpert, cache_length: int) -> None:
+    decoding False (a continuous bundle): only the expert context; nothing reads the logits or the cache.
+    """
+
+    def __init__(
+        self, llm: LLM, lm_head: nn.Linear, expert: ActionExpert, cache_length: int, decoding: bool = True
+    ) -> None:
         super().__init__()
         self.llm, self.lm_head, self.expert = llm, lm_head, expert
-        self.cache_length = cache_length
+        self.cache_length, self.decoding = cache_length, decoding
 
     def forward(
         self,
@@ -148,9 +153,11 @@ class PrefillGraph(nn.Module):
         embeds = embeds + torch.gather(table, 1, image_feature_index[..., None].expand(b, t, d))
         positions = torch.arange(t, device=input_ids.device)[None].expand(b, t)
         hidden, keys, values = self.llm(embeds, positions, attention_bias)  # keys (l, b, kh, t, hd)
+        context_k, context_v = self.expert.project_context(keys, values)  # (l, b, t, e)
+        if not self.decoding:
+            return context_k, context_v
         last = torch.gather(hidden, 1, last_index[:, None, None].expand(b, 1, d))[:, 0]  # (b, d)
         logits = self.lm_head(last)  # (b, v)
-        context_k, context_v = self.expert.project_context(keys, values)  # (l, b, t, e)
         pad = (0, 0, 0, self.cache_length - t)  # grow the time axis to the static cache length
         return logits, context_k, context_v, F.pad(keys, pad), F.pad(values, pad)
 
@@ -284,18 +291,27 @@ def rtc_mode(config: MolmoAct2Config, requested: str = "auto") -> str:
 
 
 def build_graphs(
-    model: MolmoAct2, shapes: GraphShapes, with_decode: bool, with_flow: bool = True, rtc: str | None = None
+    model: MolmoAct2,
+    shapes: GraphShapes,
+    with_decode: bool,
+    with_flow: bool = True,
+    rtc: str | None = None,
+    prefill_decoding: bool | None = None,
 ) -> dict[str, nn.Module]:
     """name -> wrapper module for every graph the bundle holds: ``decode_step`` only when tokens are decoded,
     ``flow`` only when actions come from the expert (not for discrete bundles); rtc: the flow graph's mode
-    (None: ``rtc_mode(config)``)."""
+    (None: ``rtc_mode(config)``); prefill_decoding: whether prefill returns logits and cache (None: with_decode;
+    a bundle exported before continuous prefills dropped them has them without decoding)."""
     config = model.config
     if not config.add_action_expert:
         raise ExportError("the checkpoint has no action expert (add_action_expert=false); nothing to export")
     inner = model.model
     graphs: dict[str, nn.Module] = {
         B.VISION.name: VisionGraph(inner.vision_backbone),
-        B.PREFILL.name: PrefillGraph(inner.transformer, model.lm_head, inner.action_expert, shapes.cache_length),
+        B.PREFILL.name: PrefillGraph(
+            inner.transformer, model.lm_head, inner.action_expert, shapes.cache_length,
+            decoding=with_decode if prefill_decoding is None else prefill_decoding,
+        ),
     }
     if with_decode:
         graphs[B.DECODE_STEP.name] = DecodeStepGraph(model)

@@ -151,8 +151,9 @@ def _export(checkpoint: Path, out: Path, options: ExportOptions, say: Progress) 
             for name, module in graphs.items():
                 say(f"exporting {name} (fp32, opset {options.opset})")
                 spec = B.GRAPHS[name]
+                outputs = spec.outputs_for(decoding=shapes.cache_length > bucket)
                 exported = export_module(
-                    module, examples[name], stage / f"{name}.onnx", spec.inputs, spec.outputs, options.opset
+                    module, examples[name], stage / f"{name}.onnx", spec.inputs, outputs, options.opset
                 )
                 artifacts[name] = {"exporter": exported.exporter, "export_seconds": round(exported.seconds, 2)}
             _copy_side_files(checkpoint, stage, policy.mode == "discrete")

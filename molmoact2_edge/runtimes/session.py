@@ -223,8 +223,7 @@ class PolicySession:
             {
                 "input_id": np.array([[token]], dtype=np.int64),
                 "position": np.array([pos], dtype=np.int64),
-                "cache_k": ctx.cache_k,
-                "cache_v": ctx.cache_v,
+                **ctx.cache_feeds(),
                 "cache_bias": bias_from_allowed(allowed)[None, None, None],
             },
         )
@@ -255,8 +254,7 @@ class PolicySession:
         out = self._run(
             B.EXPERT_CONTEXT.name,
             {
-                "cache_k": ctx.cache_k,
-                "cache_v": ctx.cache_v,
+                **ctx.cache_feeds(),
                 "context_valid": cross_attention_valid(ids, valid, self.token_ids, self.action_mode)[None],
                 "depth_mask": (depth_token_mask(ids, self.token_ids) & valid)[None],
             },
@@ -269,6 +267,8 @@ class PolicySession:
         assert fast is not None
         generated: list[int] = []
         logits = ctx.last_logits
+        if logits is None:
+            raise BundleError("this bundle's prefill graph returns no logits: it was exported without decoding")
         for _ in range(16 * self.chunk_length):
             token = int(np.argmax(logits))
             generated.append(token)
@@ -335,8 +335,7 @@ class _ContextDecoder:
             {
                 "input_ids": ids,
                 "positions": np.arange(start, start + k, dtype=np.int64)[None],
-                "cache_k": ctx.cache_k,
-                "cache_v": ctx.cache_v,
+                **ctx.cache_feeds(),
                 "block_bias": bias_from_allowed(allowed)[None, None],
                 "last_index": np.array([n - 1], dtype=np.int64),
             },
@@ -353,14 +352,14 @@ class _Context:
 
     def __init__(
         self,
-        cache_k: np.ndarray,
-        cache_v: np.ndarray,
+        cache_k: np.ndarray | None,
+        cache_v: np.ndarray | None,
         context_k: np.ndarray,
         context_v: np.ndarray,
         ids: np.ndarray,
         valid: np.ndarray,
         length: int,
-        last_logits: np.ndarray,
+        last_logits: np.ndarray | None,
     ) -> None:
         self.cache_k, self.cache_v = cache_k, cache_v
         self.context_k, self.context_v = context_k, context_v
@@ -368,9 +367,10 @@ class _Context:
 
     @classmethod
     def from_prefill(cls, pre: Mapping[str, np.ndarray], prompt: Prompt, context_len: int) -> _Context:
-        """Prefill outputs -> buffers of the context length (bucket, or bucket + decode budget for Think)."""
+        """Prefill outputs -> buffers of the context length (bucket, or bucket + decode budget for Think).
+        A continuous bundle's prefill has no logits or cache (nothing decodes): those stay None."""
         t = len(prompt.input_ids)
-        tm = pre["cache_k"].shape[3]
+        tm = pre["cache_k"].shape[3] if "cache_k" in pre else t
         l_, b, _, e = pre["context_k"].shape
         context_k = np.zeros((l_, b, context_len, e), dtype=pre["context_k"].dtype)
         context_v = np.zeros_like(context_k)
@@ -380,10 +380,17 @@ class _Context:
         valid = np.zeros(max(tm, context_len), dtype=bool)
         valid[:t] = prompt.attention_mask
         # Decoding continues right after the last real prompt token; pad slots are overwritten.
-        return cls(pre["cache_k"], pre["cache_v"], context_k, context_v, ids, valid, prompt.num_valid, pre["logits"][0])
+        logits = pre["logits"][0] if "logits" in pre else None
+        return cls(pre.get("cache_k"), pre.get("cache_v"), context_k, context_v, ids, valid, prompt.num_valid, logits)
 
     def ids(self) -> np.ndarray:
         return self._ids[: self.context_k.shape[2]]
+
+    def cache_feeds(self) -> dict[str, np.ndarray]:
+        """The decoder cache as graph inputs (only bundles that decode have one)."""
+        if self.cache_k is None or self.cache_v is None:
+            raise BundleError("this bundle's prefill graph returns no decoder cache: it was exported without decoding")
+        return {"cache_k": self.cache_k, "cache_v": self.cache_v}
 
     def append(self, token: int, out: Mapping[str, np.ndarray]) -> None:
         pos = self.length

@@ -1,6 +1,6 @@
 """The MolmoAct2 two-stage recipe end to end: dataset -> tokenizers -> stage 1 -> stage 2 -> released checkpoint.
 
-    cfg = TrainConfig(preset="small", data="data/touch", out="checkpoints/so101-touch-small")
+    cfg = TrainConfig(preset="small", data="data/touch", out="checkpoints/so101-touch")
     train(cfg)            # or: torchrun --nproc-per-node 2 -m molmoact2_edge.cli.main train ...
 
 Order (reference ``vla-landscape.md`` §1.2, DESIGN §4):

@@ -88,7 +88,10 @@ class TorchSession(BackendSession):
         model, _, _ = load_checkpoint(path)
         names = check_graphs(bundle, self.options.graphs)
         modules = build_graphs(
-            model, graph_shapes(bundle), with_decode=B.DECODE_STEP.name in bundle.graph_names
+            model,
+            graph_shapes(bundle),
+            with_decode=B.DECODE_STEP.name in bundle.graph_names,
+            prefill_decoding=any(o["name"] == "logits" for o in bundle.output_specs(B.PREFILL.name)),
         )
         self._modules = {g: modules[g] for g in names}
         self._specs = {
