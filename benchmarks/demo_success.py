@@ -1,7 +1,7 @@
 """Success rate of a checkpoint through its exported bundle, in the loop `molmo-edge demo` runs.
 
-    python benchmarks/demo_success.py checkpoints/so101-touch-small --precision fp32 int8 \
-        --calib data/touch15 --episodes 50
+    python benchmarks/demo_success.py checkpoints/so101-touch --precision fp32 int8 \
+        --calib data/touch400 --episodes 50
 
 For each precision the checkpoint is exported (or taken from the demo's bundle cache), then
 ``--episodes`` episodes run exactly as ``molmo-edge demo`` runs them: a fresh seeded MuJoCo

@@ -154,7 +154,7 @@ def vjp_accuracy(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "so101-touch-small")
+    parser.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "so101-touch")
     parser.add_argument("--rtc-checkpoint", type=Path, default=None,
                         help="A checkpoint trained with --rtc-max-delay (the training-time RTC row).")  # fmt: skip
     parser.add_argument("--task", default="touch")

@@ -1,7 +1,7 @@
 """Think depth stage on sim episodes: graph calls and time with the depth cache vs without, exactness, act() vs continuous.
 
 \b
-    python benchmarks/think_depth.py --checkpoint checkpoints/so101-touch-think-small
+    python benchmarks/think_depth.py --checkpoint checkpoints/so101-touch-think
     python benchmarks/think_depth.py                      # a tiny random Think checkpoint (logic only)
 
 What each number includes:
