@@ -44,7 +44,8 @@ def run(bundle: Path, precision: str, args: argparse.Namespace) -> dict[str, obj
     from molmoact2_edge.cli.run import RunSettings, run_policy, sim_episodes
 
     settings = RunSettings(
-        bundle, "sim-so101", None, args.backend, args.duration, args.episodes, args.hz, stall_timeout_s=10.0
+        bundle, "sim-so101", None, args.backend, args.duration, args.episodes, args.hz, stall_timeout_s=10.0,
+        first_move_limit=args.first_move_limit,
     )
     open_episode = sim_episodes(args.task, args.size, args.hz)
     results, _ = run_policy(settings, lambda i: open_episode(args.seed + i))
@@ -82,6 +83,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=20.0, help="Seconds per episode at most (demo's).")
     parser.add_argument("--hz", type=float, default=10.0)
     parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--first-move-limit", type=float, default=0.35,
+                        help="As demo's: the largest first move, as a fraction of each joint's range.")  # fmt: skip
     parser.add_argument("--no-write", action="store_true", help="Do not touch docs/benchmarks.md.")
     parser.add_argument(
         "--report-only", action="store_true", help="Run nothing: table the eval_demo_*.json already there."

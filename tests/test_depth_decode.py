@@ -66,6 +66,7 @@ class MarkovDecoder:
             logits = self.step(token)
             depth.append(int(np.argmax(logits[IDS.first_code : IDS.first_code + IDS.num_codes])))
             full.append(int(np.argmax(logits)))
+        full[: max(0, len(full) - 2)] = [-1] * max(0, len(full) - 2)  # as the graph: only after the last two
         return np.array(depth), np.array(full)
 
     def drop(self, count: int) -> None:
@@ -161,7 +162,8 @@ def _one_thread():
 
 
 def test_decode_block_graph_matches_single_steps() -> None:
-    """decode_block over k tokens (3 real + padding) = 3 decode_step calls: argmaxes, last logits, cache, context."""
+    """decode_block over k tokens (3 real + padding) = 3 decode_step calls: argmaxes, last logits, cache, context;
+    padding gets no full-vocabulary argmax."""
     from molmoact2_edge.config import get_preset
     from molmoact2_edge.export.graphs import DecodeBlockGraph, DecodeStepGraph
     from molmoact2_edge.model.molmoact2 import MolmoAct2
@@ -209,10 +211,12 @@ def test_decode_block_graph_matches_single_steps() -> None:
             torch.tensor([2]),
         )
     n = len(tokens)
+    assert (token_am[0, n:] == -1).all()
     for i, out in enumerate(steps):
         logits = out[0][0]
         assert int(depth_am[0, i]) == int(torch.argmax(logits[first : first + config.num_depth_tokens]))
-        assert int(token_am[0, i]) == int(torch.argmax(logits))
+        # the whole vocabulary only after the last two real tokens (last_index 2 -> 1 and 2)
+        assert int(token_am[0, i]) == (int(torch.argmax(logits)) if i >= n - 2 else -1)
         torch.testing.assert_close(ctx_k[:, :, i], out[3][:, :, 0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(ctx_v[:, :, i], out[4][:, :, 0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(last[0], steps[-1][0][0], rtol=1e-4, atol=1e-4)
@@ -265,7 +269,9 @@ def test_think_export_has_the_block_graph_and_a_depth_parity_gate(think_bundle) 
     assert depth["passed"] and depth["mismatched_cells"] == 0
     first, speculative = depth["graph_calls"]
     assert 1 + CELLS + 1 <= first <= 1 + CELLS + TAIL  # the first frame: sequential decode_step calls
-    assert 1 + 2 <= speculative <= 1 + 2 + TAIL  # drafts 0 and 10 wrong (stride 10), then the greedy tail
+    # drafts 0 and 10 wrong (stride 10), then the greedy tail; redrafting after a rejection can cost calls on a
+    # random model (its next code hinges on the previous token), never more than one per token
+    assert 1 + 2 <= speculative <= 1 + CELLS + 1 + TAIL
 
 
 def test_think_bundle_matches_the_reference_and_replays_an_unchanged_frame(think_bundle) -> None:
@@ -337,8 +343,9 @@ def test_bundle_codes_equal_sequential_on_frames_and_adversarial_masks(think_bun
             assert np.array_equal(spec.depth_cache.codes(camera), seq.depth_cache.codes(camera)), trial
             # block vs step: the same tokens, K/V equal up to fp noise
             np.testing.assert_allclose(a.actions, b.actions, rtol=1e-5, atol=1e-4)
-            rejected = int(np.sum(changed & (spec.depth_cache.codes(camera) != drafts)))
-            assert a.info["depth_drafts_rejected"] >= rejected
+            # each predicted position is rejected at most once (then it holds the exact prediction); redrafting
+            # may turn a wrong cached draft into the right one, so fewer can be rejected than codes changed
+            assert a.info["depth_drafts_rejected"] <= int(changed.sum()) + 1
             assert a.info["depth_block_calls"] <= 1 + a.info["depth_drafts_rejected"]
             assert b.info["depth_graph_calls"] >= 1 + CELLS + 1
 

@@ -125,7 +125,7 @@ DECODE_BLOCK = GraphSpec(
     ),
     outputs=(
         "depth_argmax",  # (b, k) int64: argmax over the depth-code rows after each token (code index)
-        "token_argmax",  # (b, k) int64: argmax over the whole vocabulary after each token
+        "token_argmax",  # (b, k) int64: argmax over the whole vocabulary after tokens last_index-1 and last_index, -1 elsewhere
         "logits",  # (b, v) the logits after token last_index
         "cache_k_out",  # (l, b, kh, tm, hd) the cache with all k tokens written (inputs are not mutated)
         "cache_v_out",

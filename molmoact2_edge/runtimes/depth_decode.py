@@ -121,7 +121,7 @@ class Decoder(Protocol):
 
     def block(self, tokens: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Feed up to k tokens at the next slots in one call; after each token, (argmax over the depth rows
-        as a code index (n,), argmax over the vocabulary (n,))."""
+        as a code index (n,), argmax over the vocabulary (n,): valid after the last two tokens at least)."""
         ...
 
     def drop(self, count: int) -> None:
