@@ -72,9 +72,12 @@ def success_rows() -> list[list[object]]:
     rows: list[list[object]] = []
     for path in sorted(ROOT.glob("checkpoints/*/eval_*.json")):
         r = json.loads(path.read_text())
-        rows.append([path.parent.name, path.stem.removeprefix("eval_"), r["task"], r.get("mode", ""),
+        # eval_demo_<precision>.json (benchmarks/demo_success.py): the exported bundle in the demo loop
+        mode = r.get("mode") or f"{r['precision']} bundle, demo loop"
+        per_chunk = r.get("mean_seconds_per_chunk")
+        rows.append([path.parent.name, path.stem.removeprefix("eval_"), r["task"], mode,
                      f"{r['successes']}/{r['episodes']}", f"{100 * r['success_rate']:.0f}%",
-                     f"{1000 * r['mean_seconds_per_chunk']:.0f}"])  # fmt: skip
+                     "-" if per_chunk is None else f"{1000 * per_chunk:.0f}"])  # fmt: skip
     return rows
 
 
@@ -112,7 +115,7 @@ def write_success() -> None:
             "Closed-loop success in the simulated SO-101 (`molmo-edge eval --json`, seeded episodes "
             "100000+, disjoint from the training demos' seeds). Time per chunk is the PyTorch reference "
             "policy on this shared CPU. One row per `eval_*.json` beside each committed checkpoint; each "
-            "checkpoint's README has its recipe, and `so101-touch-small`'s README the runs behind its rows.\n\n"
+            "checkpoint's README has its recipe and evaluation commands.\n\n"
             + markdown_table(["checkpoint", "run", "task", "mode", "successes", "rate", "ms/chunk"], success)
         )
         write_section("training-success", "Bundled checkpoint success rate", body)
