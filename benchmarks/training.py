@@ -100,9 +100,11 @@ def main() -> None:
 def write_throughput(args: argparse.Namespace) -> None:
     rows = throughput(args.presets, args.steps, args.batch_size)
     body = (
-        f"CPU, {args.threads} torch thread(s), shared with other jobs (noisy). Stage 1 = next-token on "
+        f"CPU, {args.threads} torch thread(s), one process. Stage 1 = next-token on "
         "OpenFAST tokens (backbone trains); stage 2 = flow expert with the backbone frozen (4 flow samples "
-        "per chunk). Samples/s include forward, backward and the AdamW step.\n\n"
+        "per chunk). Samples/s include forward, backward and the AdamW step. The full runs behind the "
+        "bundled checkpoints (two gloo ranks of one thread, 8 flow samples, backbone fine-tuned) are in "
+        "their READMEs: `so101-touch` 34-41 samples/s on a quiet machine.\n\n"
         + markdown_table(["preset", "stage", "batch", "trainable params", "samples/s"], rows)
     )
     write_section("training-throughput", "Training throughput", body)
