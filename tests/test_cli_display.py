@@ -25,6 +25,7 @@ def test_run_save_rrd_records_cameras_joints_chunks_and_latency(tmp_path) -> Non
     # 3 Hz (against the contract's rate, hence the override): a chunk of the tiny bundle spans 2 s, so actions
     # are still due after a slow act() on a busy machine; the random policy's first target is far, hence the limit
     args += ["--override-contract", "--first-move-limit", "1"]
+    args += ["--sim-task", "lift"]  # on touch the random policy's first move may touch the cube and end the episode
     args += ["--backend", "onnxruntime", "--stall-timeout", "10", "--telemetry", str(log), "--save-rrd", str(rrd)]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
