@@ -682,7 +682,7 @@ def _small() -> MolmoAct2Config:
 
 @register_preset("small-fast")
 def _small_fast() -> MolmoAct2Config:
-    """The bundled demo policy: CPU-trainable in about an hour, 6x6 pooled tokens per 96 px camera.
+    """The bundled demo policy: CPU-trainable in minutes (so101-touch: 16.5 on 2 cores), 6x6 pooled tokens per 96 px camera.
 
     Against ``small``: 8 px patches at 96 px give each camera 36 image tokens (16 px of the image
     each, against 28 px for ``small``'s 4x4 grid at 112 px), so the cube covers several tokens,

@@ -174,3 +174,14 @@ def test_run_refuses_a_task_longer_than_the_bucket_before_the_robot_moves(tiny, 
     assert result.exit_code != 0
     assert result.output.startswith("error: ") and "--bucket" in result.output, result.output
     assert not log.exists() or not [r for r in read_jsonl(log) if r["type"] == "chunk"]  # nothing ran
+
+
+def test_demo_runs_so101_touch_when_it_is_there(tmp_path) -> None:
+    from molmoact2_edge.cli.demo import DEFAULT_CHECKPOINT, bundled_checkpoint
+
+    for name in ("a-first", DEFAULT_CHECKPOINT):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    assert bundled_checkpoint(tmp_path) == tmp_path / DEFAULT_CHECKPOINT
+    (tmp_path / DEFAULT_CHECKPOINT / "config.json").unlink()
+    assert bundled_checkpoint(tmp_path) == tmp_path / "a-first"  # otherwise the first checkpoint there

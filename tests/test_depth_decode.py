@@ -382,3 +382,26 @@ def test_bench_json_reports_the_depth_stage_with_and_without_the_cache(think_bun
     assert depth["stage_ms_p50"] > 0 and depth["stage_ms_p50_uncached"] > 0
     text = CliRunner().invoke(cli_main.cli, args)
     assert text.exit_code == 0 and "graph calls per frame" in text.output, text.output
+
+
+def test_redrafting_turns_stale_drafts_into_one_extra_call() -> None:
+    """A model whose next code does not depend on the previous one, every changed cell's cached code wrong:
+    with the cache alone every changed cell is a rejection; redrafted from the first rejected call's own
+    predictions, the frame takes two calls."""
+
+    class Independent(MarkovDecoder):
+        def _logits(self) -> np.ndarray:
+            pos = len(self.fed)
+            logits = np.zeros(VOCAB)
+            logits[IDS.end if pos > self.n else IDS.first_code + (pos * 7 + 3) % IDS.num_codes] = 1.0
+            return logits
+
+    n = 40
+    truth = np.array([(p * 7 + 3) % IDS.num_codes for p in range(1, n + 1)])
+    changed = np.zeros(n, dtype=bool)
+    changed[::4] = True
+    previous = np.where(changed, (truth + 1) % IDS.num_codes, truth)  # the scene changed where the cache is stale
+    stale = decode_speculative(Independent(0, n), IDS, previous, changed, tail_budget=8, redraft=False)
+    fresh = decode_speculative(Independent(0, n), IDS, previous, changed, tail_budget=8)
+    assert np.array_equal(stale.codes, truth) and np.array_equal(fresh.codes, truth)
+    assert stale.stats.block_calls == 1 + int(changed.sum()) and fresh.stats.block_calls == 2

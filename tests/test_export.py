@@ -34,7 +34,7 @@ from molmoact2_edge.errors import (
 from molmoact2_edge.export import opset_check, parity, quantize
 from molmoact2_edge.export.calibration import save_observations, synthetic_observations
 from molmoact2_edge.export.graphs import build_graphs
-from molmoact2_edge.export.pipeline import ExportOptions, export_bundle
+from molmoact2_edge.export.pipeline import ExportOptions, export_bundle, longest_prompt
 from molmoact2_edge.model.molmoact2 import MolmoAct2
 from molmoact2_edge.model.policy import Policy
 from molmoact2_edge.normalization import NormStats
@@ -127,6 +127,11 @@ def test_fp32_bundle_manifest_parity_and_session(bundles, checkpoint: Path) -> N
     m = bundle.manifest
     assert m["schema_version"] == B.SCHEMA_VERSION and len(m["source"]["sha256"]) == 64
     assert set(bundle.graph_names) == {"vision", "prefill", "flow"}  # nothing is decoded: no decode_step
+    # nothing decodes, so prefill returns only the expert context (no logits, no decoder cache)
+    assert [t["name"] for t in m["artifacts"]["prefill"]["outputs"]] == ["context_k", "context_v"]
+    assert m["prompt"]["bucket"] % 16 == 0 and m["prompt"]["bucket"] - 16 < longest_prompt(
+        Policy.from_checkpoint(checkpoint), CAMERAS
+    ) + 8 <= m["prompt"]["bucket"]  # the smallest multiple of 16 with 8 tokens of headroom
     assert m["model"]["chunk_length"] == 8 and m["model"]["flow_steps"] == 2 and m["cameras"]["order"] == list(CAMERAS)
     assert m["model"]["rtc"]["mode"] == "off"  # guided RTC only with export --rtc inference
     assert {"config.json", "norm_stats.json", "tokenizer.json"} <= set(m["files"])
@@ -375,3 +380,20 @@ def test_inspect_cli(bundles) -> None:
     assert "parity" in result.output and "prefill" in result.output and "pass" in result.output
     result = runner.invoke(cli_main.cli, ["inspect", str(bundles["fp32"].parent)])
     assert result.exit_code == 1 and "manifest.json is missing" in result.output
+
+
+def test_prefill_schema_accepts_both_output_sets_and_nothing_else(tmp_path: Path) -> None:
+    """Bundles exported before continuous prefills dropped their logits and cache still validate."""
+    full, context_only = B.PREFILL.outputs, B.PREFILL.outputs_for(decoding=False)
+    assert context_only == ("context_k", "context_v") and B.PREFILL.outputs_for(decoding=True) == full
+    assert B.FLOW.outputs_for(decoding=False) == B.FLOW.outputs  # only prefill has decoding-only outputs
+    art = {"file": "prefill.onnx", "inputs": [{"name": n} for n in B.PREFILL.inputs]}
+    common = dict(root=tmp_path, source={}, toolchain={}, model=dict.fromkeys(
+        ("chunk_length", "flow_steps", "action_dim", "max_action_dim", "state_dim"), 1),
+        prompt={"bucket": 16}, cameras={"order": ["front"]}, parity=None, exporter_version="t", robot_contract={})  # fmt: skip
+    for outputs in (full, context_only):
+        artifacts = {"prefill": {**art, "outputs": [{"name": n} for n in outputs]}}
+        B.build_manifest(**common, artifacts=artifacts)  # type: ignore[arg-type]
+    with pytest.raises(BundleError, match="differ from the bundle schema"):
+        artifacts = {"prefill": {**art, "outputs": [{"name": "logits"}, {"name": "context_k"}]}}
+        B.build_manifest(**common, artifacts=artifacts)  # type: ignore[arg-type]

@@ -138,9 +138,8 @@ def _export(checkpoint: Path, out: Path, options: ExportOptions, say: Progress) 
         say(f"robot contract: {checkpoint} records none; {describe_provenance(contract)}")
     say(f"shapes: {len(cameras)} camera(s) {list(cameras)}, bucket {bucket}, cache {shapes.cache_length}, chunk {shapes.chunk_length}")
 
-    graphs = build_graphs(
-        policy.model, shapes, with_decode=shapes.cache_length > bucket, with_flow=policy.mode != "discrete", rtc=policy.rtc
-    )
+    decoding = shapes.cache_length > bucket  # tokens are decoded after the prompt (Think, discrete)
+    graphs = build_graphs(policy.model, shapes, with_decode=decoding, with_flow=policy.mode != "discrete", rtc=policy.rtc)
     owns_stage = options.fp32_bundle is None
     stage = out.parent / f".{out.name}.fp32-stage" if owns_stage else Path(options.fp32_bundle)  # type: ignore[arg-type]
     artifacts: dict[str, dict[str, Any]] = {}
@@ -151,7 +150,7 @@ def _export(checkpoint: Path, out: Path, options: ExportOptions, say: Progress) 
             for name, module in graphs.items():
                 say(f"exporting {name} (fp32, opset {options.opset})")
                 spec = B.GRAPHS[name]
-                outputs = spec.outputs_for(decoding=shapes.cache_length > bucket)
+                outputs = spec.outputs_for(decoding)
                 exported = export_module(
                     module, examples[name], stage / f"{name}.onnx", spec.inputs, outputs, options.opset
                 )

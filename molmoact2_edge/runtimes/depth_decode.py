@@ -140,7 +140,7 @@ def decode_depth(
     """The frame's depth codes: speculative when there are drafts and a block graph, else sequential.
 
     The first frame has no drafts: it is decoded one step per token. A block call costs about as much as
-    seven steps here (so101-touch-think: 9 ms vs 1.3 ms), and self-drafted blocks (Jacobi iteration from
+    six steps here (so101-touch-think: 8.3 ms vs 1.4 ms), and self-drafted blocks (Jacobi iteration from
     placeholder codes) accepted only ~1.9 tokens per call on sim frames: 54 block calls, 3x slower."""
     if speculative and previous is not None and decoder.block_length > 0:
         return decode_speculative(decoder, ids, previous, changed, tail_budget)
