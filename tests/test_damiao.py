@@ -103,7 +103,9 @@ def chain():
     channel = f"test-dm-{next(_channels)}"
     emulator = DamiaoEmulator(MOTORS, channel=channel, command_timeout_s=0.1)
     emulator.start()
-    bus = DamiaoBus(channel, MOTORS, interface="virtual", reply_timeout_s=0.05, retries=1)
+    # 200 ms: the emulator's thread shares the GIL with whatever else the suite left running;
+    # a loaded CI machine once starved it past 50 ms twice in a row.
+    bus = DamiaoBus(channel, MOTORS, interface="virtual", reply_timeout_s=0.2, retries=1)
     bus.connect()
     yield bus, emulator
     bus.disconnect()
@@ -194,7 +196,7 @@ def any_chain(request: pytest.FixtureRequest) -> Iterator[tuple[DamiaoBus, list[
         return
     channel = f"test-dm-{next(_channels)}"
     emulator = DamiaoEmulator(MOTORS, channel=channel)
-    with emulator, DamiaoBus(channel, MOTORS, interface="virtual", reply_timeout_s=0.05) as bus:
+    with emulator, DamiaoBus(channel, MOTORS, interface="virtual", reply_timeout_s=0.2) as bus:
         yield bus, sorted(MOTORS)
 
 

@@ -19,8 +19,8 @@ _channels = itertools.count()
 
 
 def _bus(emulator: DamiaoEmulator) -> DamiaoBus:
-    # 50 ms replies: the emulator is a Python thread on a shared CI box, a real drive answers in < 1 ms
-    return DamiaoBus(emulator.channel, MOTORS, interface="virtual", reply_timeout_s=0.05)
+    # 200 ms replies: the emulator is a Python thread on a shared CI box, a real drive answers in < 1 ms
+    return DamiaoBus(emulator.channel, MOTORS, interface="virtual", reply_timeout_s=0.2)
 
 
 def _emulated_arm(**kw) -> DamiaoEmulator:
