@@ -39,7 +39,8 @@ def _rms(name: str, x: str, out: str, weight: str | None) -> list[onnx.NodeProto
 
 
 def _block(rng: np.random.Generator) -> onnx.ModelProto:
-    """ids -> embedding -> RMSNorm(w) -> MatMul -> RMSNorm (weightless) -> adaLN modulate -> MatMul -> y."""
+    """ids -> embedding -> RMSNorm(w) -> MatMul -> RMSNorm (weightless) -> adaLN modulate -> MatMul + bias
+    -> MatMul(w3) -> MatMul(w3) -> y."""
     inits = [
         numpy_helper.from_array(rng.standard_normal((50, D)).astype(np.float32), "table"),
         numpy_helper.from_array((1 + 0.1 * rng.standard_normal(D)).astype(np.float32), "norm_w"),
@@ -51,6 +52,8 @@ def _block(rng: np.random.Generator) -> onnx.ModelProto:
         numpy_helper.from_array(rng.standard_normal((1, 1, H)).astype(np.float32) * 0.1, "mod_scale"),
         numpy_helper.from_array(rng.standard_normal((1, 1, H)).astype(np.float32) * 0.1, "mod_shift"),
         numpy_helper.from_array(np.ones((1, 1, H), np.float32), "one"),
+        numpy_helper.from_array(rng.standard_normal(D).astype(np.float32) * 0.1, "b2"),
+        numpy_helper.from_array(rng.standard_normal((D, D)).astype(np.float32) * 0.1, "w3"),
     ]
     nodes = [
         helper.make_node("Gather", ["table", "ids"], ["x"], axis=0),
@@ -60,7 +63,10 @@ def _block(rng: np.random.Generator) -> onnx.ModelProto:
         helper.make_node("Add", ["one", "mod_scale"], ["one_plus_scale"]),
         helper.make_node("Mul", ["h1", "one_plus_scale"], ["h2"]),
         helper.make_node("Add", ["h2", "mod_shift"], ["h3"]),
-        helper.make_node("MatMul", ["h3", "w2"], ["y"]),
+        helper.make_node("MatMul", ["h3", "w2"], ["h4"]),
+        helper.make_node("Add", ["h4", "b2"], ["h5"]),  # a linear layer's bias
+        helper.make_node("MatMul", ["h5", "w3"], ["h6"]),  # one weight read twice, as unrolled flow steps do
+        helper.make_node("MatMul", ["h6", "w3"], ["y"]),
     ]
     graph = helper.make_graph(
         nodes, "block",
@@ -101,22 +107,36 @@ def test_rms_norm_and_adaln_fusion_is_exact_and_cached(graphs: dict[str, Path], 
     np.testing.assert_allclose(_run(out, ids), _run(graphs["fp32"], ids), rtol=1e-5, atol=1e-5)
     stamp = out.stat().st_mtime_ns
     assert ort_cpu.prepare(graphs["fp32"], tmp_path / "cache") == out and out.stat().st_mtime_ns == stamp
-    assert ort_cpu.prepare(graphs["fp32"], tmp_path / "cache", fuse=False) == graphs["fp32"]  # nothing else applies
-    assert ort_cpu.prepare(graphs["fp32"], tmp_path / "cache", fuse=False, dynamic_int8=False) == graphs["fp32"]
+    assert (
+        ort_cpu.prepare(graphs["fp32"], tmp_path / "cache", fuse=False) == graphs["fp32"]
+    )  # nothing else applies
+    assert (
+        ort_cpu.prepare(graphs["fp32"], tmp_path / "cache", fuse=False, dynamic_int8=False) == graphs["fp32"]
+    )
 
 
 def test_qdq_becomes_dynamic_int8_on_the_bundles_weights(graphs: dict[str, Path], tmp_path: Path) -> None:
     ids = np.arange(T, dtype=np.int64)[None]
     out = ort_cpu.prepare(graphs["int8"], tmp_path / "cache")
     ops = _ops(out)
-    assert ops.count("DynamicQuantizeMatMul") == 2
+    assert ops.count("DynamicQuantizeMatMul") == 4
     assert "DequantizeLinear" not in ops and "QuantizeLinear" not in ops  # tables folded, activations dynamic
     rewritten = onnx.load(str(out))
+    fused = [n for n in rewritten.graph.node if n.op_type == "DynamicQuantizeMatMul"]
+    assert [len(n.input) for n in fused].count(5) == 1 and ops.count(
+        "Add"
+    ) == 1  # the bias went into the GEMM
+    names = [i.name for i in rewritten.graph.initializer]
+    assert len(names) == len(set(names))  # the shared weight's zero point is added once
     qdq = onnx.load(str(graphs["int8"]))
-    weights = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer if i.data_type == TensorProto.INT8}
+    weights = {
+        i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer if i.data_type == TensorProto.INT8
+    }
     for node in rewritten.graph.node:
         if node.op_type == "DynamicQuantizeMatMul":  # the very int8 weights TensorRT reads
-            same = numpy_helper.to_array(next(i for i in rewritten.graph.initializer if i.name == node.input[1]))
+            same = numpy_helper.to_array(
+                next(i for i in rewritten.graph.initializer if i.name == node.input[1])
+            )
             np.testing.assert_array_equal(same, weights[node.input[1]])
     reference = _run(graphs["fp32"], ids)
     for got in (_run(out, ids), _run(graphs["int8"], ids)):
@@ -163,3 +183,62 @@ def test_shared_pool_serves_every_graph_of_a_bundle(graphs: dict[str, Path]) -> 
     assert report["refused"]  # onnxruntime allows no per-session pool after the global one: a clear error
     ids = np.arange(T, dtype=np.int64)[None]
     np.testing.assert_allclose(np.array(report["outs"]["a"]), _run(graphs["fp32"], ids), rtol=1e-5, atol=1e-5)
+
+
+def _rotary_graph(rng: np.random.Generator) -> onnx.ModelProto:
+    """q (B, N, S, Hd) and k (B, S, N, Hd) rotated as the exporter writes it, then the attention scores."""
+    n, s, hd, half = 2, 6, 8, 4
+    angles = rng.standard_normal((s, half)).astype(np.float32)
+    cos, sin = np.concatenate([np.cos(angles)] * 2, -1), np.concatenate([np.sin(angles)] * 2, -1)
+    inits = [
+        numpy_helper.from_array(cos.reshape(1, 1, s, hd), "cos_q"),
+        numpy_helper.from_array(sin.reshape(1, 1, s, hd), "sin_q"),
+        numpy_helper.from_array(cos.reshape(1, s, 1, hd), "cos_k"),
+        numpy_helper.from_array(sin.reshape(1, s, 1, hd), "sin_k"),
+        *(numpy_helper.from_array(np.array([v], np.int64), name) for name, v in
+          [("zero", 0), ("half", half), ("end", 2**62), ("last", -1), ("step", 1)]),
+    ]  # fmt: skip
+
+    def rotate(x: str, cos_name: str, sin_name: str, out: str) -> list[onnx.NodeProto]:
+        return [
+            helper.make_node("Slice", [x, "zero", "half", "last", "step"], [f"{x}_lo"]),
+            helper.make_node("Slice", [x, "half", "end", "last", "step"], [f"{x}_hi"]),
+            helper.make_node("Neg", [f"{x}_hi"], [f"{x}_neg"]),
+            helper.make_node("Concat", [f"{x}_neg", f"{x}_lo"], [f"{x}_rot"], axis=-1),
+            helper.make_node("Mul", [x, cos_name], [f"{x}_cos"]),
+            helper.make_node("Mul", [f"{x}_rot", sin_name], [f"{x}_sin"]),
+            helper.make_node("Add", [f"{x}_cos", f"{x}_sin"], [out]),
+        ]
+
+    nodes = [
+        *rotate("q", "cos_q", "sin_q", "q_r"),
+        *rotate("k", "cos_k", "sin_k", "k_r"),
+        helper.make_node("Transpose", ["k_r"], ["k_t"], perm=[0, 2, 3, 1]),
+        helper.make_node("MatMul", ["q_r", "k_t"], ["scores"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "rotary",
+        [helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, n, s, hd]),
+         helper.make_tensor_value_info("k", TensorProto.FLOAT, [1, s, n, hd])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, n, s, s])],
+        inits,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+
+
+def test_rotary_fusion_matches_the_exporters_ops_in_both_layouts(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    src = tmp_path / "rotary.onnx"
+    save_with_external_data(_rotary_graph(rng), src)
+    out = ort_cpu.prepare(src, tmp_path / "cache")
+    ops = _ops(out)
+    assert ops.count("RotaryEmbedding") == 2 and not {"Neg", "Slice", "Concat"} & set(ops)
+    feeds = {
+        "q": rng.standard_normal((1, 2, 6, 8)).astype(np.float32),
+        "k": rng.standard_normal((1, 6, 2, 8)).astype(np.float32),
+    }
+    expected, got = (
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        for p in (src, out)
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
