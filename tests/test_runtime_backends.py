@@ -79,6 +79,59 @@ def test_io_binding_matches_plain_inference_session_over_a_decode_loop(kv_graph:
         assert session.describe()["providers"] == ["CPUExecutionProvider"]
 
 
+def _decode_loop(session: base.BackendSession, steps: int, keep: bool) -> tuple[list[np.ndarray], np.ndarray]:
+    """Logits per step and the final cache of ``steps`` decode_step calls, the cache kept resident or not."""
+    rng = np.random.default_rng(2)
+    cache: np.ndarray | base.Resident = np.zeros((1, 8, 4), np.float32)
+    logits = []
+    for step in range(steps):
+        feeds = {
+            "x": rng.standard_normal((1, 4)).astype(np.float32),
+            "pos": np.array([0, step], np.int64),
+            "cache": cache,
+        }
+        out, kept = session.run_keeping("decode_step", feeds, ["cache_out"] if keep else [])
+        cache = kept["cache_out"] if keep else out["cache_out"]
+        logits.append(out["logits"])
+    return logits, cache.numpy() if isinstance(cache, base.Resident) else cache
+
+
+def test_resident_cache_gives_the_same_results_without_host_copies(kv_graph: Path) -> None:
+    with load_backend("onnxruntime", OnnxGraphs({"decode_step": kv_graph})) as session:
+        copied = _decode_loop(session, 8, keep=False)
+        resident = _decode_loop(session, 8, keep=True)
+        _, kept = session.run_keeping(
+            "decode_step", {"x": np.ones((1, 4), np.float32), "pos": np.array([0, 0], np.int64), "cache": copied[1]},
+            ["cache_out"],
+        )  # fmt: skip
+    for a, b in zip(copied[0], resident[0], strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(copied[1], resident[1])
+    assert isinstance(kept["cache_out"].value, ort.OrtValue)  # left in the binding's buffer, not copied out
+
+
+def test_a_resident_overwritten_by_later_runs_is_refused(kv_graph: Path) -> None:
+    feeds = {
+        "x": np.ones((1, 4), np.float32),
+        "pos": np.array([0, 1], np.int64),
+        "cache": np.zeros((1, 8, 4), np.float32),
+    }
+    with load_backend("onnxruntime", OnnxGraphs({"decode_step": kv_graph})) as session:
+        first = session.run_keeping("decode_step", feeds, ["cache_out"])[1]["cache_out"]
+        second = session.run_keeping("decode_step", {**feeds, "cache": first}, ["cache_out"])[1]["cache_out"]
+        assert second.slot is not first.slot  # a call never writes the buffer it reads
+        session.run_keeping(
+            "decode_step", {**feeds, "cache": second}, ["cache_out"]
+        )  # writes first's slot again
+        assert first.stale and not second.stale
+        with pytest.raises(BackendError, match="overwritten"):
+            session.run("decode_step", {**feeds, "cache": first})
+        with pytest.raises(BackendError, match="overwritten"):
+            first.numpy()
+        with pytest.raises(BackendError, match="no output"):
+            session.run_keeping("decode_step", feeds, ["cache"])
+
+
 def test_run_rejects_wrong_shape_dtype_and_names(kv_graph: Path) -> None:
     session = load_backend("onnxruntime", OnnxGraphs({"decode_step": kv_graph}))
     good = {
@@ -182,3 +235,30 @@ def test_tensorrt_backend_uses_only_real_cuda_runtime_names() -> None:
     # no driver here: the guard reports why instead of raising
     count, why = trt_backend.gpu_count()
     assert count == 0 and why
+
+
+class _Doubler(base.BackendSession):
+    """A backend without resident buffers: ``double`` maps x (3,) to 2x."""
+
+    name = "doubler"
+    SPEC = base.TensorSpec("x", (3,), np.dtype(np.float32))
+
+    def specs(self, graph: str) -> tuple[list[base.TensorSpec], list[base.TensorSpec]]:
+        return [self.SPEC], [base.TensorSpec("y", (3,), np.dtype(np.float32))]
+
+    def _run(self, graph: str, feeds) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
+        return {"y": 2 * np.asarray(feeds["x"])}
+
+
+def test_backends_without_resident_buffers_keep_outputs_on_the_host() -> None:
+    session = _Doubler(OnnxGraphs({}), None)
+    x: np.ndarray | base.Resident = np.ones(3, np.float32)
+    for _ in range(3):
+        out, kept = session.run_keeping("double", {"x": x}, ["y"])
+        assert out == {} and isinstance(kept["y"].value, np.ndarray)
+        x = kept["y"]
+    np.testing.assert_array_equal(x.numpy(), np.full(3, 8, np.float32))
+    with pytest.raises(BackendError, match="expected shape"):
+        session.run(
+            "double", {"x": base.Resident(base.TensorSpec("z", (4,), np.dtype(np.float32)), np.zeros(4))}
+        )

@@ -38,7 +38,7 @@ from molmoact2_edge.normalization import NormStats
 from molmoact2_edge.preprocess import resize_cameras
 from molmoact2_edge.rtc import CommittedPrefix, prefix_inputs, session_mode
 from molmoact2_edge.runtimes import bundle as B
-from molmoact2_edge.runtimes.backends.base import BackendSession, load_backend
+from molmoact2_edge.runtimes.backends.base import BackendSession, Feed, Resident, load_backend
 from molmoact2_edge.runtimes.depth_decode import DepthTokens, decode_depth, depth_token_mask
 from molmoact2_edge.tokenizers.openfast import OpenFASTTokenizer, action_span, llm_to_fast_ids
 from molmoact2_edge.tokenizers.prompt import (
@@ -54,6 +54,10 @@ from molmoact2_edge.tokenizers.text import TextTokenizer
 from molmoact2_edge.types import STAGES, ActionChunk, Observation, flow_noise
 
 log = logging.getLogger(__name__)
+
+# The decoder cache stays in the backend between graphs (``BackendSession.run_keeping``), never copied per token.
+CACHE_OUTPUTS = ("cache_k", "cache_v")  # prefill's
+CACHE_OUTPUTS_UPDATED = ("cache_k_out", "cache_v_out")  # decode_step's and decode_block's
 
 FeedRecorder = Callable[[str, Mapping[str, np.ndarray]], None]
 
@@ -82,7 +86,11 @@ class PolicySession:
         rtc: real-time chunking (``rtc.MODES``): auto uses what the bundle's flow graph was exported with.
         """
         self.bundle = bundle if isinstance(bundle, B.Bundle) else B.Bundle.open(bundle, verify=verify)
-        self.backend = backend if isinstance(backend, BackendSession) else load_backend(backend, self.bundle, **backend_options)
+        self.backend = (
+            backend
+            if isinstance(backend, BackendSession)
+            else load_backend(backend, self.bundle, **backend_options)
+        )
         self.record_feeds = record_feeds
         m, p = self.bundle.model, self.bundle.prompt
         self.camera_order = self.bundle.camera_order
@@ -104,13 +112,23 @@ class PolicySession:
         layout = ImageLayout(**p["image_layout"])
         self.prompts = PromptBuilder(tokenizer, self.token_ids, layout, bucket=int(p["bucket"]))
         self.spec = PromptSpec(**p["spec"])
-        self.fast = OpenFASTTokenizer.load(self.bundle.root / p["fast_tokenizer_dir"]) if self.discrete else None
+        self.fast = (
+            OpenFASTTokenizer.load(self.bundle.root / p["fast_tokenizer_dir"]) if self.discrete else None
+        )
         self.depth_cache = DepthCache(grid=int(round(int(m.get("num_depth_codes", 100)) ** 0.5)))
         self._cache_len = int(m.get("cache_length", p["bucket"]))
         self._context_len = int(m.get("context_length", p["bucket"]))
-        self._block_len = int(m.get("block_length", 0)) if B.DECODE_BLOCK.name in self.bundle.graph_names else 0
-        self.speculative_depth = True  # False: depth codes one decode_step per token (the baseline benchmarks compare)
-        flow_inputs = [s["name"] for s in self.bundle.input_specs(B.FLOW.name)] if B.FLOW.name in self.bundle.graph_names else []
+        self._block_len = (
+            int(m.get("block_length", 0)) if B.DECODE_BLOCK.name in self.bundle.graph_names else 0
+        )
+        self.speculative_depth = (
+            True  # False: depth codes one decode_step per token (the baseline benchmarks compare)
+        )
+        flow_inputs = (
+            [s["name"] for s in self.bundle.input_specs(B.FLOW.name)]
+            if B.FLOW.name in self.bundle.graph_names
+            else []
+        )
         exported_rtc = m.get("rtc", {}).get("mode") if "rtc_weights" in flow_inputs else None
         self.rtc = session_mode(rtc, exported_rtc)
 
@@ -138,8 +156,10 @@ class PolicySession:
             features = self._run(B.VISION.name, {"images": crops})["image_features"]
         prompt = self.build_prompt(observation)
         with self._timed(timings, "prefill"):
-            pre = self._run(B.PREFILL.name, self.prefill_feeds(prompt, features))
-        ctx = _Context.from_prefill(pre, prompt, self._context_len)
+            pre, cache = self._run_keeping(
+                B.PREFILL.name, self.prefill_feeds(prompt, features), CACHE_OUTPUTS
+            )
+        ctx = _Context.from_prefill(pre, cache, prompt, self._context_len)
         if self.depth:
             with self._timed(timings, "depth"):
                 info.update(self._decode_depth(ctx, observation))
@@ -158,7 +178,9 @@ class PolicySession:
     def build_prompt(self, observation: Observation) -> Prompt:
         bins = None
         if self.has_state:
-            bins = state_bins(self.norm.normalize_state(np.asarray(observation.state, dtype=np.float32), self.tag))
+            bins = state_bins(
+                self.norm.normalize_state(np.asarray(observation.state, dtype=np.float32), self.tag)
+            )
         return self.prompts.build(observation.task, bins, len(self.camera_order), self.spec)
 
     def check_task(self, task: str) -> None:
@@ -199,10 +221,19 @@ class PolicySession:
 
     # --- stages --------------------------------------------------------------------------
 
-    def _run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, graph: str, feeds: Mapping[str, Feed]) -> dict[str, np.ndarray]:
+        return self._run_keeping(graph, feeds, ())[0]
+
+    def _run_keeping(
+        self, graph: str, feeds: Mapping[str, Feed], keep: Sequence[str]
+    ) -> tuple[dict[str, np.ndarray], dict[str, Resident]]:
+        """Run ``graph``; those of ``keep`` it outputs stay in the backend (the decoder cache, fed back next call)."""
         if self.record_feeds is not None:
-            self.record_feeds(graph, feeds)
-        return self.backend.run(graph, feeds)
+            self.record_feeds(
+                graph, {k: v.numpy() if isinstance(v, Resident) else v for k, v in feeds.items()}
+            )
+        outputs = {spec.name for spec in self.backend.specs(graph)[1]}
+        return self.backend.run_keeping(graph, feeds, [name for name in keep if name in outputs])
 
     @contextmanager
     def _timed(self, timings: dict[str, float], stage: str):  # type: ignore[no-untyped-def]
@@ -214,11 +245,13 @@ class PolicySession:
         """Feed one token through decode_step; append its K/V and expert context; return its logits."""
         pos = ctx.length
         if pos >= self._cache_len:
-            raise BundleError(f"decode ran past the bundle's cache length {self._cache_len}; re-export with a larger budget")
+            raise BundleError(
+                f"decode ran past the bundle's cache length {self._cache_len}; re-export with a larger budget"
+            )
         allowed = np.zeros(self._cache_len, dtype=bool)
         allowed[: pos + 1] = ctx.cache_valid[: pos + 1]
         allowed[pos] = True
-        out = self._run(
+        out, cache = self._run_keeping(
             B.DECODE_STEP.name,
             {
                 "input_id": np.array([[token]], dtype=np.int64),
@@ -226,8 +259,9 @@ class PolicySession:
                 **ctx.cache_feeds(),
                 "cache_bias": bias_from_allowed(allowed)[None, None, None],
             },
+            CACHE_OUTPUTS_UPDATED,
         )
-        ctx.append(token, out)
+        ctx.append(token, out, cache)
         return out["logits"][0]
 
     def _decode_depth(self, ctx: _Context, observation: Observation) -> dict[str, int]:
@@ -268,7 +302,9 @@ class PolicySession:
         generated: list[int] = []
         logits = ctx.last_logits
         if logits is None:
-            raise BundleError("this bundle's prefill graph returns no logits: it was exported without decoding")
+            raise BundleError(
+                "this bundle's prefill graph returns no logits: it was exported without decoding"
+            )
         for _ in range(16 * self.chunk_length):
             token = int(np.argmax(logits))
             generated.append(token)
@@ -289,7 +325,9 @@ class PolicySession:
         noise = flow_noise(seed, shape) if noise is None else np.asarray(noise, dtype=np.float32)
         if noise.shape != shape:
             raise ObservationError(f"noise: expected shape {shape}, got {noise.shape}")
-        valid = cross_attention_valid(ctx.ids(), ctx.cache_valid[: self._context_len], self.token_ids, self.action_mode)
+        valid = cross_attention_valid(
+            ctx.ids(), ctx.cache_valid[: self._context_len], self.token_ids, self.action_mode
+        )
         dim_mask = (np.arange(self.max_action_dim) < self.action_dim).astype(np.float32)
         feeds = {
             "noise": noise[None],
@@ -325,12 +363,14 @@ class _ContextDecoder:
         ctx, k, n = self.ctx, self.block_length, len(tokens)
         start, cache_len = ctx.length, self.session._cache_len
         if not 0 < n <= k or start + k > cache_len:
-            raise BundleError(f"decode_block: {n} token(s) at slot {start} do not fit k={k} / cache length {cache_len}")
+            raise BundleError(
+                f"decode_block: {n} token(s) at slot {start} do not fit k={k} / cache length {cache_len}"
+            )
         ids = np.zeros((1, k), dtype=np.int64)
         ids[0, :n] = tokens
         allowed = np.repeat(ctx.cache_valid[None, :cache_len], k, axis=0)  # (k, tm): every earlier valid slot
         allowed[:, start : start + k] |= np.tril(np.ones((k, k), dtype=bool))  # causal inside the block
-        out = self.session._run(
+        out, cache = self.session._run_keeping(
             B.DECODE_BLOCK.name,
             {
                 "input_ids": ids,
@@ -339,8 +379,9 @@ class _ContextDecoder:
                 "block_bias": bias_from_allowed(allowed)[None, None],
                 "last_index": np.array([n - 1], dtype=np.int64),
             },
+            CACHE_OUTPUTS_UPDATED,
         )
-        ctx.append_block(tokens, out)
+        ctx.append_block(tokens, out, cache)
         return out["depth_argmax"][0, :n], out["token_argmax"][0, :n]
 
     def drop(self, count: int) -> None:
@@ -352,8 +393,8 @@ class _Context:
 
     def __init__(
         self,
-        cache_k: np.ndarray | None,
-        cache_v: np.ndarray | None,
+        cache_k: Feed | None,
+        cache_v: Feed | None,
         context_k: np.ndarray,
         context_v: np.ndarray,
         ids: np.ndarray,
@@ -366,11 +407,13 @@ class _Context:
         self._ids, self.cache_valid, self.length, self.last_logits = ids, valid, length, last_logits
 
     @classmethod
-    def from_prefill(cls, pre: Mapping[str, np.ndarray], prompt: Prompt, context_len: int) -> _Context:
+    def from_prefill(
+        cls, pre: Mapping[str, np.ndarray], cache: Mapping[str, Resident], prompt: Prompt, context_len: int
+    ) -> _Context:
         """Prefill outputs -> buffers of the context length (bucket, or bucket + decode budget for Think).
         A continuous bundle's prefill has no logits or cache (nothing decodes): those stay None."""
         t = len(prompt.input_ids)
-        tm = pre["cache_k"].shape[3] if "cache_k" in pre else t
+        tm = cache["cache_k"].shape[3] if "cache_k" in cache else t
         l_, b, _, e = pre["context_k"].shape
         context_k = np.zeros((l_, b, context_len, e), dtype=pre["context_k"].dtype)
         context_v = np.zeros_like(context_k)
@@ -381,20 +424,31 @@ class _Context:
         valid[:t] = prompt.attention_mask
         # Decoding continues right after the last real prompt token; pad slots are overwritten.
         logits = pre["logits"][0] if "logits" in pre else None
-        return cls(pre.get("cache_k"), pre.get("cache_v"), context_k, context_v, ids, valid, prompt.num_valid, logits)
+        return cls(
+            cache.get("cache_k"),
+            cache.get("cache_v"),
+            context_k,
+            context_v,
+            ids,
+            valid,
+            prompt.num_valid,
+            logits,
+        )
 
     def ids(self) -> np.ndarray:
         return self._ids[: self.context_k.shape[2]]
 
-    def cache_feeds(self) -> dict[str, np.ndarray]:
+    def cache_feeds(self) -> dict[str, Feed]:
         """The decoder cache as graph inputs (only bundles that decode have one)."""
         if self.cache_k is None or self.cache_v is None:
-            raise BundleError("this bundle's prefill graph returns no decoder cache: it was exported without decoding")
+            raise BundleError(
+                "this bundle's prefill graph returns no decoder cache: it was exported without decoding"
+            )
         return {"cache_k": self.cache_k, "cache_v": self.cache_v}
 
-    def append(self, token: int, out: Mapping[str, np.ndarray]) -> None:
+    def append(self, token: int, out: Mapping[str, np.ndarray], cache: Mapping[str, Resident]) -> None:
         pos = self.length
-        self.cache_k, self.cache_v = out["cache_k_out"], out["cache_v_out"]
+        self.cache_k, self.cache_v = cache["cache_k_out"], cache["cache_v_out"]
         if pos < self.context_k.shape[2]:
             self.context_k[:, :, pos] = out["context_k"][:, :, 0]
             self.context_v[:, :, pos] = out["context_v"][:, :, 0]
@@ -402,10 +456,12 @@ class _Context:
         self.length = pos + 1
         self.last_logits = out["logits"][0]
 
-    def append_block(self, tokens: Sequence[int], out: Mapping[str, np.ndarray]) -> None:
+    def append_block(
+        self, tokens: Sequence[int], out: Mapping[str, np.ndarray], cache: Mapping[str, Resident]
+    ) -> None:
         """A decode_block call's outputs: its real tokens become valid slots (the padding stays invalid)."""
         start, n = self.length, len(tokens)
-        self.cache_k, self.cache_v = out["cache_k_out"], out["cache_v_out"]
+        self.cache_k, self.cache_v = cache["cache_k_out"], cache["cache_v_out"]
         inside = max(0, min(n, self.context_k.shape[2] - start))  # slots past the context are scratch
         self.context_k[:, :, start : start + inside] = out["context_k"][:, :, :inside]
         self.context_v[:, :, start : start + inside] = out["context_v"][:, :, :inside]

@@ -5,6 +5,12 @@ A backend runs the bundle's fixed-shape graphs (``vision``, ``prefill``,
 numpy in and numpy out. Buffers are allocated once per graph at load (I/O
 binding), which is what lets the GPU backends capture CUDA graphs.
 
+State that only flows from graph to graph (the decoder's KV cache: prefill -> decode_step /
+decode_block -> ...) need not visit the host at all: ``run_keeping(graph, feeds, keep)``
+returns the outputs named in ``keep`` as ``Resident`` handles, and a later ``run`` binds a
+handle fed back to it where it lies. The onnxruntime backend does that with its I/O binding
+(a pair of buffers per kept output, taking turns); the others copy, with the same results.
+
 Backends are a table of name -> (module, class), imported only when chosen, as
 python-can does for its interfaces: a missing vendor library costs nothing
 until it is asked for, and then it is a ``BackendUnavailableError`` carrying the
@@ -22,7 +28,7 @@ import difflib
 import importlib
 import importlib.util
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -85,13 +91,54 @@ class TensorSpec:
     shape: tuple[int, ...]
     dtype: np.dtype
 
-    def check(self, graph: str, value: np.ndarray) -> None:
+    def check(self, graph: str, value: np.ndarray | Resident) -> None:
         """Raise BackendError naming the graph and tensor when ``value`` does not fit this spec."""
         if value.shape != self.shape or value.dtype != self.dtype:
             raise BackendError(
                 f"graph '{graph}' input '{self.name}': expected shape {self.shape} dtype {self.dtype}, "
                 f"got shape {tuple(value.shape)} dtype {value.dtype}"
             )
+
+
+class Slot:
+    """A backend-owned buffer that kept outputs are written to; ``version`` counts the writes."""
+
+    def __init__(self, value: Any) -> None:
+        self.value, self.version = value, 0
+
+
+@dataclass(frozen=True, eq=False)
+class Resident:
+    """A graph output left where the backend computed it (``run_keeping``), to be fed to a later run.
+
+    Valid until the backend writes its slot again (the graph's run after next); feeding a stale
+    handle is a BackendError, never silently different data. ``numpy()`` copies it to the host.
+    """
+
+    spec: TensorSpec
+    value: Any  # np.ndarray for backends that copy, else the backend's own buffer (an OrtValue)
+    slot: Slot | None = None
+    version: int = 0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.spec.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.spec.dtype
+
+    @property
+    def stale(self) -> bool:
+        return self.slot is not None and self.slot.version != self.version
+
+    def numpy(self) -> np.ndarray:
+        if self.stale:
+            raise BackendError(f"'{self.spec.name}' was overwritten by a later run; it can no longer be read")
+        return np.array(self.value if isinstance(self.value, np.ndarray) else self.value.numpy())
+
+
+Feed = np.ndarray | Resident
 
 
 class BackendSession(abc.ABC):
@@ -125,23 +172,48 @@ class BackendSession(abc.ABC):
         """What runs where, for logs, telemetry and ``molmo-edge doctor``."""
         return {"backend": self.name, "reason": self.reason}
 
-    def run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, graph: str, feeds: Mapping[str, Feed]) -> dict[str, np.ndarray]:
         """Run ``graph`` on ``feeds`` (every input, exact shape and dtype) and return every output.
 
-        Raises BackendError naming the graph and tensor on a missing, extra or mis-shaped feed.
+        Raises BackendError naming the graph and tensor on a missing, extra, mis-shaped or stale feed.
         """
+        return self.run_keeping(graph, feeds, ())[0]
+
+    def run_keeping(
+        self, graph: str, feeds: Mapping[str, Feed], keep: Collection[str]
+    ) -> tuple[dict[str, np.ndarray], dict[str, Resident]]:
+        """``run``, with the outputs named in ``keep`` returned as ``Resident`` handles instead of host arrays."""
         if self._closed:
             raise BackendError(f"{self.name} session is closed; load the bundle again")
-        inputs, _ = self.specs(graph)
+        inputs, outputs = self.specs(graph)
         names = {spec.name for spec in inputs}
         missing, extra = sorted(names - set(feeds)), sorted(set(feeds) - names)
         if missing or extra:
             raise BackendError(
                 f"graph '{graph}': missing input(s) {missing}, unexpected input(s) {extra}; expects {sorted(names)}"
             )
+        unknown = sorted(set(keep) - {spec.name for spec in outputs})
+        if unknown:
+            raise BackendError(f"graph '{graph}' has no output(s) {unknown} to keep")
         for spec in inputs:
-            spec.check(graph, np.asarray(feeds[spec.name]))
-        return self._run(graph, feeds)
+            feed = feeds[spec.name]
+            if isinstance(feed, Resident) and feed.stale:
+                raise BackendError(
+                    f"graph '{graph}' input '{spec.name}': the resident '{feed.spec.name}' fed to it was "
+                    "overwritten by a later run (keep only the newest handle of a kept output)"
+                )
+            spec.check(graph, feed if isinstance(feed, Resident) else np.asarray(feed))
+        return self._run_keeping(graph, feeds, frozenset(keep))
+
+    def _run_keeping(
+        self, graph: str, feeds: Mapping[str, Feed], keep: frozenset[str]
+    ) -> tuple[dict[str, np.ndarray], dict[str, Resident]]:
+        """Backends without resident buffers: residents go through the host, kept outputs are host arrays."""
+        host = {name: feed.numpy() if isinstance(feed, Resident) else feed for name, feed in feeds.items()}
+        arrays = self._run(graph, host)
+        _, outputs = self.specs(graph)
+        kept = {spec.name: Resident(spec, arrays.pop(spec.name)) for spec in outputs if spec.name in keep}
+        return arrays, kept
 
     def close(self) -> None:
         """Release buffers and sessions. Safe to call twice."""

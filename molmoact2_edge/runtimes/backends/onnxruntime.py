@@ -9,6 +9,11 @@ the CUDA EP, ``trt_cuda_graph_enable`` on the TensorRT EP), and it also saves an
 allocation per call on CPU. Graphs with a symbolic dimension are refused: a
 bundle's graphs are fixed-shape by contract.
 
+Kept outputs (``run_keeping``: the decoder cache) are written to one of two
+buffers of their own and bound as the next graph's input where they lie, never
+copied through the host per token. With CUDA graphs (fixed addresses) they go
+through the host instead.
+
 Provider choice (``providers=None``): TensorRT EP when it is present and a GPU
 answers, else CUDA EP, else CPU. ORT itself drops an EP it cannot load with
 only a warning; here a requested EP that did not make it into the session is a
@@ -51,7 +56,15 @@ import onnxruntime as ort
 
 from molmoact2_edge.errors import BackendError, BackendUnavailableError
 from molmoact2_edge.runtimes.backends import ort_cpu
-from molmoact2_edge.runtimes.backends.base import BackendSession, GraphFiles, TensorSpec, check_graphs
+from molmoact2_edge.runtimes.backends.base import (
+    BackendSession,
+    Feed,
+    GraphFiles,
+    Resident,
+    Slot,
+    TensorSpec,
+    check_graphs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +102,13 @@ class OnnxRuntimeOptions:
     fp16: bool = False  # TensorRT EP: allow fp16 kernels (QDQ int8 graphs need no calibration table)
     cache_dir: str | None = None  # TensorRT EP engine + timing caches; None: see default_cache_dir()
     graphs: tuple[str, ...] | None = None  # load only these graphs (None: all the bundle has)
-    thread_pool: str = field(default_factory=lambda: os.environ.get(THREAD_POOL_ENV, "shared"))  # or per-session
+    thread_pool: str = field(
+        default_factory=lambda: os.environ.get(THREAD_POOL_ENV, "shared")
+    )  # or per-session
     spinning: bool = False  # let idle pool threads busy-wait (lower latency alone, worse when sharing cores)
-    cpu_rewrites: bool = True  # CPU provider: fused RMSNorm, dynamic int8 GEMMs (ort_cpu.py), cached per device
+    cpu_rewrites: bool = (
+        True  # CPU provider: fused RMSNorm, dynamic int8 GEMMs (ort_cpu.py), cached per device
+    )
 
 
 THREAD_POOL_ENV = "MOLMO_EDGE_ORT_THREAD_POOL"  # default thread_pool for processes that must not share
@@ -108,7 +125,8 @@ def _join_shared_pool(threads: int) -> bool:
         # onnxruntime refuses per-session pools once the global one exists: the size is the process's
         log.warning(
             "onnxruntime: this process's shared pool has %s intra-op threads; %s asked (the first size wins)",
-            _shared_pool_threads or "default", threads or "default",
+            _shared_pool_threads or "default",
+            threads or "default",
         )
     return True
 
@@ -164,6 +182,11 @@ class OnnxRuntimeSession(BackendSession):
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._bindings: dict[str, ort.IOBinding] = {}
         self._inputs: dict[str, dict[str, ort.OrtValue]] = {}
+        self._outputs: dict[str, dict[str, ort.OrtValue]] = {}
+        self._slots: dict[
+            tuple[str, str], list[Slot]
+        ] = {}  # kept outputs: (graph, output) -> its two buffers
+        self._slot_ids: set[int] = set()
         self._specs: dict[str, tuple[list[TensorSpec], list[TensorSpec]]] = {}
         self.providers: list[str] = []
         self.pools: dict[str, str] = {}
@@ -171,7 +194,9 @@ class OnnxRuntimeSession(BackendSession):
             path = bundle.graph_path(graph)
             if not path.is_file():
                 raise BackendError(f"graph '{graph}': {path} is missing")
-            cache_dir = Path(self.options.cache_dir) if self.options.cache_dir else default_cache_dir(path.parent)
+            cache_dir = (
+                Path(self.options.cache_dir) if self.options.cache_dir else default_cache_dir(path.parent)
+            )
             session = self._make_session(graph, path, requested, cache_dir)
             self._sessions[graph] = session
             self._bind(graph, session)
@@ -181,7 +206,9 @@ class OnnxRuntimeSession(BackendSession):
         self, graph: str, path: Path, requested: list[str], cache_dir: Path
     ) -> ort.InferenceSession:
         so = ort.SessionOptions()
-        so.log_severity_level = 3  # errors only: fp16 graphs otherwise flood stderr with constant-folding notes
+        so.log_severity_level = (
+            3  # errors only: fp16 graphs otherwise flood stderr with constant-folding notes
+        )
         if self.options.thread_pool not in ("shared", "per-session"):
             raise BackendError(f"thread_pool '{self.options.thread_pool}': choose shared or per-session")
         if self.options.thread_pool == "per-session" and _shared_pool_threads is not None:
@@ -244,10 +271,13 @@ class OnnxRuntimeSession(BackendSession):
             value = ort.OrtValue.ortvalue_from_shape_and_type(spec.shape, spec.dtype, device, device_id)
             binding.bind_ortvalue_input(spec.name, value)
             values[spec.name] = value
+        results: dict[str, ort.OrtValue] = {}
         for spec in outputs:
             value = ort.OrtValue.ortvalue_from_shape_and_type(spec.shape, spec.dtype, device, device_id)
             binding.bind_ortvalue_output(spec.name, value)
-        self._bindings[graph], self._inputs[graph], self._specs[graph] = binding, values, (inputs, outputs)
+            results[spec.name] = value
+        self._bindings[graph], self._inputs[graph], self._outputs[graph] = binding, values, results
+        self._specs[graph] = (inputs, outputs)
 
     @staticmethod
     def _spec(graph: str, node: Any) -> TensorSpec:
@@ -266,16 +296,57 @@ class OnnxRuntimeSession(BackendSession):
         return self._specs[graph]
 
     def _run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        for name, value in self._inputs[graph].items():
-            value.update_inplace(np.ascontiguousarray(feeds[name]))
+        return self._run_keeping(graph, feeds, frozenset())[0]
+
+    def _run_keeping(
+        self, graph: str, feeds: Mapping[str, Feed], keep: frozenset[str]
+    ) -> tuple[dict[str, np.ndarray], dict[str, Resident]]:
+        """Bind every input and output for this call: a resident of this session is bound where it lies, a host
+        array is copied into the graph's own input buffer; a kept output goes to the slot of its pair that this
+        call does not read. CUDA graphs replay fixed addresses, so with them kept outputs go through the host."""
+        if keep and self._device(graph)[0] != "cpu" and self.options.cuda_graph:
+            return super()._run_keeping(graph, feeds, keep)
         binding = self._bindings[graph]
+        read: set[int] = set()
+        for name, buffer in self._inputs[graph].items():
+            feed = feeds[name]
+            if isinstance(feed, Resident) and feed.slot is not None and id(feed.slot) in self._slot_ids:
+                binding.bind_ortvalue_input(name, feed.value)
+                read.add(id(feed.slot))
+                continue
+            buffer.update_inplace(np.ascontiguousarray(feed.numpy() if isinstance(feed, Resident) else feed))
+            binding.bind_ortvalue_input(name, buffer)
+        kept: dict[str, Resident] = {}
+        for spec in self._specs[graph][1]:
+            if spec.name in keep:
+                slot = self._free_slot(graph, spec, read)
+                slot.version += 1
+                kept[spec.name] = Resident(spec, slot.value, slot, slot.version)
+                binding.bind_ortvalue_output(spec.name, slot.value)
+            else:
+                binding.bind_ortvalue_output(spec.name, self._outputs[graph][spec.name])
         try:
             self._sessions[graph].run_with_iobinding(binding)
         except Exception as err:  # ORT's runtime failures have no common base class
             raise BackendError(f"graph '{graph}': onnxruntime run failed: {err}") from err
-        # copy_outputs_to_cpu returns fresh arrays, so callers may keep them across runs
-        names = [spec.name for spec in self._specs[graph][1]]
-        return dict(zip(names, binding.copy_outputs_to_cpu(), strict=True))
+        # OrtValue.numpy() is a view of the bound buffer: copy, so callers may keep arrays across runs
+        arrays = {
+            name: np.array(value.numpy()) for name, value in self._outputs[graph].items() if name not in keep
+        }
+        return arrays, kept
+
+    def _free_slot(self, graph: str, spec: TensorSpec, read: set[int]) -> Slot:
+        """Of the output's two slots, the one this call does not read, least recently written first."""
+        pair = self._slots.get((graph, spec.name))
+        if pair is None:
+            device, device_id = self._device(graph)
+            pair = [
+                Slot(ort.OrtValue.ortvalue_from_shape_and_type(spec.shape, spec.dtype, device, device_id))
+                for _ in range(2)
+            ]
+            self._slots[(graph, spec.name)] = pair
+            self._slot_ids.update(id(slot) for slot in pair)
+        return min((slot for slot in pair if id(slot) not in read), key=lambda slot: slot.version)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -292,5 +363,7 @@ class OnnxRuntimeSession(BackendSession):
     def close(self) -> None:
         self._bindings.clear()
         self._inputs.clear()
+        self._outputs.clear()
+        self._slots.clear()
         self._sessions.clear()
         super().close()
