@@ -242,3 +242,74 @@ def test_rotary_fusion_matches_the_exporters_ops_in_both_layouts(tmp_path: Path)
         for p in (src, out)
     )
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _adaln_graph(rng: np.random.Generator) -> onnx.ModelProto:
+    """The expert's adaLN around a residual stream: two modulations of one time embedding (each split into
+    shift / scale [/ gate]), ``norm(x + y) * (1 + scale) + shift``, a gated residual, a second modulation."""
+    e = 32
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((e, 3 * D)).astype(np.float32) * 0.1, "wm1"),
+        numpy_helper.from_array(rng.standard_normal(3 * D).astype(np.float32) * 0.1, "bm1"),
+        numpy_helper.from_array(rng.standard_normal((e, 2 * D)).astype(np.float32) * 0.1, "wm2"),
+        numpy_helper.from_array(rng.standard_normal(2 * D).astype(np.float32) * 0.1, "bm2"),
+        numpy_helper.from_array(np.array([D, D, D], np.int64), "sizes3"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+        numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+        numpy_helper.from_array(np.array([-1], np.int64), "last_axis"),
+        numpy_helper.from_array(np.array(1e-6, np.float32), "eps"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["t", "wm1"], ["m1"]),
+        helper.make_node("Add", ["m1", "bm1"], ["m1b"]),
+        helper.make_node("Split", ["m1b", "sizes3"], ["shift", "scale", "gate"], axis=-1),
+        helper.make_node("MatMul", ["t", "wm2"], ["m2"]),
+        helper.make_node("Add", ["m2", "bm2"], ["m2b"]),
+        helper.make_node("Split", ["m2b"], ["shift2", "scale2"], axis=2, num_outputs=2),
+        helper.make_node("Add", ["x", "y"], ["h"]),
+        *_rms("n", "h", "hn", None),
+        helper.make_node("Add", ["scale", "one"], ["one_plus"]),
+        helper.make_node("Mul", ["hn", "one_plus"], ["hm"]),
+        helper.make_node("Add", ["hm", "shift"], ["hmod"]),
+        helper.make_node("Mul", ["hmod", "gate"], ["gated"]),
+        helper.make_node("Add", ["h", "gated"], ["h2"]),  # the residual stream reads the sum on
+        helper.make_node("Add", ["one", "scale2"], ["one_plus2"]),
+        helper.make_node("Mul", ["h2", "one_plus2"], ["h3"]),
+        helper.make_node("Add", ["h3", "shift2"], ["out"]),
+    ]
+    value = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, T, D]) for n in ("x", "y")]
+    graph = helper.make_graph(
+        nodes, "adaln", [*value, helper.make_tensor_value_info("t", TensorProto.FLOAT, [1, T, e])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, T, D])], inits,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+
+
+def test_modulations_merge_their_offsets_fold_and_residual_norms_fuse(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    fp32, int8 = tmp_path / "fp32" / "adaln.onnx", tmp_path / "int8" / "adaln.onnx"
+    fp32.parent.mkdir()
+    int8.parent.mkdir()
+    save_with_external_data(_adaln_graph(rng), fp32)
+
+    def feeds() -> dict[str, np.ndarray]:
+        return {"x": rng.standard_normal((1, T, D)).astype(np.float32), "y": rng.standard_normal((1, T, D)).astype(np.float32),
+                "t": rng.standard_normal((1, T, 32)).astype(np.float32)}  # fmt: skip
+
+    quantize_int8(fp32, int8, [feeds() for _ in range(4)])
+    fused = ort_cpu.prepare(int8, tmp_path / "cache")
+    plain = ort_cpu.prepare(int8, tmp_path / "cache", fuse=False)  # dynamic int8 only: the same GEMM numerics
+    ops = _ops(fused)
+    assert ops.count("DynamicQuantizeMatMul") == 1 and ops.count("Split") == 1  # two modulations, one GEMM
+    assert ops.count("SkipSimplifiedLayerNormalization") == 1 and "SimplifiedLayerNormalization" not in ops
+    model = onnx.load(str(fused))
+    consts = {i.name for i in model.graph.initializer if not i.dims}
+    assert not [
+        n for n in model.graph.node if n.op_type == "Add" and set(n.input) & consts
+    ]  # 1 + scale folded
+    check = feeds()
+    got, expected = (
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, check)[0]
+        for p in (fused, plain)
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)

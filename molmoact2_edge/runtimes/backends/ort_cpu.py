@@ -51,7 +51,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 log = logging.getLogger(__name__)
 
-REWRITE_VERSION = 6  # bump when a rewrite changes: cached graphs of older versions are not reused
+REWRITE_VERSION = 7  # bump when a rewrite changes: cached graphs of older versions are not reused
 MS_DOMAIN = "com.microsoft"
 
 
@@ -111,6 +111,9 @@ def prepare(
     }
     counts["adaln"] = graph.fold_modulation_scale() if fuse else 0
     counts["rotary"] = graph.fuse_rotary() if fuse else 0
+    counts["merged_gemms"] = graph.merge_sibling_gemms() if fuse and dynamic_int8 else 0
+    counts["split_offsets"] = graph.fold_split_offsets() if fuse and dynamic_int8 else 0
+    counts["skip_norm"] = graph.fuse_skip_norm() if fuse else 0
     if not any(counts.values()):
         return path
     graph.drop_dead()
@@ -367,6 +370,165 @@ class _Graph:
             self.g.node.remove(mul)
             self._index()
             count += 1
+        return count
+
+    def merge_sibling_gemms(self) -> int:
+        """Dynamic int8 GEMMs that read one input, each split along its last axis -> one GEMM, one Split.
+
+        The expert's adaLN: every block's modulation (and the final layer's) is a linear map of the
+        same time embedding, split into shift / scale / gate chunks. One GEMM over the concatenated
+        weights quantizes that input once and launches once per flow step instead of four times.
+        """
+        count = 0
+        for name in list(self.consumers):
+            readers = [node for node in self.consumers[name] if node.input[0] == name]  # as the input, not a weight
+            members = [m for m in map(self._split_gemm, readers) if m is not None]
+            if len(members) < 2:
+                continue
+            key = hashlib.sha256("|".join(m[0].input[1] for m in members).encode()).hexdigest()[:12]
+            weights = [self.const(m[0].input[1]) for m in members]
+            scales = [
+                np.broadcast_to(self.const(m[0].input[2]), (w.shape[1],))
+                for m, w in zip(members, weights, strict=True)
+            ]
+            sizes = np.concatenate([m[2] for m in members]).astype(np.int64)
+            inputs = [
+                name,
+                self._add_init(np.concatenate(weights, axis=1), f"merged_{key}_w"),
+                self._add_init(np.concatenate(scales).astype(np.float32), f"merged_{key}_scale"),
+                self._add_init(np.zeros(int(sizes.sum()), np.int8), f"merged_{key}_zero"),
+                self._add_init(
+                    np.concatenate([self.const(m[0].input[4]) for m in members]), f"merged_{key}_bias"
+                ),
+            ]
+            merged = f"{members[0][0].output[0]}_merged"
+            position = min(list(self.g.node).index(m[0]) for m in members)
+            fused = [
+                helper.make_node("DynamicQuantizeMatMul", inputs, [merged], name=merged, domain=MS_DOMAIN),
+                helper.make_node(
+                    "Split",
+                    [merged, self._add_init(sizes, f"merged_{key}_sizes")],
+                    [out for m in members for out in m[1].output],
+                    name=f"{merged}_split",
+                    axis=-1,
+                ),
+            ]
+            for gemm, split, _ in members:
+                self.g.node.remove(gemm)
+                self.g.node.remove(split)
+            for offset, node in enumerate(fused):
+                self.g.node.insert(position + offset, node)
+            self._index()
+            count += 1
+        return count
+
+    def _split_gemm(self, node: onnx.NodeProto) -> tuple[onnx.NodeProto, onnx.NodeProto, np.ndarray] | None:
+        """(a biased dynamic int8 GEMM, the last-axis Split that alone reads it, the chunk sizes), or None."""
+        if node.op_type != "DynamicQuantizeMatMul" or len(node.input) != 5:
+            return None
+        w, zero, bias = (self.const(node.input[i]) for i in (1, 3, 4))
+        split = self.only_consumer(node.output[0])
+        if (
+            w is None
+            or w.ndim != 2
+            or zero is None
+            or np.any(zero)
+            or bias is None
+            or self.const(node.input[2]) is None
+        ):
+            return None
+        if split is None or split.op_type != "Split" or split.input[0] != node.output[0]:
+            return None
+        rank = len(
+            self.shapes.get(node.output[0], ())
+        )  # unknown (0) for a merged GEMM's output: axis -1 then
+        axis = next((a.i for a in split.attribute if a.name == "axis"), 0)
+        if axis != -1 and (rank == 0 or axis != rank - 1):
+            return None
+        sizes = self._split_sizes(split, w.shape[1])
+        return (node, split, sizes) if sizes is not None else None
+
+    def _split_sizes(self, split: onnx.NodeProto, width: int) -> np.ndarray | None:
+        """The chunk widths of a Split of ``width`` features (its ``split`` input, or equal parts)."""
+        if len(split.input) > 1 and split.input[1]:
+            sizes = self.const(split.input[1])
+            return sizes.astype(np.int64) if sizes is not None and int(sizes.sum()) == width else None
+        parts = len(split.output)
+        return np.full(parts, width // parts, np.int64) if width % parts == 0 else None
+
+    def fold_split_offsets(self) -> int:
+        """``Add(chunk, c)``, the chunk a Split output of a biased int8 GEMM read only there -> c goes into the bias.
+
+        adaLN's ``1 + scale``: the constant 1 joins the modulation's bias once instead of costing an Add
+        per norm per flow step."""
+        count = 0
+        for add in list(self.g.node):
+            if add.op_type != "Add" or add.output[0] in self.outputs:
+                continue
+            for chunk, other in ((add.input[0], add.input[1]), (add.input[1], add.input[0])):
+                offset = self.const(other)
+                split = self.producer.get(chunk)
+                gemm = (
+                    self.producer.get(split.input[0])
+                    if split is not None and split.op_type == "Split"
+                    else None
+                )
+                member = self._split_gemm(gemm) if gemm is not None else None
+                if (
+                    offset is None
+                    or offset.size != 1
+                    or member is None
+                    or self.only_consumer(chunk) is not add
+                ):
+                    continue
+                sizes, index = member[2], list(split.output).index(chunk)
+                start = int(sizes[:index].sum())
+                bias = self.const(gemm.input[4]).astype(np.float32)  # type: ignore[union-attr]
+                bias[start : start + int(sizes[index])] += np.float32(offset.ravel()[0])
+                gemm.input[4] = self._add_init(bias, f"{gemm.input[4]}_plus{index}")
+                for user in self.consumers.get(add.output[0], []):
+                    for i, name in enumerate(user.input):
+                        if name == add.output[0]:
+                            user.input[i] = chunk
+                self.g.node.remove(add)
+                self._index()
+                count += 1
+                break
+        return count
+
+    def fuse_skip_norm(self) -> int:
+        """Residual ``Add(a, b)`` -> ``SimplifiedLayerNormalization`` -> ``com.microsoft.SkipSimplifiedLayerNormalization``,
+        whose fourth output is the sum the residual stream reads on."""
+        count = 0
+        for norm in list(self.g.node):
+            add = self.producer.get(norm.input[0]) if norm.op_type == "SimplifiedLayerNormalization" else None
+            if add is None or add.op_type != "Add" or any(self.const(x) is not None for x in add.input):
+                continue
+            a, b = (self.shapes.get(x) for x in add.input)
+            if a is None or a != b or len(a) != 3 or min(a) < 1:
+                continue
+            eps = next((attr.f for attr in norm.attribute if attr.name == "epsilon"), 1e-5)
+            sum_name = (
+                add.output[0]
+                if self.consumers[add.output[0]] != [norm] or add.output[0] in self.outputs
+                else ""
+            )
+            fused = helper.make_node(
+                "SkipSimplifiedLayerNormalization",
+                [add.input[0], add.input[1], norm.input[1]],
+                [norm.output[0], "", "", sum_name],
+                name=f"{norm.output[0]}_skip_norm",
+                domain=MS_DOMAIN,
+                epsilon=eps,
+            )
+            position = list(self.g.node).index(add)
+            self.g.node.remove(add)
+            self.g.node.remove(norm)
+            self.g.node.insert(position, fused)
+            self._index()
+            count += 1
+        if count:
+            self._ensure_domain(MS_DOMAIN)
         return count
 
     def fuse_rotary(self) -> int:
