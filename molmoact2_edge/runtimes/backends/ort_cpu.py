@@ -42,6 +42,7 @@ import logging
 import os
 import platform
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 log = logging.getLogger(__name__)
 
-REWRITE_VERSION = 7  # bump when a rewrite changes: cached graphs of older versions are not reused
+REWRITE_VERSION = 8  # bump when a rewrite changes: cached graphs of older versions are not reused
 MS_DOMAIN = "com.microsoft"
 
 
@@ -158,6 +159,18 @@ def _constant_folded(path: Path, workdir: Path, shared_pool: bool) -> onnx.Model
     return model
 
 
+@dataclass(frozen=True)
+class _SplitGemm:
+    """A biased dynamic int8 GEMM read only by a Split of its last axis, and its constants."""
+
+    gemm: onnx.NodeProto
+    split: onnx.NodeProto
+    weight: np.ndarray  # (k, n) int8
+    scale: np.ndarray  # (n,) per column
+    bias: np.ndarray  # (n,)
+    sizes: np.ndarray  # the Split's chunk widths
+
+
 class _Graph:
     """Producer/consumer maps over one model's graph, and the rewrites."""
 
@@ -216,6 +229,13 @@ class _Graph:
         self.inits[name] = self.g.initializer[-1]
         return name
 
+    def _read_instead(self, old: str, new: str) -> None:
+        """Every node that reads tensor ``old`` reads ``new``."""
+        for user in self.consumers.get(old, []):
+            for i, name in enumerate(user.input):
+                if name == old:
+                    user.input[i] = new
+
     # --- rewrites ---------------------------------------------------------------------
 
     def dequantize_gather_tables(self) -> int:
@@ -254,10 +274,7 @@ class _Graph:
                 self.g.node.insert(position, helper.make_node("Identity", [q.input[0]], [dq.output[0]]))
                 count += 1
                 continue
-            for user in self.consumers.get(dq.output[0], []):
-                for i, name in enumerate(user.input):
-                    if name == dq.output[0]:
-                        user.input[i] = q.input[0]
+            self._read_instead(dq.output[0], q.input[0])
             count += 1
         self.drop_dead()  # the bypassed QuantizeLinears, so they do not count as consumers below
         return count
@@ -381,60 +398,55 @@ class _Graph:
         """
         count = 0
         for name in list(self.consumers):
-            readers = [node for node in self.consumers[name] if node.input[0] == name]  # as the input, not a weight
+            readers = [
+                node for node in self.consumers[name] if node.input[0] == name
+            ]  # as the input, not a weight
             members = [m for m in map(self._split_gemm, readers) if m is not None]
             if len(members) < 2:
                 continue
-            key = hashlib.sha256("|".join(m[0].input[1] for m in members).encode()).hexdigest()[:12]
-            weights = [self.const(m[0].input[1]) for m in members]
-            scales = [
-                np.broadcast_to(self.const(m[0].input[2]), (w.shape[1],))
-                for m, w in zip(members, weights, strict=True)
-            ]
-            sizes = np.concatenate([m[2] for m in members]).astype(np.int64)
+            key = hashlib.sha256("|".join(m.gemm.input[1] for m in members).encode()).hexdigest()[:12]
+            sizes = np.concatenate([m.sizes for m in members])
             inputs = [
                 name,
-                self._add_init(np.concatenate(weights, axis=1), f"merged_{key}_w"),
-                self._add_init(np.concatenate(scales).astype(np.float32), f"merged_{key}_scale"),
+                self._add_init(np.concatenate([m.weight for m in members], axis=1), f"merged_{key}_w"),
+                self._add_init(np.concatenate([m.scale for m in members]), f"merged_{key}_scale"),
                 self._add_init(np.zeros(int(sizes.sum()), np.int8), f"merged_{key}_zero"),
-                self._add_init(
-                    np.concatenate([self.const(m[0].input[4]) for m in members]), f"merged_{key}_bias"
-                ),
+                self._add_init(np.concatenate([m.bias for m in members]), f"merged_{key}_bias"),
             ]
-            merged = f"{members[0][0].output[0]}_merged"
-            position = min(list(self.g.node).index(m[0]) for m in members)
+            merged = f"{members[0].gemm.output[0]}_merged"
+            position = min(list(self.g.node).index(m.gemm) for m in members)
             fused = [
                 helper.make_node("DynamicQuantizeMatMul", inputs, [merged], name=merged, domain=MS_DOMAIN),
                 helper.make_node(
                     "Split",
                     [merged, self._add_init(sizes, f"merged_{key}_sizes")],
-                    [out for m in members for out in m[1].output],
+                    [out for m in members for out in m.split.output],
                     name=f"{merged}_split",
                     axis=-1,
                 ),
             ]
-            for gemm, split, _ in members:
-                self.g.node.remove(gemm)
-                self.g.node.remove(split)
+            for m in members:
+                self.g.node.remove(m.gemm)
+                self.g.node.remove(m.split)
             for offset, node in enumerate(fused):
                 self.g.node.insert(position + offset, node)
             self._index()
             count += 1
         return count
 
-    def _split_gemm(self, node: onnx.NodeProto) -> tuple[onnx.NodeProto, onnx.NodeProto, np.ndarray] | None:
-        """(a biased dynamic int8 GEMM, the last-axis Split that alone reads it, the chunk sizes), or None."""
-        if node.op_type != "DynamicQuantizeMatMul" or len(node.input) != 5:
+    def _split_gemm(self, node: onnx.NodeProto | None) -> _SplitGemm | None:
+        """A biased dynamic int8 GEMM whose only reader is a last-axis Split, with its constants; else None."""
+        if node is None or node.op_type != "DynamicQuantizeMatMul" or len(node.input) != 5:
             return None
-        w, zero, bias = (self.const(node.input[i]) for i in (1, 3, 4))
+        weight, scale, zero, bias = (self.const(node.input[i]) for i in (1, 2, 3, 4))
         split = self.only_consumer(node.output[0])
         if (
-            w is None
-            or w.ndim != 2
+            weight is None
+            or weight.ndim != 2
+            or scale is None
             or zero is None
             or np.any(zero)
             or bias is None
-            or self.const(node.input[2]) is None
         ):
             return None
         if split is None or split.op_type != "Split" or split.input[0] != node.output[0]:
@@ -445,8 +457,11 @@ class _Graph:
         axis = next((a.i for a in split.attribute if a.name == "axis"), 0)
         if axis != -1 and (rank == 0 or axis != rank - 1):
             return None
-        sizes = self._split_sizes(split, w.shape[1])
-        return (node, split, sizes) if sizes is not None else None
+        sizes = self._split_sizes(split, weight.shape[1])
+        if sizes is None:
+            return None
+        per_column = np.broadcast_to(scale, (weight.shape[1],)).astype(np.float32)
+        return _SplitGemm(node, split, weight, per_column, bias.astype(np.float32), sizes)
 
     def _split_sizes(self, split: onnx.NodeProto, width: int) -> np.ndarray | None:
         """The chunk widths of a Split of ``width`` features (its ``split`` input, or equal parts)."""
@@ -466,30 +481,18 @@ class _Graph:
             if add.op_type != "Add" or add.output[0] in self.outputs:
                 continue
             for chunk, other in ((add.input[0], add.input[1]), (add.input[1], add.input[0])):
-                offset = self.const(other)
-                split = self.producer.get(chunk)
-                gemm = (
-                    self.producer.get(split.input[0])
-                    if split is not None and split.op_type == "Split"
-                    else None
-                )
-                member = self._split_gemm(gemm) if gemm is not None else None
-                if (
-                    offset is None
-                    or offset.size != 1
-                    or member is None
-                    or self.only_consumer(chunk) is not add
-                ):
+                offset, split = self.const(other), self.producer.get(chunk)
+                if offset is None or offset.size != 1 or split is None or split.op_type != "Split":
                     continue
-                sizes, index = member[2], list(split.output).index(chunk)
-                start = int(sizes[:index].sum())
-                bias = self.const(gemm.input[4]).astype(np.float32)  # type: ignore[union-attr]
-                bias[start : start + int(sizes[index])] += np.float32(offset.ravel()[0])
-                gemm.input[4] = self._add_init(bias, f"{gemm.input[4]}_plus{index}")
-                for user in self.consumers.get(add.output[0], []):
-                    for i, name in enumerate(user.input):
-                        if name == add.output[0]:
-                            user.input[i] = chunk
+                member = self._split_gemm(self.producer.get(split.input[0]))
+                if member is None or chunk in self.outputs or len(self.consumers[chunk]) != 1:
+                    continue  # the chunk has readers besides this Add
+                index = list(split.output).index(chunk)
+                start = int(member.sizes[:index].sum())
+                bias = member.bias.copy()
+                bias[start : start + int(member.sizes[index])] += np.float32(offset.ravel()[0])
+                member.gemm.input[4] = self._add_init(bias, f"{member.gemm.input[4]}_plus{index}")
+                self._read_instead(add.output[0], chunk)
                 self.g.node.remove(add)
                 self._index()
                 count += 1
