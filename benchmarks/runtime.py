@@ -190,8 +190,9 @@ def main() -> None:
     body += (
         f"\n\nCheckpoint `{checkpoint.name}`; {report['method'].replace(f'threads {args.threads[-1]}', 'threads as listed')}; "
         f"{args.iterations} timed calls per contender and thread setting. onnxruntime rows use the backend's defaults "
-        "(one shared intra-op pool per process, spinning off, CPU rewrites: fused RMSNorm and, for int8, dynamic u8s8 "
-        "GEMMs from the bundle's QDQ weights) unless the row says otherwise; eager PyTorch runs with "
+        "(one shared intra-op pool per process, spinning off, CPU rewrites: fused RMSNorm, rotary embeddings and "
+        "residual norms and, for int8, dynamic u8s8 GEMMs from the bundle's QDQ weights with their bias, the "
+        "adaLN modulations of a flow step merged into one) unless the row says otherwise; eager PyTorch runs with "
         "`torch.set_num_threads` = threads. fp16 bundles are for GPUs (on the x86 CPU provider fp16 runs as casts "
         "around fp32 math) and are not timed here."
     )
