@@ -47,13 +47,17 @@ def act_latency(
     """
     first = next(iter(bundles.values()))
     ort = {"intra_op_threads": threads}
-    contenders = [Contender("pytorch eager", "eager", checkpoint=str(checkpoint))]
+    contenders = [
+        Contender("pytorch eager", "eager", checkpoint=str(checkpoint)),
+        # the onnxruntime backend flushes denormals on CPU: the same switch for PyTorch, to show what it is worth there
+        Contender("pytorch eager, denormals flushed", "eager", {"flush_denormals": True}, checkpoint=str(checkpoint)),
+    ]
     for precision, bundle in bundles.items():
         contenders.append(Contender(f"onnxruntime {precision}", "onnxruntime", ort, bundle=str(bundle)))
     if "fp32" in bundles:
         fp32 = str(bundles["fp32"])
-        old = {**ort, "thread_pool": "per-session", "spinning": True, "cpu_rewrites": False}
-        contenders.append(Contender("onnxruntime fp32 as before (pool per session, spinning, no rewrites)", "onnxruntime", old, bundle=fp32))
+        old = {**ort, "thread_pool": "per-session", "spinning": True, "cpu_rewrites": False, "flush_denormals": False}
+        contenders.append(Contender("onnxruntime fp32 as before (pool per session, spinning, no rewrites, denormals kept)", "onnxruntime", old, bundle=fp32))
         contenders.append(Contender("onnxruntime fp32, shared pool spinning", "onnxruntime", {**ort, "spinning": True}, bundle=fp32))
     return compare_backends(first, contenders, iterations, rounds=rounds, threads=threads)
 
@@ -192,7 +196,8 @@ def main() -> None:
         f"{args.iterations} timed calls per contender and thread setting. onnxruntime rows use the backend's defaults "
         "(one shared intra-op pool per process, spinning off, CPU rewrites: fused RMSNorm, rotary embeddings and "
         "residual norms and, for int8, dynamic u8s8 GEMMs from the bundle's QDQ weights with their bias, the "
-        "adaLN modulations of a flow step merged into one) unless the row says otherwise; eager PyTorch runs with "
+        "adaLN modulations of a flow step merged into one; denormals flushed to zero while graphs run) unless the row "
+        "says otherwise; eager PyTorch runs with "
         "`torch.set_num_threads` = threads. fp16 bundles are for GPUs (on the x86 CPU provider fp16 runs as casts "
         "around fp32 math) and are not timed here."
     )

@@ -262,3 +262,35 @@ def test_backends_without_resident_buffers_keep_outputs_on_the_host() -> None:
         session.run(
             "double", {"x": base.Resident(base.TensorSpec("z", (4,), np.dtype(np.float32)), np.zeros(4))}
         )
+
+
+def test_flushing_denormals_leaves_a_masked_softmax_unchanged(tmp_path: Path) -> None:
+    """The masked positions' probabilities are what flushes (exp of about -30000): the output is the same."""
+    nodes = [
+        helper.make_node("Add", ["scores", "bias"], ["masked"]),
+        helper.make_node("Softmax", ["masked"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["out"]),
+    ]
+    inputs = [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
+        for n, s in (("scores", [1, 4, 8]), ("bias", [1, 4, 8]), ("v", [1, 8, 3]))
+    ]
+    path = _save(
+        tmp_path / "attend.onnx",
+        nodes,
+        inputs,
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 3])],
+        [],
+    )
+    rng = np.random.default_rng(4)
+    feeds = {
+        "scores": rng.standard_normal((1, 4, 8)).astype(np.float32),
+        "bias": np.where(np.tril(np.ones((4, 8))) > 0, 0, -30000).astype(np.float32)[None],
+        "v": rng.standard_normal((1, 8, 3)).astype(np.float32),
+    }
+    outs = {}
+    for flush in (True, False):
+        with load_backend("onnxruntime", OnnxGraphs({"attend": path}), flush_denormals=flush) as session:
+            assert session.describe()["flush_denormals"] is flush
+            outs[flush] = session.run("attend", feeds)["out"]
+    np.testing.assert_allclose(outs[True], outs[False], rtol=0, atol=1e-6)

@@ -39,6 +39,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
         if threads:
             torch.set_num_threads(threads)
+        if spec.get("options", {}).get("flush_denormals"):  # as the onnxruntime backend does on CPU
+            torch.set_flush_denormal(True)
         probe = PolicySession(spec["bundle"], "onnxruntime", graphs=("vision",), providers=("CPUExecutionProvider",))
         obs = synthetic_observation(probe)
         policy = Policy.from_checkpoint(

@@ -47,6 +47,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -65,6 +66,7 @@ from molmoact2_edge.runtimes.backends.base import (
     TensorSpec,
     check_graphs,
 )
+from molmoact2_edge.runtimes.backends.denormals import flush_denormals
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,7 @@ class OnnxRuntimeOptions:
         default_factory=lambda: os.environ.get(THREAD_POOL_ENV, "shared")
     )  # or per-session
     spinning: bool = False  # let idle pool threads busy-wait (lower latency alone, worse when sharing cores)
+    flush_denormals: bool = True  # CPU: denormals count as zero while graphs run (masked softmax underflows)
     cpu_rewrites: bool = (
         True  # CPU provider: fused RMSNorm, dynamic int8 GEMMs (ort_cpu.py), cached per device
     )
@@ -226,6 +229,8 @@ class OnnxRuntimeSession(BackendSession):
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
             so.add_session_config_entry("session.inter_op.allow_spinning", "0")
             so.add_session_config_entry("session.force_spinning_stop", "1")
+        if self.options.flush_denormals:  # pool threads; the caller's thread is set around each run
+            so.add_session_config_entry("session.set_denormal_as_zero", "1")
         self.pools[graph] = "shared" if shared else "per-session"
         if self.options.optimization not in _OPT_LEVELS:
             raise BackendError(
@@ -325,8 +330,10 @@ class OnnxRuntimeSession(BackendSession):
                 binding.bind_ortvalue_output(spec.name, slot.value)
             else:
                 binding.bind_ortvalue_output(spec.name, self._outputs[graph][spec.name])
+        flush = self.options.flush_denormals and self._device(graph)[0] == "cpu"
         try:
-            self._sessions[graph].run_with_iobinding(binding)
+            with flush_denormals() if flush else nullcontext():
+                self._sessions[graph].run_with_iobinding(binding)
         except Exception as err:  # ORT's runtime failures have no common base class
             raise BackendError(f"graph '{graph}': onnxruntime run failed: {err}") from err
         # OrtValue.numpy() is a view of the bound buffer: copy, so callers may keep arrays across runs
@@ -358,6 +365,7 @@ class OnnxRuntimeSession(BackendSession):
             "thread_pool": sorted(set(self.pools.values())),
             "spinning": self.options.spinning,
             "cpu_rewrites": self.options.cpu_rewrites and self.providers == [CPU],
+            "flush_denormals": self.options.flush_denormals and self.providers == [CPU],
         }
 
     def close(self) -> None:
