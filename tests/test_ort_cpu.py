@@ -313,3 +313,32 @@ def test_modulations_merge_their_offsets_fold_and_residual_norms_fuse(tmp_path: 
         for p in (fused, plain)
     )
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_qkv_is_split_into_heads_without_gathers(tmp_path: Path) -> None:
+    """(1, t, 3 * 2 * 8) viewed as (1, t, 3, 2, 8) and picked apart with Gather -> one Split of the merged axis."""
+    inits = [numpy_helper.from_array(np.array([1, T, 3, 2, 8], np.int64), "view_shape")]
+    inits += [numpy_helper.from_array(np.array(i, np.int64), f"i{i}") for i in range(3)]
+    nodes = [
+        helper.make_node("Reshape", ["qkv", "view_shape"], ["view"]),
+        *(helper.make_node("Gather", ["view", f"i{i}"], [name], axis=2) for i, name in enumerate("qkv")),
+        helper.make_node("Mul", ["q", "k"], ["qk"]),
+        helper.make_node("Sub", ["qk", "v"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "heads", [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, [1, T, 48])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, T, 2, 8])], inits,
+    )  # fmt: skip
+    src = tmp_path / "heads.onnx"
+    save_with_external_data(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10), src
+    )
+    out = ort_cpu.prepare(src, tmp_path / "cache")
+    ops = _ops(out)
+    assert "Gather" not in ops and ops.count("Split") == 1
+    feeds = {"qkv": np.random.default_rng(5).standard_normal((1, T, 48)).astype(np.float32)}
+    expected, got = (
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        for p in (src, out)
+    )
+    np.testing.assert_array_equal(got, expected)

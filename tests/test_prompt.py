@@ -120,6 +120,20 @@ def test_qwen_prompt_ids_and_bucket(qwen: TextTokenizer) -> None:
     assert len(unbucketed.input_ids) == unbucketed.num_valid
 
 
+@given(bins=st.lists(st.integers(0, 255), min_size=6, max_size=6))
+@settings(max_examples=25, deadline=None)
+def test_later_states_swap_ids_exactly_as_encoding_them(qwen: TextTokenizer, bins: list[int]) -> None:
+    """After the first chunk the builder swaps the state ids into the task's ids instead of encoding again:
+    the same ids as a fresh builder encoding the prompt from its text."""
+    cached = PromptBuilder(qwen, qwen.molmoact2_ids(), ImageLayout(), bucket=704)
+    cached.build("pick up the red cube", [7] * 6, 3, SO101)  # the first chunk encodes and checks the swap
+    fresh = PromptBuilder(qwen, qwen.molmoact2_ids(), ImageLayout(), bucket=704)
+    got, expected = (b.build("pick up the red cube", bins, 3, SO101) for b in (cached, fresh))
+    assert cached._templates  # the swap path is the one under test
+    np.testing.assert_array_equal(got.input_ids, expected.input_ids)
+    np.testing.assert_array_equal(got.token_type_ids, expected.token_type_ids)
+
+
 def test_from_config_tiny_preset() -> None:
     from molmoact2_edge.tokenizers.text import train_small_tokenizer
 

@@ -211,6 +211,9 @@ class PromptBuilder:
         self.patch_id = int(token_ids["image_patch_id"])
         self.first_state_id = tokenizer.token_to_id("<state_0>")
         self.image_type_ids = np.array([tokenizer.token_to_id(t) for t in IMAGE_TYPE_TOKENS], dtype=np.int64)
+        # (task, state length, cameras, spec) -> (ids, where the state ids are): the control loop asks for the
+        # same prompt every chunk but the state, and encoding it is most of building it
+        self._templates: dict[tuple[str, int | None, int, PromptSpec], tuple[np.ndarray, np.ndarray]] = {}
 
     @classmethod
     def from_config(
@@ -222,16 +225,44 @@ class PromptBuilder:
     def build(
         self, task: str, bins: Sequence[int] | np.ndarray | None, num_cameras: int, spec: PromptSpec
     ) -> Prompt:
+        key = (task, None if bins is None else len(bins), num_cameras, spec)
+        template = self._templates.get(key)
+        if template is not None and bins is not None:  # the same prompt but the state: swap the state ids
+            ids, slots = template
+            ids = ids.copy()
+            ids[slots] = self.first_state_id + np.asarray(bins, dtype=np.int64)
+            return self.pad(ids, task)
+        ids = self._encode(task, bins, num_cameras, spec)
+        if bins is not None and len(bins) and self._state_swaps_exactly(ids, task, bins, num_cameras, spec):
+            self._templates[key] = (ids, np.flatnonzero(self._is_state(ids)))
+        return self.pad(ids, task)
+
+    def _encode(
+        self, task: str, bins: Sequence[int] | np.ndarray | None, num_cameras: int, spec: PromptSpec
+    ) -> np.ndarray:
         text = render_prompt(task, bins, num_cameras, spec, self.layout)
         ids = self.tokenizer.encode(text)
         if not ids or ids[0] != self.bos_id:
             ids = [self.bos_id, *ids]
-        n_state = sum(1 for i in ids if self.first_state_id <= i < self.first_state_id + NUM_STATE_BINS)
-        if bins is not None and n_state != len(bins):
+        array = np.asarray(ids, dtype=np.int64)
+        if bins is not None and int(self._is_state(array).sum()) != len(bins):
             raise TokenizerError(
                 f"state tokens did not survive tokenization: expected {len(bins)} in {text!r}"
             )
-        return self.pad(np.asarray(ids, dtype=np.int64), task)
+        return array
+
+    def _is_state(self, ids: np.ndarray) -> np.ndarray:
+        return (ids >= self.first_state_id) & (ids < self.first_state_id + NUM_STATE_BINS)
+
+    def _state_swaps_exactly(
+        self, ids: np.ndarray, task: str, bins: Sequence[int] | np.ndarray, num_cameras: int, spec: PromptSpec
+    ) -> bool:
+        """Whether swapping the state ids of ``ids`` gives what encoding another state does (the state tokens are
+        atomic special tokens, so it should); checked once per task before the control loop relies on it."""
+        other = (np.asarray(bins, dtype=np.int64) + 1) % NUM_STATE_BINS
+        swapped = ids.copy()
+        swapped[self._is_state(ids)] = self.first_state_id + other
+        return np.array_equal(swapped, self._encode(task, other, num_cameras, spec))
 
     def pad(self, ids: np.ndarray, what: str = "prompt") -> Prompt:
         """Right-pad ``ids`` to the bucket (pad_token_id, mask 0, type 0); longer than the bucket -> PromptTooLongError."""
