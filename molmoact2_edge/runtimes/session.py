@@ -92,6 +92,9 @@ class PolicySession:
             else load_backend(backend, self.bundle, **backend_options)
         )
         self.record_feeds = record_feeds
+        self._bias_memo: tuple[tuple[np.ndarray, np.ndarray], np.ndarray] | None = (
+            None  # masks -> prefill bias
+        )
         m, p = self.bundle.model, self.bundle.prompt
         self.camera_order = self.bundle.camera_order
         self.image_size = self.bundle.image_size
@@ -197,14 +200,25 @@ class PolicySession:
             )
         index = np.full((1, t), rows, dtype=np.int64)  # row `rows` = "no image feature here"
         index[0, prompt.image_positions] = np.arange(rows, dtype=np.int64)
-        allowed = prefill_allowed(prompt.attention_mask, prompt.token_type_ids)
         return {
             "input_ids": prompt.input_ids[None].astype(np.int64),
             "image_features": features,
             "image_feature_index": index,
-            "attention_bias": bias_from_allowed(allowed)[None, None],
+            "attention_bias": self._prefill_bias(prompt),
             "last_index": np.array([prompt.num_valid - 1], dtype=np.int64),
         }
+
+    def _prefill_bias(self, prompt: Prompt) -> np.ndarray:
+        """(1, 1, t, t) attention bias. The prompts of one task share read-only masks (``PromptBuilder``), so
+        their bias is computed once; masks that could still change are never memoized."""
+        masks = (prompt.attention_mask, prompt.token_type_ids)
+        memo = self._bias_memo
+        if memo is not None and all(a is b for a, b in zip(memo[0], masks, strict=True)):
+            return memo[1]
+        bias = bias_from_allowed(prefill_allowed(*masks))[None, None]
+        if not any(m.flags.writeable for m in masks):
+            self._bias_memo = (masks, bias)
+        return bias
 
     def reset(self) -> None:
         """Forget per-episode state (the depth cache)."""

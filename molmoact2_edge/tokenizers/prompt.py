@@ -213,7 +213,7 @@ class PromptBuilder:
         self.image_type_ids = np.array([tokenizer.token_to_id(t) for t in IMAGE_TYPE_TOKENS], dtype=np.int64)
         # (task, state length, cameras, spec) -> (ids, where the state ids are): the control loop asks for the
         # same prompt every chunk but the state, and encoding it is most of building it
-        self._templates: dict[tuple[str, int | None, int, PromptSpec], tuple[np.ndarray, np.ndarray]] = {}
+        self._templates: dict[tuple[str, int | None, int, PromptSpec], tuple[Prompt, np.ndarray]] = {}
 
     @classmethod
     def from_config(
@@ -228,14 +228,19 @@ class PromptBuilder:
         key = (task, None if bins is None else len(bins), num_cameras, spec)
         template = self._templates.get(key)
         if template is not None and bins is not None:  # the same prompt but the state: swap the state ids
-            ids, slots = template
-            ids = ids.copy()
+            prompt, slots = template
+            ids = prompt.input_ids.copy()
             ids[slots] = self.first_state_id + np.asarray(bins, dtype=np.int64)
-            return self.pad(ids, task)
+            return dataclasses.replace(
+                prompt, input_ids=ids
+            )  # masks and positions do not depend on the state
         ids = self._encode(task, bins, num_cameras, spec)
+        prompt = self.pad(ids, task)
         if bins is not None and len(bins) and self._state_swaps_exactly(ids, task, bins, num_cameras, spec):
-            self._templates[key] = (ids, np.flatnonzero(self._is_state(ids)))
-        return self.pad(ids, task)
+            for shared in (prompt.attention_mask, prompt.token_type_ids, prompt.image_positions):
+                shared.flags.writeable = False  # every later prompt of the task holds these very arrays
+            self._templates[key] = (prompt, np.flatnonzero(self._is_state(prompt.input_ids)))
+        return prompt
 
     def _encode(
         self, task: str, bins: Sequence[int] | np.ndarray | None, num_cameras: int, spec: PromptSpec
