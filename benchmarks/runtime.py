@@ -50,15 +50,37 @@ def act_latency(
     contenders = [
         Contender("pytorch eager", "eager", checkpoint=str(checkpoint)),
         # the onnxruntime backend flushes denormals on CPU: the same switch for PyTorch, to show what it is worth there
-        Contender("pytorch eager, denormals flushed", "eager", {"flush_denormals": True}, checkpoint=str(checkpoint)),
+        Contender(
+            "pytorch eager, denormals flushed", "eager", {"flush_denormals": True}, checkpoint=str(checkpoint)
+        ),
     ]
     for precision, bundle in bundles.items():
         contenders.append(Contender(f"onnxruntime {precision}", "onnxruntime", ort, bundle=str(bundle)))
     if "fp32" in bundles:
         fp32 = str(bundles["fp32"])
-        old = {**ort, "thread_pool": "per-session", "spinning": True, "cpu_rewrites": False, "flush_denormals": False}
-        contenders.append(Contender("onnxruntime fp32 as before (pool per session, spinning, no rewrites, denormals kept)", "onnxruntime", old, bundle=fp32))
-        contenders.append(Contender("onnxruntime fp32, shared pool spinning", "onnxruntime", {**ort, "spinning": True}, bundle=fp32))
+        old = {
+            **ort,
+            "thread_pool": "per-session",
+            "spinning": True,
+            "cpu_rewrites": False,
+            "flush_denormals": False,
+        }
+        contenders.append(
+            Contender(
+                "onnxruntime fp32 as before (pool per session, spinning, no rewrites, denormals kept)",
+                "onnxruntime",
+                old,
+                bundle=fp32,
+            )
+        )
+        contenders.append(
+            Contender(
+                "onnxruntime fp32, shared pool spinning",
+                "onnxruntime",
+                {**ort, "spinning": True},
+                bundle=fp32,
+            )
+        )
     return compare_backends(first, contenders, iterations, rounds=rounds, threads=threads)
 
 
@@ -137,14 +159,18 @@ def parity_of(bundle: Path) -> str:
 
 
 def latency_table(report: dict[str, Any], threads: int, bundles: dict[str, Path]) -> list[list[str]]:
+    """One row per contender. ``paired``: the median over rounds of eager's round median / the contender's, so a
+    round the machine ran slow for everyone counts once (the speedup column divides the pooled medians)."""
+    eager = np.array(report["backends"]["pytorch eager"]["spread_ms"]["round_medians"])
     rows = []
     for name, result in report["backends"].items():
         total, spread = result["stages_ms"]["total"], result["spread_ms"]
         precision = name.split()[1].rstrip(",") if name.startswith("onnxruntime") else None
+        paired = float(np.median(eager / np.array(spread["round_medians"])))
         rows.append([
             name, str(threads), f"{total['p50']:.1f}", f"{spread['p25']:.1f}-{spread['p75']:.1f}",
             " / ".join(f"{m:.0f}" for m in spread["round_medians"]), f"{result['speedup_vs_torch']:.2f}x",
-            parity_of(bundles[precision]) if precision in bundles else "-",
+            f"{paired:.2f}x", parity_of(bundles[precision]) if precision in bundles else "-",
         ])  # fmt: skip
     return rows
 
@@ -155,9 +181,13 @@ def main() -> None:
     )
     parser.add_argument("--checkpoint", type=Path, help="checkpoint dir (default: the bundled one)")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "int8"])
-    parser.add_argument("--iterations", type=int, default=15, help="timed act() calls per contender and thread setting")
+    parser.add_argument(
+        "--iterations", type=int, default=15, help="timed act() calls per contender and thread setting"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="alternated rounds the calls are split over")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU thread settings to measure")
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[1, 2], help="CPU thread settings to measure"
+    )
     parser.add_argument("--episodes", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--loop-seconds", type=float, default=5.0)
@@ -175,7 +205,9 @@ def main() -> None:
     # every export first: export's int8 calibrator needs a process without onnxruntime's shared pool
     bundles = export_all(checkpoint, args.precisions, cameras)
     think_bundle = None
-    if not args.act_only and not json.loads((bundles[args.precisions[0]] / "manifest.json").read_text())["model"].get("depth"):
+    if not args.act_only and not json.loads((bundles[args.precisions[0]] / "manifest.json").read_text())[
+        "model"
+    ].get("depth"):
         from tests._runtime_bundle import make_checkpoint
 
         think = CACHE / "think-ckpt"
@@ -188,7 +220,16 @@ def main() -> None:
         report = act_latency(checkpoint, bundles, threads, args.iterations, args.rounds)
         rows += latency_table(report, threads, bundles)
     body = markdown_table(
-        ["act()", "threads", "p50 ms", "p25-p75 ms", "round medians ms", "speedup vs PyTorch eager", "parity gate"],
+        [
+            "act()",
+            "threads",
+            "p50 ms",
+            "p25-p75 ms",
+            "round medians ms",
+            "speedup vs PyTorch eager",
+            "paired",
+            "parity gate",
+        ],
         rows,
     )
     body += (
@@ -212,12 +253,20 @@ def main() -> None:
     think_note = ""
     if savings is None and think_bundle is not None:  # not a Think checkpoint: a tiny random Think one
         savings = depth_cache_savings(think_bundle, args.episodes, args.steps)
-        think_note = " (a tiny random MolmoAct2-Think checkpoint: which cells are replayed depends on the pixels only)"
+        think_note = (
+            " (a tiny random MolmoAct2-Think checkpoint: which cells are replayed depends on the pixels only)"
+        )
     if savings is not None:
         body += f"\n\nDepth cache on {args.episodes} sim episode(s) x {args.steps} frames{think_note}:\n\n"
         body += markdown_table(
             ["depth cells replayed", "depth p50 ms (cache)", "depth p50 ms (no cache)"],
-            [[f"{savings['replayed_fraction']:.0%}", f"{savings['depth_p50_ms_cached']:.1f}", f"{savings['depth_p50_ms_full']:.1f}"]],
+            [
+                [
+                    f"{savings['replayed_fraction']:.0%}",
+                    f"{savings['depth_p50_ms_cached']:.1f}",
+                    f"{savings['depth_p50_ms_full']:.1f}",
+                ]
+            ],
         )
 
     loop = loop_jitter(session_bundle, "onnxruntime", args.loop_seconds, 30.0)
