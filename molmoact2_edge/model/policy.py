@@ -267,7 +267,9 @@ class Policy:
     ) -> tuple[DecodeState, torch.Tensor | None, torch.Tensor | None]:
         """Embed + prefill -> (decode state, expert context K, V (l, 1, t, d) over the prompt)."""
         ids = torch.from_numpy(prompt.input_ids[None]).to(self.device)  # (1, t)
-        positions = torch.from_numpy(prompt.image_positions[None]).to(self.device)  # (1, n*m)
+        positions = torch.tensor(
+            prompt.image_positions[None], device=self.device
+        )  # (1, n*m); a task's prompts share it read-only
         embeds = self.model.embed(ids, features, positions)
         bias = masks.prefill_attention_bias(prompt.attention_mask[None], prompt.token_type_ids[None])
         gate_inputs = self._gate_inputs(prompt.input_ids, prompt.attention_mask)
