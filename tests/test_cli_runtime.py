@@ -185,3 +185,13 @@ def test_demo_runs_so101_touch_when_it_is_there(tmp_path) -> None:
     assert bundled_checkpoint(tmp_path) == tmp_path / DEFAULT_CHECKPOINT
     (tmp_path / DEFAULT_CHECKPOINT / "config.json").unlink()
     assert bundled_checkpoint(tmp_path) == tmp_path / "a-first"  # otherwise the first checkpoint there
+
+
+def test_bundle_cache_keeps_differently_calibrated_int8_bundles_apart(tmp_path) -> None:
+    from molmoact2_edge.cli.demo import _variant
+    from molmoact2_edge.export.pipeline import ExportOptions
+
+    assert _variant(None) == _variant(ExportOptions(precision="fp32")) == ""  # the demo's own names stay
+    sim, demos = (ExportOptions(precision="int8", calib=tmp_path / name) for name in ("sim.npz", "touch400"))
+    assert _variant(sim) != _variant(demos) and _variant(sim).startswith("-")
+    assert _variant(ExportOptions(cameras=("front",))) != _variant(ExportOptions(cameras=("front", "wrist")))

@@ -61,7 +61,7 @@ def cached_bundle(checkpoint: Path, precision: str, cache: Path = CACHE, options
     from molmoact2_edge.export.pipeline import ExportOptions, export_bundle
     from molmoact2_edge.runtimes.bundle import GRAPHS, Bundle
 
-    target = cache / "bundles" / f"{checkpoint_sha256(checkpoint)[:16]}-{precision}"
+    target = cache / "bundles" / f"{checkpoint_sha256(checkpoint)[:16]}-{precision}{_variant(options)}"
     if (target / "manifest.json").is_file():
         try:
             bundle = Bundle.open(target)
@@ -86,6 +86,19 @@ def cached_bundle(checkpoint: Path, precision: str, cache: Path = CACHE, options
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     return target
+
+
+def _variant(options: Any) -> str:
+    """A cache-name suffix for export options that change the bundle's contents (int8 calibration data, cameras):
+    two benchmarks calibrating on different data must not share (and silently reuse) one int8 bundle."""
+    import hashlib
+
+    calib = getattr(options, "calib", None)
+    cameras = getattr(options, "cameras", None)
+    if calib is None and cameras is None:
+        return ""
+    key = f"{Path(calib).resolve() if calib is not None else ''}|{','.join(cameras or ())}"
+    return "-" + hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
 def measured_rate(checkpoint: Path, task: str, precision: str) -> str | None:
