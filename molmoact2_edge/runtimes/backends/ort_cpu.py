@@ -62,7 +62,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 log = logging.getLogger(__name__)
 
-REWRITE_VERSION = 9  # bump when a rewrite changes: cached graphs of older versions are not reused
+REWRITE_VERSION = 10  # bump when a rewrite changes: cached graphs of older versions are not reused
 MS_DOMAIN = "com.microsoft"
 
 
@@ -240,6 +240,15 @@ class _Graph:
         self.inits[name] = self.g.initializer[-1]
         return name
 
+    def _replace(self, old: list[onnx.NodeProto], new: list[onnx.NodeProto]) -> None:
+        """``new`` where the first of ``old`` was, ``old`` gone. The callers' patterns guarantee that every input of
+        ``new`` is computed before that node and every reader of its outputs comes after it. Not reindexed."""
+        position = min(list(self.g.node).index(n) for n in old)
+        for n in old:
+            self.g.node.remove(n)
+        for offset, node in enumerate(new):
+            self.g.node.insert(position + offset, node)
+
     def _read_instead(self, old: str, new: str) -> None:
         """Every node that reads tensor ``old`` reads ``new``."""
         for user in self.consumers.get(old, []):
@@ -316,7 +325,7 @@ class _Graph:
             if bias_add is not None:  # the kernel adds the bias itself: one node fewer per GEMM
                 inputs.append(bias_add.input[1] if bias_add.input[0] == output else bias_add.input[0])
                 output = bias_add.output[0]
-                self.g.node.remove(bias_add)
+                self.g.node.remove(bias_add)  # after ``node``, which the fused GEMM replaces
             fused = helper.make_node(
                 "DynamicQuantizeMatMul",
                 inputs,
@@ -324,9 +333,7 @@ class _Graph:
                 name=f"{node.name or 'MatMul'}_dynamic_int8",
                 domain=MS_DOMAIN,
             )
-            position = list(self.g.node).index(node)
-            self.g.node.remove(node)
-            self.g.node.insert(position, fused)
+            self._replace([node], [fused])
             count += 1
         if count:
             self._ensure_domain(MS_DOMAIN)
@@ -362,10 +369,7 @@ class _Graph:
                 axis=-1,
                 epsilon=eps,
             )
-            position = min(list(self.g.node).index(n) for n in nodes)
-            for n in nodes:
-                self.g.node.remove(n)
-            self.g.node.insert(position, fused)
+            self._replace(nodes, [fused])
             self._index()
             count += 1
         return count
@@ -425,7 +429,6 @@ class _Graph:
                 self._add_init(np.concatenate([m.bias for m in members]), f"merged_{key}_bias"),
             ]
             merged = f"{members[0].gemm.output[0]}_merged"
-            position = min(list(self.g.node).index(m.gemm) for m in members)
             fused = [
                 helper.make_node("DynamicQuantizeMatMul", inputs, [merged], name=merged, domain=MS_DOMAIN),
                 helper.make_node(
@@ -436,11 +439,7 @@ class _Graph:
                     axis=-1,
                 ),
             ]
-            for m in members:
-                self.g.node.remove(m.gemm)
-                self.g.node.remove(m.split)
-            for offset, node in enumerate(fused):
-                self.g.node.insert(position + offset, node)
+            self._replace([node for m in members for node in (m.gemm, m.split)], fused)
             self._index()
             count += 1
         return count
@@ -554,10 +553,7 @@ class _Graph:
                 name=f"{view.output[0]}_heads",
                 axis=axis,
             )
-            position = list(self.g.node).index(view) + 1
-            for g in readers:
-                self.g.node.remove(g)
-            self.g.node.insert(position, split)
+            self._replace(readers, [split])
             self._index()
             count += 1
         return count
@@ -594,10 +590,7 @@ class _Graph:
                 domain=MS_DOMAIN,
                 epsilon=eps,
             )
-            position = list(self.g.node).index(add)
-            self.g.node.remove(add)
-            self.g.node.remove(norm)
-            self.g.node.insert(position, fused)
+            self._replace([add, norm], [fused])
             self._index()
             count += 1
         if count:
@@ -650,11 +643,7 @@ class _Graph:
                     ),
                     helper.make_node("Transpose", [f"{out}_rotated"], [out], perm=[0, 2, 1, 3]),
                 ]
-            position = list(self.g.node).index(nodes[-1])
-            for n in nodes:
-                self.g.node.remove(n)
-            for offset, node in enumerate(fused):
-                self.g.node.insert(position - len(nodes) + 1 + offset, node)
+            self._replace(nodes, fused)
             self._index()
             count += 1
         if count:
