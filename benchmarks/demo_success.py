@@ -45,7 +45,7 @@ def run(bundle: Path, precision: str, args: argparse.Namespace) -> dict[str, obj
 
     settings = RunSettings(
         bundle, "sim-so101", None, args.backend, args.duration, args.episodes, args.hz, stall_timeout_s=10.0,
-        first_move_limit=args.first_move_limit,
+        first_move_limit=args.first_move_limit, refused_first_move="next",  # a refused first move: a failure
     )
     open_episode = sim_episodes(args.task, args.size, args.hz)
     results, _ = run_policy(settings, lambda i: open_episode(args.seed + i))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -128,6 +129,24 @@ def test_commands_reach_the_emulated_servos_within_the_safety_limits(tiny) -> No
         if name not in ("gripper", "wrist_roll"):
             # the robot's 10-degree default step per tick, in servo steps (+1 for rounding)
             assert np.max(np.abs(np.diff(values))) <= 10 * 4096 / 360 + 1, name
+
+
+def test_a_refused_first_move_stops_the_run_or_fails_only_its_episode(tiny) -> None:
+    from molmoact2_edge.cli.run import EpisodeTarget, RunSettings, run_policy
+    from molmoact2_edge.errors import FirstMoveError
+    from molmoact2_edge.sim.robot import make_sim_so101
+
+    def open_episode(i: int) -> EpisodeTarget:
+        handle = make_sim_so101("lift", seed=i, size=64, control_hz=10)
+        return EpisodeTarget(handle.robot, handle.success, handle.instruction, handle.close)
+
+    # a first move of at most 0.1 % of each joint's range: every first target is refused
+    settings = RunSettings(tiny[2], "sim-so101", None, "onnxruntime", duration_s=1.0, episodes=2, hz=10.0, first_move_limit=0.001)
+    with pytest.raises(FirstMoveError, match="not moved"):
+        run_policy(settings, open_episode)  # a real robot: stop
+    settings = dataclasses.replace(settings, refused_first_move="next")  # a success-rate benchmark: count and go on
+    results, _ = run_policy(settings, open_episode)
+    assert [(r["end"], r["success"], r["ticks"]) for r in results] == [("first_move_refused", False, 0)] * 2
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ from typing import Any
 import click
 
 from molmoact2_edge.contract import RobotContract
-from molmoact2_edge.errors import CameraError, ContractError, DependencyError, MolmoEdgeError
+from molmoact2_edge.errors import CameraError, ContractError, DependencyError, FirstMoveError, MolmoEdgeError
 from molmoact2_edge.runtimes.bundle import Bundle
 from molmoact2_edge.runtimes.first_move import FirstMoveConfig
 from molmoact2_edge.viz.progress import RunProgress
@@ -99,6 +99,7 @@ class RunSettings:
     video_dir: Path | None = None  # one MP4 per episode (sim only: needs the robot's cameras)
     policy: Any = None  # an already connected RemotePolicy (the CLI opens it for pre-flight)
     rtc: str = "auto"  # real-time chunking: auto uses it when the bundle's flow graph takes a prefix
+    refused_first_move: str = "stop"  # or "next": a failed episode, then on (sim success-rate benchmarks)
 
 
 @dataclass
@@ -180,7 +181,7 @@ def run_policy(
     Each episode gets its own SafetyLayer: it starts from the measured pose and ends with the torque policy.
     """
     from molmoact2_edge.hardware.safety import SafetyConfig, SafetyLayer
-    from molmoact2_edge.runtimes.control import LoopConfig, run_episode, summarize
+    from molmoact2_edge.runtimes.control import EpisodeResult, LoopConfig, run_episode, summarize
     from molmoact2_edge.runtimes.first_move import first_move
     from molmoact2_edge.runtimes.power import PowerMonitor, detect_power_sampler
     from molmoact2_edge.runtimes.recording import DatasetRecorder
@@ -231,10 +232,18 @@ def run_policy(
                     telemetry.write({"type": "safety", "episode": episode, **layer.telemetry()})
                     videos.begin(episode, robot, layer)
                     guard = FirstMoveConfig(settings.first_move_limit, likely_cause=first_move_cause(settings))
-                    moved = first_move(session.act, layer, task, settings.hz, guard)
-                    telemetry.write({"type": "first_move", "episode": episode, **moved})
-                    gate = display.watch(layer) if display is not None else layer
-                    result = run_episode(session.act, gate, config, telemetry, target.success, recorder)
+                    try:
+                        moved = first_move(session.act, layer, task, settings.hz, guard)
+                    except FirstMoveError as err:
+                        if settings.refused_first_move != "next":
+                            raise
+                        # the arm was not moved: a failed episode for a success-rate count, and on to the next
+                        telemetry.write({"type": "first_move", "episode": episode, "refused": str(err)})
+                        result = EpisodeResult("first_move_refused", error=str(err))
+                    else:
+                        telemetry.write({"type": "first_move", "episode": episode, **moved})
+                        gate = display.watch(layer) if display is not None else layer
+                        result = run_episode(session.act, gate, config, telemetry, target.success, recorder)
                     summary = {
                         "episode": episode,
                         "task": task,
