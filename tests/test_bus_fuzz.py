@@ -420,7 +420,7 @@ def test_can_adapter_error_is_a_safe_stop_not_a_traceback() -> None:
         arm = YAM(
             emu.channel,
             gripper_range=(-0.2, 1.8),
-            bus=DamiaoBus(emu.channel, motors, interface="virtual", reply_timeout_s=0.05),
+            bus=DamiaoBus(emu.channel, motors, interface="virtual", reply_timeout_s=0.2),  # a loaded CI box
         )
         arm.connect()
         safety = SafetyLayer(arm, SafetyConfig(watchdog_thread=False, handle_signals=False))

@@ -142,7 +142,8 @@ def damiao() -> Iterator[tuple[DamiaoEmulator, DamiaoBus]]:
     motors = {1: "dm4340", 2: "dm4310"}
     emu = DamiaoEmulator(motors, channel=f"faults-damiao-{next(_channels)}")
     emu.start()
-    bus = DamiaoBus(emu.channel, motors, interface="virtual", retries=0, reply_timeout_s=0.05)
+    # 200 ms: the emulator is a Python thread that a loaded CI machine can starve past 50 ms
+    bus = DamiaoBus(emu.channel, motors, interface="virtual", retries=0, reply_timeout_s=0.2)
     bus.connect()
     try:
         yield emu, bus
@@ -163,10 +164,10 @@ def damiao() -> Iterator[tuple[DamiaoEmulator, DamiaoBus]]:
 )
 def test_damiao_reply_faults_map_to_typed_errors(kind: str, error: type, match: str) -> None:
     with damiao() as (emu, bus):
-        emu.inject_reply_fault(kind, motor_id=2, count=1, delay_s=0.1)
+        emu.inject_reply_fault(kind, motor_id=2, count=1, delay_s=0.3)  # later than the bus waits
         with pytest.raises(error, match=match):
             bus.refresh()
-        time.sleep(0.12)  # a late reply arrives now; the next transaction drains it
+        time.sleep(0.15)  # a late reply arrives now; the next transaction drains it
         assert set(bus.refresh()) == {1, 2}
 
 
