@@ -181,13 +181,9 @@ def main() -> None:
     )
     parser.add_argument("--checkpoint", type=Path, help="checkpoint dir (default: the bundled one)")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "int8"])
-    parser.add_argument(
-        "--iterations", type=int, default=15, help="timed act() calls per contender and thread setting"
-    )
+    parser.add_argument("--iterations", type=int, default=15, help="timed act() calls per contender and thread setting")
     parser.add_argument("--rounds", type=int, default=3, help="alternated rounds the calls are split over")
-    parser.add_argument(
-        "--threads", type=int, nargs="+", default=[1, 2], help="CPU thread settings to measure"
-    )
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU thread settings to measure")
     parser.add_argument("--episodes", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--loop-seconds", type=float, default=5.0)
@@ -205,9 +201,7 @@ def main() -> None:
     # every export first: export's int8 calibrator needs a process without onnxruntime's shared pool
     bundles = export_all(checkpoint, args.precisions, cameras)
     think_bundle = None
-    if not args.act_only and not json.loads((bundles[args.precisions[0]] / "manifest.json").read_text())[
-        "model"
-    ].get("depth"):
+    if not args.act_only and not json.loads((bundles[args.precisions[0]] / "manifest.json").read_text())["model"].get("depth"):
         from tests._runtime_bundle import make_checkpoint
 
         think = CACHE / "think-ckpt"
@@ -253,20 +247,12 @@ def main() -> None:
     think_note = ""
     if savings is None and think_bundle is not None:  # not a Think checkpoint: a tiny random Think one
         savings = depth_cache_savings(think_bundle, args.episodes, args.steps)
-        think_note = (
-            " (a tiny random MolmoAct2-Think checkpoint: which cells are replayed depends on the pixels only)"
-        )
+        think_note = " (a tiny random MolmoAct2-Think checkpoint: which cells are replayed depends on the pixels only)"
     if savings is not None:
         body += f"\n\nDepth cache on {args.episodes} sim episode(s) x {args.steps} frames{think_note}:\n\n"
         body += markdown_table(
             ["depth cells replayed", "depth p50 ms (cache)", "depth p50 ms (no cache)"],
-            [
-                [
-                    f"{savings['replayed_fraction']:.0%}",
-                    f"{savings['depth_p50_ms_cached']:.1f}",
-                    f"{savings['depth_p50_ms_full']:.1f}",
-                ]
-            ],
+            [[f"{savings['replayed_fraction']:.0%}", f"{savings['depth_p50_ms_cached']:.1f}", f"{savings['depth_p50_ms_full']:.1f}"]],
         )
 
     loop = loop_jitter(session_bundle, "onnxruntime", args.loop_seconds, 30.0)

@@ -39,7 +39,7 @@ def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     wy0, wy1 = ly0.astype(np.float64)[:, None, None], ly1.astype(np.float64)[:, None, None]
     # Separable blend in float64: rows first, then columns. The uint8 rows are gathered before the
     # blend promotes them; when the output is narrower than the frame (a 640 px camera to the ViT's
-    # input) only the columns the output reads are blended (3x faster), the same ops per pixel.
+    # input) only the columns the output reads are blended, with the same ops per pixel.
     top, bottom = image.take(y0, axis=0), image.take(y1, axis=0)
     if out_w < image.shape[1]:
         left = top.take(x0, axis=1) * wy0 + bottom.take(x0, axis=1) * wy1
@@ -91,10 +91,8 @@ def cells_changed(previous: np.ndarray, current: np.ndarray, threshold: float = 
     unchanged only when both are black)."""
     # row-wise dot products without temporaries of the vectors' size (this runs on every Think frame)
     dot = np.einsum("ij,ij->i", previous, current)
-    previous_sq, current_sq = (
-        np.einsum("ij,ij->i", previous, previous),
-        np.einsum("ij,ij->i", current, current),
-    )
+    previous_sq = np.einsum("ij,ij->i", previous, previous)
+    current_sq = np.einsum("ij,ij->i", current, current)
     norms = np.sqrt(previous_sq) * np.sqrt(current_sq)
     both_zero = (previous_sq == 0) & (current_sq == 0)
     cosine = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), np.where(both_zero, 1.0, 0.0))

@@ -107,12 +107,8 @@ def test_rms_norm_and_adaln_fusion_is_exact_and_cached(graphs: dict[str, Path], 
     np.testing.assert_allclose(_run(out, ids), _run(graphs["fp32"], ids), rtol=1e-5, atol=1e-5)
     stamp = out.stat().st_mtime_ns
     assert ort_cpu.prepare(graphs["fp32"], tmp_path / "cache") == out and out.stat().st_mtime_ns == stamp
-    assert (
-        ort_cpu.prepare(graphs["fp32"], tmp_path / "cache", fuse=False) == graphs["fp32"]
-    )  # nothing else applies
-    assert (
-        ort_cpu.prepare(graphs["fp32"], tmp_path / "cache", fuse=False, dynamic_int8=False) == graphs["fp32"]
-    )
+    assert ort_cpu.prepare(graphs["fp32"], tmp_path / "cache", fuse=False) == graphs["fp32"]  # nothing else applies
+    assert ort_cpu.prepare(graphs["fp32"], tmp_path / "cache", fuse=False, dynamic_int8=False) == graphs["fp32"]
 
 
 def test_qdq_becomes_dynamic_int8_on_the_bundles_weights(graphs: dict[str, Path], tmp_path: Path) -> None:
@@ -129,14 +125,10 @@ def test_qdq_becomes_dynamic_int8_on_the_bundles_weights(graphs: dict[str, Path]
     names = [i.name for i in rewritten.graph.initializer]
     assert len(names) == len(set(names))  # the shared weight's zero point is added once
     qdq = onnx.load(str(graphs["int8"]))
-    weights = {
-        i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer if i.data_type == TensorProto.INT8
-    }
+    weights = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer if i.data_type == TensorProto.INT8}
     for node in rewritten.graph.node:
         if node.op_type == "DynamicQuantizeMatMul":  # the very int8 weights TensorRT reads
-            same = numpy_helper.to_array(
-                next(i for i in rewritten.graph.initializer if i.name == node.input[1])
-            )
+            same = numpy_helper.to_array(next(i for i in rewritten.graph.initializer if i.name == node.input[1]))
             np.testing.assert_array_equal(same, weights[node.input[1]])
     reference = _run(graphs["fp32"], ids)
     for got in (_run(out, ids), _run(graphs["int8"], ids)):

@@ -29,6 +29,17 @@ def test_resize_matches_torch_float_interpolate_within_one_lsb() -> None:
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
 
 
+def test_narrowing_resize_matches_torch_too() -> None:
+    """A camera frame wider than the ViT input takes the branch that blends only the output's columns."""
+    torch = pytest.importorskip("torch")
+    img = np.random.default_rng(2).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    ours = resize_bilinear(img, (96, 96))
+    chw = torch.from_numpy(img).permute(2, 0, 1)[None].float()
+    ref = torch.nn.functional.interpolate(chw, size=(96, 96), mode="bilinear", align_corners=False, antialias=False)
+    diff = np.abs(ours.astype(np.int64) - ref.round().clamp(0, 255)[0].permute(1, 2, 0).numpy().astype(np.int64))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
 def test_resize_identity_and_constant() -> None:
     img = np.random.default_rng(1).integers(0, 256, (28, 28, 3), dtype=np.uint8)
     np.testing.assert_array_equal(resize_bilinear(img, (28, 28)), img)

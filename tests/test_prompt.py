@@ -134,6 +134,17 @@ def test_later_states_swap_ids_exactly_as_encoding_them(qwen: TextTokenizer, bin
     np.testing.assert_array_equal(got.token_type_ids, expected.token_type_ids)
 
 
+def test_a_task_whose_state_swap_does_not_check_out_is_encoded_every_time(qwen: TextTokenizer, monkeypatch) -> None:
+    builder = PromptBuilder(qwen, qwen.molmoact2_ids(), ImageLayout(), bucket=704)
+    checks = []
+    monkeypatch.setattr(builder, "_state_swaps_exactly", lambda *a: checks.append(a) or False)
+    first, later = (builder.build("pick up the red cube", bins, 3, SO101) for bins in ([7] * 6, [9] * 6))
+    assert len(checks) == 1 and list(builder._templates.values()) == [None]  # checked once, remembered as failed
+    assert first.attention_mask.flags.writeable and later.attention_mask is not first.attention_mask
+    fresh = PromptBuilder(qwen, qwen.molmoact2_ids(), ImageLayout(), bucket=704).build("pick up the red cube", [9] * 6, 3, SO101)
+    np.testing.assert_array_equal(later.input_ids, fresh.input_ids)
+
+
 def test_from_config_tiny_preset() -> None:
     from molmoact2_edge.tokenizers.text import train_small_tokenizer
 

@@ -86,15 +86,9 @@ class PolicySession:
         rtc: real-time chunking (``rtc.MODES``): auto uses what the bundle's flow graph was exported with.
         """
         self.bundle = bundle if isinstance(bundle, B.Bundle) else B.Bundle.open(bundle, verify=verify)
-        self.backend = (
-            backend
-            if isinstance(backend, BackendSession)
-            else load_backend(backend, self.bundle, **backend_options)
-        )
+        self.backend = backend if isinstance(backend, BackendSession) else load_backend(backend, self.bundle, **backend_options)
         self.record_feeds = record_feeds
-        self._bias_memo: tuple[tuple[np.ndarray, np.ndarray], np.ndarray] | None = (
-            None  # masks -> prefill bias
-        )
+        self._bias_memo: tuple[tuple[np.ndarray, np.ndarray], np.ndarray] | None = None  # masks -> prefill bias
         m, p = self.bundle.model, self.bundle.prompt
         self.camera_order = self.bundle.camera_order
         self.image_size = self.bundle.image_size
@@ -115,23 +109,13 @@ class PolicySession:
         layout = ImageLayout(**p["image_layout"])
         self.prompts = PromptBuilder(tokenizer, self.token_ids, layout, bucket=int(p["bucket"]))
         self.spec = PromptSpec(**p["spec"])
-        self.fast = (
-            OpenFASTTokenizer.load(self.bundle.root / p["fast_tokenizer_dir"]) if self.discrete else None
-        )
+        self.fast = OpenFASTTokenizer.load(self.bundle.root / p["fast_tokenizer_dir"]) if self.discrete else None
         self.depth_cache = DepthCache(grid=int(round(int(m.get("num_depth_codes", 100)) ** 0.5)))
         self._cache_len = int(m.get("cache_length", p["bucket"]))
         self._context_len = int(m.get("context_length", p["bucket"]))
-        self._block_len = (
-            int(m.get("block_length", 0)) if B.DECODE_BLOCK.name in self.bundle.graph_names else 0
-        )
-        self.speculative_depth = (
-            True  # False: depth codes one decode_step per token (the baseline benchmarks compare)
-        )
-        flow_inputs = (
-            [s["name"] for s in self.bundle.input_specs(B.FLOW.name)]
-            if B.FLOW.name in self.bundle.graph_names
-            else []
-        )
+        self._block_len = int(m.get("block_length", 0)) if B.DECODE_BLOCK.name in self.bundle.graph_names else 0
+        self.speculative_depth = True  # False: depth codes one decode_step per token (the baseline benchmarks compare)
+        flow_inputs = [s["name"] for s in self.bundle.input_specs(B.FLOW.name)] if B.FLOW.name in self.bundle.graph_names else []
         exported_rtc = m.get("rtc", {}).get("mode") if "rtc_weights" in flow_inputs else None
         self.rtc = session_mode(rtc, exported_rtc)
 
@@ -159,9 +143,7 @@ class PolicySession:
             features = self._run(B.VISION.name, {"images": crops})["image_features"]
         prompt = self.build_prompt(observation)
         with self._timed(timings, "prefill"):
-            pre, cache = self._run_keeping(
-                B.PREFILL.name, self.prefill_feeds(prompt, features), CACHE_OUTPUTS
-            )
+            pre, cache = self._run_keeping(B.PREFILL.name, self.prefill_feeds(prompt, features), CACHE_OUTPUTS)
         ctx = _Context.from_prefill(pre, cache, prompt, self._context_len)
         if self.depth:
             with self._timed(timings, "depth"):
@@ -181,9 +163,7 @@ class PolicySession:
     def build_prompt(self, observation: Observation) -> Prompt:
         bins = None
         if self.has_state:
-            bins = state_bins(
-                self.norm.normalize_state(np.asarray(observation.state, dtype=np.float32), self.tag)
-            )
+            bins = state_bins(self.norm.normalize_state(np.asarray(observation.state, dtype=np.float32), self.tag))
         return self.prompts.build(observation.task, bins, len(self.camera_order), self.spec)
 
     def check_task(self, task: str) -> None:
@@ -243,11 +223,11 @@ class PolicySession:
     ) -> tuple[dict[str, np.ndarray], dict[str, Resident]]:
         """Run ``graph``; those of ``keep`` it outputs stay in the backend (the decoder cache, fed back next call)."""
         if self.record_feeds is not None:
-            self.record_feeds(
-                graph, {k: v.numpy() if isinstance(v, Resident) else v for k, v in feeds.items()}
-            )
-        outputs = {spec.name for spec in self.backend.specs(graph)[1]}
-        return self.backend.run_keeping(graph, feeds, [name for name in keep if name in outputs])
+            self.record_feeds(graph, {k: v.numpy() if isinstance(v, Resident) else v for k, v in feeds.items()})
+        if keep:  # a continuous bundle's prefill has no decoder cache to keep
+            outputs = {spec.name for spec in self.backend.specs(graph)[1]}
+            keep = [name for name in keep if name in outputs]
+        return self.backend.run_keeping(graph, feeds, keep)
 
     @contextmanager
     def _timed(self, timings: dict[str, float], stage: str):  # type: ignore[no-untyped-def]
@@ -259,9 +239,7 @@ class PolicySession:
         """Feed one token through decode_step; append its K/V and expert context; return its logits."""
         pos = ctx.length
         if pos >= self._cache_len:
-            raise BundleError(
-                f"decode ran past the bundle's cache length {self._cache_len}; re-export with a larger budget"
-            )
+            raise BundleError(f"decode ran past the bundle's cache length {self._cache_len}; re-export with a larger budget")
         allowed = np.zeros(self._cache_len, dtype=bool)
         allowed[: pos + 1] = ctx.cache_valid[: pos + 1]
         allowed[pos] = True
@@ -316,9 +294,7 @@ class PolicySession:
         generated: list[int] = []
         logits = ctx.last_logits
         if logits is None:
-            raise BundleError(
-                "this bundle's prefill graph returns no logits: it was exported without decoding"
-            )
+            raise BundleError("this bundle's prefill graph returns no logits: it was exported without decoding")
         for _ in range(16 * self.chunk_length):
             token = int(np.argmax(logits))
             generated.append(token)
@@ -339,9 +315,7 @@ class PolicySession:
         noise = flow_noise(seed, shape) if noise is None else np.asarray(noise, dtype=np.float32)
         if noise.shape != shape:
             raise ObservationError(f"noise: expected shape {shape}, got {noise.shape}")
-        valid = cross_attention_valid(
-            ctx.ids(), ctx.cache_valid[: self._context_len], self.token_ids, self.action_mode
-        )
+        valid = cross_attention_valid(ctx.ids(), ctx.cache_valid[: self._context_len], self.token_ids, self.action_mode)
         dim_mask = (np.arange(self.max_action_dim) < self.action_dim).astype(np.float32)
         feeds = {
             "noise": noise[None],
@@ -377,9 +351,7 @@ class _ContextDecoder:
         ctx, k, n = self.ctx, self.block_length, len(tokens)
         start, cache_len = ctx.length, self.session._cache_len
         if not 0 < n <= k or start + k > cache_len:
-            raise BundleError(
-                f"decode_block: {n} token(s) at slot {start} do not fit k={k} / cache length {cache_len}"
-            )
+            raise BundleError(f"decode_block: {n} token(s) at slot {start} do not fit k={k} / cache length {cache_len}")
         ids = np.zeros((1, k), dtype=np.int64)
         ids[0, :n] = tokens
         allowed = np.repeat(ctx.cache_valid[None, :cache_len], k, axis=0)  # (k, tm): every earlier valid slot
@@ -438,16 +410,7 @@ class _Context:
         valid[:t] = prompt.attention_mask
         # Decoding continues right after the last real prompt token; pad slots are overwritten.
         logits = pre["logits"][0] if "logits" in pre else None
-        return cls(
-            cache.get("cache_k"),
-            cache.get("cache_v"),
-            context_k,
-            context_v,
-            ids,
-            valid,
-            prompt.num_valid,
-            logits,
-        )
+        return cls(cache.get("cache_k"), cache.get("cache_v"), context_k, context_v, ids, valid, prompt.num_valid, logits)
 
     def ids(self) -> np.ndarray:
         return self._ids[: self.context_k.shape[2]]
@@ -455,9 +418,7 @@ class _Context:
     def cache_feeds(self) -> dict[str, Feed]:
         """The decoder cache as graph inputs (only bundles that decode have one)."""
         if self.cache_k is None or self.cache_v is None:
-            raise BundleError(
-                "this bundle's prefill graph returns no decoder cache: it was exported without decoding"
-            )
+            raise BundleError("this bundle's prefill graph returns no decoder cache: it was exported without decoding")
         return {"cache_k": self.cache_k, "cache_v": self.cache_v}
 
     def append(self, token: int, out: Mapping[str, np.ndarray], cache: Mapping[str, Resident]) -> None:

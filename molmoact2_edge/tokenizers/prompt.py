@@ -211,9 +211,10 @@ class PromptBuilder:
         self.patch_id = int(token_ids["image_patch_id"])
         self.first_state_id = tokenizer.token_to_id("<state_0>")
         self.image_type_ids = np.array([tokenizer.token_to_id(t) for t in IMAGE_TYPE_TOKENS], dtype=np.int64)
-        # (task, state length, cameras, spec) -> (ids, where the state ids are): the control loop asks for the
-        # same prompt every chunk but the state, and encoding it is most of building it
-        self._templates: dict[tuple[str, int | None, int, PromptSpec], tuple[Prompt, np.ndarray]] = {}
+        # (task, state length, cameras, spec) -> (the first prompt, where its state ids are), or None when the swap
+        # did not check out: the control loop asks for the same prompt every chunk but the state, and encoding
+        # it is most of building it
+        self._templates: dict[tuple[str, int | None, int, PromptSpec], tuple[Prompt, np.ndarray] | None] = {}
 
     @classmethod
     def from_config(
@@ -231,15 +232,15 @@ class PromptBuilder:
             prompt, slots = template
             ids = prompt.input_ids.copy()
             ids[slots] = self.first_state_id + np.asarray(bins, dtype=np.int64)
-            return dataclasses.replace(
-                prompt, input_ids=ids
-            )  # masks and positions do not depend on the state
+            return dataclasses.replace(prompt, input_ids=ids)  # masks and positions do not depend on the state
         ids = self._encode(task, bins, num_cameras, spec)
         prompt = self.pad(ids, task)
-        if bins is not None and len(bins) and self._state_swaps_exactly(ids, task, bins, num_cameras, spec):
-            for shared in (prompt.attention_mask, prompt.token_type_ids, prompt.image_positions):
+        if bins is not None and len(bins) and key not in self._templates:  # checked once per task, kept either way
+            slots = np.flatnonzero(self._is_state(ids))
+            swaps = self._state_swaps_exactly(ids, slots, task, bins, num_cameras, spec)
+            for shared in (prompt.attention_mask, prompt.token_type_ids, prompt.image_positions) if swaps else ():
                 shared.flags.writeable = False  # every later prompt of the task holds these very arrays
-            self._templates[key] = (prompt, np.flatnonzero(self._is_state(prompt.input_ids)))
+            self._templates[key] = (prompt, slots) if swaps else None
         return prompt
 
     def _encode(
@@ -260,13 +261,19 @@ class PromptBuilder:
         return (ids >= self.first_state_id) & (ids < self.first_state_id + NUM_STATE_BINS)
 
     def _state_swaps_exactly(
-        self, ids: np.ndarray, task: str, bins: Sequence[int] | np.ndarray, num_cameras: int, spec: PromptSpec
+        self,
+        ids: np.ndarray,
+        slots: np.ndarray,
+        task: str,
+        bins: Sequence[int] | np.ndarray,
+        num_cameras: int,
+        spec: PromptSpec,
     ) -> bool:
-        """Whether swapping the state ids of ``ids`` gives what encoding another state does (the state tokens are
-        atomic special tokens, so it should); checked once per task before the control loop relies on it."""
+        """Whether swapping the state ids at ``slots`` of ``ids`` gives what encoding another state does (the state
+        tokens are atomic special tokens, so it should); checked once per task before the control loop relies on it."""
         other = (np.asarray(bins, dtype=np.int64) + 1) % NUM_STATE_BINS
         swapped = ids.copy()
-        swapped[self._is_state(ids)] = self.first_state_id + other
+        swapped[slots] = self.first_state_id + other
         return np.array_equal(swapped, self._encode(task, other, num_cameras, spec))
 
     def pad(self, ids: np.ndarray, what: str = "prompt") -> Prompt:

@@ -3,8 +3,8 @@
 Every masked attention in a bundle (the prefill's causal mask, the flow's cross-attention over a
 padded prompt, decode_block's causal block) adds a large negative bias, so the softmax takes
 exp() of values far below -87, whose float32 results are denormals. On x86 each denormal
-operation takes a microcode assist: decode_block on so101-touch-think took 6.0 ms with the
-real mask and 4.3 ms with the flush on (the same with a mask too mild to underflow).
+operation takes a microcode assist (a decode_block call with the real mask ran as fast as with a
+mask too mild to underflow once the flush was on, and markedly slower without it).
 onnxruntime's ``session.set_denormal_as_zero`` only sets its pool threads, and with one
 intra-op thread every kernel runs on the caller's thread, so the backend sets the caller's
 control register around each run and restores it after (the caller's own numpy code keeps

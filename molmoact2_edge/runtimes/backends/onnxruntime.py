@@ -104,14 +104,10 @@ class OnnxRuntimeOptions:
     fp16: bool = False  # TensorRT EP: allow fp16 kernels (QDQ int8 graphs need no calibration table)
     cache_dir: str | None = None  # TensorRT EP engine + timing caches; None: see default_cache_dir()
     graphs: tuple[str, ...] | None = None  # load only these graphs (None: all the bundle has)
-    thread_pool: str = field(
-        default_factory=lambda: os.environ.get(THREAD_POOL_ENV, "shared")
-    )  # or per-session
+    thread_pool: str = field(default_factory=lambda: os.environ.get(THREAD_POOL_ENV, "shared"))  # or per-session
     spinning: bool = False  # let idle pool threads busy-wait (lower latency alone, worse when sharing cores)
     flush_denormals: bool = True  # CPU: denormals count as zero while graphs run (masked softmax underflows)
-    cpu_rewrites: bool = (
-        True  # CPU provider: fused RMSNorm, dynamic int8 GEMMs (ort_cpu.py), cached per device
-    )
+    cpu_rewrites: bool = True  # CPU provider: fused RMSNorm, dynamic int8 GEMMs (ort_cpu.py), cached per device
 
 
 THREAD_POOL_ENV = "MOLMO_EDGE_ORT_THREAD_POOL"  # default thread_pool for processes that must not share
@@ -128,8 +124,7 @@ def _join_shared_pool(threads: int) -> bool:
         # onnxruntime refuses per-session pools once the global one exists: the size is the process's
         log.warning(
             "onnxruntime: this process's shared pool has %s intra-op threads; %s asked (the first size wins)",
-            _shared_pool_threads or "default",
-            threads or "default",
+            _shared_pool_threads or "default", threads or "default",
         )
     return True
 
@@ -186,10 +181,8 @@ class OnnxRuntimeSession(BackendSession):
         self._bindings: dict[str, ort.IOBinding] = {}
         self._inputs: dict[str, dict[str, ort.OrtValue]] = {}
         self._outputs: dict[str, dict[str, ort.OrtValue]] = {}
-        self._slots: dict[
-            tuple[str, str], list[Slot]
-        ] = {}  # kept outputs: (graph, output) -> its two buffers
-        self._slot_ids: set[int] = set()
+        self._slots: dict[tuple[str, str], list[Slot]] = {}  # kept outputs: (graph, output) -> its two buffers
+        self._owned: set[Slot] = set()  # every slot of ``_slots``: residents of this session bind in place
         self._specs: dict[str, tuple[list[TensorSpec], list[TensorSpec]]] = {}
         self.providers: list[str] = []
         self.pools: dict[str, str] = {}
@@ -197,9 +190,7 @@ class OnnxRuntimeSession(BackendSession):
             path = bundle.graph_path(graph)
             if not path.is_file():
                 raise BackendError(f"graph '{graph}': {path} is missing")
-            cache_dir = (
-                Path(self.options.cache_dir) if self.options.cache_dir else default_cache_dir(path.parent)
-            )
+            cache_dir = Path(self.options.cache_dir) if self.options.cache_dir else default_cache_dir(path.parent)
             session = self._make_session(graph, path, requested, cache_dir)
             self._sessions[graph] = session
             self._bind(graph, session)
@@ -209,9 +200,7 @@ class OnnxRuntimeSession(BackendSession):
         self, graph: str, path: Path, requested: list[str], cache_dir: Path
     ) -> ort.InferenceSession:
         so = ort.SessionOptions()
-        so.log_severity_level = (
-            3  # errors only: fp16 graphs otherwise flood stderr with constant-folding notes
-        )
+        so.log_severity_level = 3  # errors only: fp16 graphs otherwise flood stderr with constant-folding notes
         if self.options.thread_pool not in ("shared", "per-session"):
             raise BackendError(f"thread_pool '{self.options.thread_pool}': choose shared or per-session")
         if self.options.thread_pool == "per-session" and _shared_pool_threads is not None:
@@ -309,15 +298,16 @@ class OnnxRuntimeSession(BackendSession):
         """Bind every input and output for this call: a resident of this session is bound where it lies, a host
         array is copied into the graph's own input buffer; a kept output goes to the slot of its pair that this
         call does not read. CUDA graphs replay fixed addresses, so with them kept outputs go through the host."""
-        if keep and self._device(graph)[0] != "cpu" and self.options.cuda_graph:
+        on_cpu = self._device(graph)[0] == "cpu"
+        if keep and not on_cpu and self.options.cuda_graph:
             return super()._run_keeping(graph, feeds, keep)
         binding = self._bindings[graph]
-        read: set[int] = set()
+        read: set[Slot] = set()
         for name, buffer in self._inputs[graph].items():
             feed = feeds[name]
-            if isinstance(feed, Resident) and feed.slot is not None and id(feed.slot) in self._slot_ids:
+            if isinstance(feed, Resident) and feed.slot in self._owned:
                 binding.bind_ortvalue_input(name, feed.value)
-                read.add(id(feed.slot))
+                read.add(feed.slot)
                 continue
             buffer.update_inplace(np.ascontiguousarray(feed.numpy() if isinstance(feed, Resident) else feed))
             binding.bind_ortvalue_input(name, buffer)
@@ -330,9 +320,8 @@ class OnnxRuntimeSession(BackendSession):
                 binding.bind_ortvalue_output(spec.name, slot.value)
             else:
                 binding.bind_ortvalue_output(spec.name, self._outputs[graph][spec.name])
-        flush = self.options.flush_denormals and self._device(graph)[0] == "cpu"
         try:
-            with flush_denormals() if flush else nullcontext():
+            with flush_denormals() if self.options.flush_denormals and on_cpu else nullcontext():
                 self._sessions[graph].run_with_iobinding(binding)
         except Exception as err:  # ORT's runtime failures have no common base class
             raise BackendError(f"graph '{graph}': onnxruntime run failed: {err}") from err
@@ -342,7 +331,7 @@ class OnnxRuntimeSession(BackendSession):
         }
         return arrays, kept
 
-    def _free_slot(self, graph: str, spec: TensorSpec, read: set[int]) -> Slot:
+    def _free_slot(self, graph: str, spec: TensorSpec, read: set[Slot]) -> Slot:
         """Of the output's two slots, the one this call does not read, least recently written first."""
         pair = self._slots.get((graph, spec.name))
         if pair is None:
@@ -352,8 +341,8 @@ class OnnxRuntimeSession(BackendSession):
                 for _ in range(2)
             ]
             self._slots[(graph, spec.name)] = pair
-            self._slot_ids.update(id(slot) for slot in pair)
-        return min((slot for slot in pair if id(slot) not in read), key=lambda slot: slot.version)
+            self._owned.update(pair)
+        return min((slot for slot in pair if slot not in read), key=lambda slot: slot.version)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -373,5 +362,6 @@ class OnnxRuntimeSession(BackendSession):
         self._inputs.clear()
         self._outputs.clear()
         self._slots.clear()
+        self._owned.clear()
         self._sessions.clear()
         super().close()

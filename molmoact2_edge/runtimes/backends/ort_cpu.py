@@ -82,14 +82,7 @@ def _cpu_id() -> str:
 
 def cache_key(path: Path, fuse: bool, dynamic_int8: bool) -> str:
     digest = hashlib.sha256()
-    for part in (
-        str(REWRITE_VERSION),
-        ort.__version__,
-        _cpu_id(),
-        str(fuse),
-        str(dynamic_int8),
-        str(path.resolve()),
-    ):
+    for part in (str(REWRITE_VERSION), ort.__version__, _cpu_id(), str(fuse), str(dynamic_int8), str(path.resolve())):
         digest.update(part.encode())
     for file in (path, path.with_name(path.name + ".data")):
         if file.is_file():
@@ -99,11 +92,7 @@ def cache_key(path: Path, fuse: bool, dynamic_int8: bool) -> str:
 
 
 def prepare(
-    path: Path,
-    cache_root: Path | None = None,
-    fuse: bool = True,
-    dynamic_int8: bool = True,
-    shared_pool: bool = False,
+    path: Path, cache_root: Path | None = None, fuse: bool = True, dynamic_int8: bool = True, shared_pool: bool = False
 ) -> Path:
     """The graph to load on the CPU provider: a cached rewrite of ``path``, or ``path`` when nothing applies.
 
@@ -115,17 +104,18 @@ def prepare(
     out.parent.mkdir(parents=True, exist_ok=True)
     model = _constant_folded(path, out.parent, shared_pool) if fuse else onnx.load(str(path))
     graph = _Graph(model)
+    # in this order: each rewrite matches what the ones before it left (a dict literal runs them in order)
     counts = {
         "gather_tables": graph.dequantize_gather_tables(),
         "dynamic_int8": graph.qdq_to_dynamic() if dynamic_int8 else 0,
         "rms_norm": graph.fuse_rms_norm() if fuse else 0,
+        "adaln": graph.fold_modulation_scale() if fuse else 0,
+        "rotary": graph.fuse_rotary() if fuse else 0,
+        "merged_gemms": graph.merge_sibling_gemms() if fuse and dynamic_int8 else 0,
+        "split_offsets": graph.fold_split_offsets() if fuse and dynamic_int8 else 0,
+        "skip_norm": graph.fuse_skip_norm() if fuse else 0,
+        "split_heads": graph.split_heads() if fuse else 0,
     }
-    counts["adaln"] = graph.fold_modulation_scale() if fuse else 0
-    counts["rotary"] = graph.fuse_rotary() if fuse else 0
-    counts["merged_gemms"] = graph.merge_sibling_gemms() if fuse and dynamic_int8 else 0
-    counts["split_offsets"] = graph.fold_split_offsets() if fuse and dynamic_int8 else 0
-    counts["skip_norm"] = graph.fuse_skip_norm() if fuse else 0
-    counts["split_heads"] = graph.split_heads() if fuse else 0
     if not any(counts.values()):
         return path
     graph.drop_dead()
@@ -159,9 +149,7 @@ def _constant_folded(path: Path, workdir: Path, shared_pool: bool) -> onnx.Model
     so.log_severity_level = 3
     if shared_pool:
         so.use_per_session_threads = False
-    so.add_session_config_entry(
-        "session.optimized_model_external_initializers_file_name", folded.name + ".data"
-    )
+    so.add_session_config_entry("session.optimized_model_external_initializers_file_name", folded.name + ".data")
     so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     model = onnx.load(str(folded))
@@ -217,9 +205,7 @@ class _Graph:
         """Remove nodes whose outputs nothing reads, and unused initializers."""
         while True:
             self._index()
-            live = [
-                n for n in self.g.node if any(o in self.outputs or self.consumers.get(o) for o in n.output)
-            ]
+            live = [n for n in self.g.node if any(o in self.outputs or self.consumers.get(o) for o in n.output)]
             if len(live) == len(self.g.node):
                 break
             del self.g.node[:]
@@ -261,18 +247,14 @@ class _Graph:
     def dequantize_gather_tables(self) -> int:
         count = 0
         for node in list(self.g.node):
-            if node.op_type != "DequantizeLinear" or not all(
-                n.op_type == "Gather" for n in self.consumers[node.output[0]]
-            ):
+            if node.op_type != "DequantizeLinear" or not all(n.op_type == "Gather" for n in self.consumers[node.output[0]]):
                 continue
             q, scale = self.const(node.input[0]), self.const(node.input[1])
             if q is None or scale is None or q.ndim != 2:
                 continue
             axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
             zero = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-            shift = q.astype(np.float32) - (
-                0 if zero is None else np.expand_dims(zero, 1 - axis % 2).astype(np.float32)
-            )
+            shift = q.astype(np.float32) - (0 if zero is None else np.expand_dims(zero, 1 - axis % 2).astype(np.float32))
             table = shift * (scale if scale.ndim == 0 else np.expand_dims(scale, 1 - axis % 2))
             self._add_init(table.astype(np.float32), node.output[0])
             self.g.node.remove(node)
@@ -358,16 +340,9 @@ class _Graph:
             if chain is None:
                 continue
             x, eps, width, nodes, weight, out = chain
-            scale = (
-                weight if weight is not None else self._add_init(np.ones(width, np.float32), f"{out}_ones")
-            )
+            scale = weight if weight is not None else self._add_init(np.ones(width, np.float32), f"{out}_ones")
             fused = helper.make_node(
-                "SimplifiedLayerNormalization",
-                [x, scale],
-                [out],
-                name=f"{out}_rms_norm",
-                axis=-1,
-                epsilon=eps,
+                "SimplifiedLayerNormalization", [x, scale], [out], name=f"{out}_rms_norm", axis=-1, epsilon=eps
             )
             self._replace(nodes, [fused])
             self._index()
@@ -394,9 +369,7 @@ class _Graph:
                 continue
             if factor.ndim and factor.shape[-1] != scale.size:
                 continue  # only a per-feature (last-axis) factor
-            merged = self._add_init(
-                (scale * factor.reshape(-1)).astype(np.float32), f"{norm.name}_modulated_scale"
-            )
+            merged = self._add_init((scale * factor.reshape(-1)).astype(np.float32), f"{norm.name}_modulated_scale")
             norm.input[1] = merged
             norm.output[0] = mul.output[0]
             self.g.node.remove(mul)
@@ -619,30 +592,17 @@ class _Graph:
             )
             cos_name = self._add_init(cos, f"{out}_cos_cache")
             sin_name = self._add_init(sin, f"{out}_sin_cache")
-            if seq_axis == 2:
-                fused = [
-                    helper.make_node(
-                        "RotaryEmbedding",
-                        [x, pos, cos_name, sin_name],
-                        [out],
-                        name=f"{out}_rotary",
-                        domain=MS_DOMAIN,
-                        interleaved=0,
-                    )
-                ]
-            else:
-                fused = [
-                    helper.make_node("Transpose", [x], [f"{out}_bnsh"], perm=[0, 2, 1, 3]),
-                    helper.make_node(
-                        "RotaryEmbedding",
-                        [f"{out}_bnsh", pos, cos_name, sin_name],
-                        [f"{out}_rotated"],
-                        name=f"{out}_rotary",
-                        domain=MS_DOMAIN,
-                        interleaved=0,
-                    ),
-                    helper.make_node("Transpose", [f"{out}_rotated"], [out], perm=[0, 2, 1, 3]),
-                ]
+            bnsh = seq_axis == 2  # already (B, N, S, H); else a Transpose pair goes around the kernel
+            src, dst = (x, out) if bnsh else (f"{out}_bnsh", f"{out}_rotated")
+            rotary = helper.make_node(
+                "RotaryEmbedding", [src, pos, cos_name, sin_name], [dst], name=f"{out}_rotary", domain=MS_DOMAIN,
+                interleaved=0,
+            )  # fmt: skip
+            fused = [rotary] if bnsh else [
+                helper.make_node("Transpose", [x], [src], perm=[0, 2, 1, 3]),
+                rotary,
+                helper.make_node("Transpose", [dst], [out], perm=[0, 2, 1, 3]),
+            ]  # fmt: skip
             self._replace(nodes, fused)
             self._index()
             count += 1
@@ -771,11 +731,7 @@ class _Graph:
         eps = self.const(add.input[1] if add.input[0] == mean.output[0] else add.input[0])
         sqrt = self.only_consumer(add.output[0])
         recip = self.only_consumer(sqrt.output[0]) if sqrt is not None and sqrt.op_type == "Sqrt" else None
-        mul = (
-            self.only_consumer(recip.output[0])
-            if recip is not None and recip.op_type == "Reciprocal"
-            else None
-        )
+        mul = self.only_consumer(recip.output[0]) if recip is not None and recip.op_type == "Reciprocal" else None
         if eps is None or eps.size != 1 or mul is None or mul.op_type != "Mul" or x not in mul.input:
             return None
         nodes = [pow_, mean, add, sqrt, recip, mul]
@@ -786,10 +742,7 @@ class _Graph:
             w = self.const(other)
             if w is not None and w.ndim == 1 and w.shape[0] == width and w.dtype == np.float32:
                 nodes.append(scale_mul)
-                out, weight = (
-                    scale_mul.output[0],
-                    (other if other in self.inits else self._add_init(w, f"{other}_w")),
-                )
+                out, weight = scale_mul.output[0], (other if other in self.inits else self._add_init(w, f"{other}_w"))
         return x, float(eps.ravel()[0]), width, nodes, weight, out
 
     def _ensure_domain(self, domain: str) -> None:
@@ -802,9 +755,7 @@ def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     weightless copy."""
     light = onnx.ModelProto()
     light.CopyFrom(model)
-    for (
-        init
-    ) in light.graph.initializer:  # weights need only dims and type; small constants (axes, shapes) stay
+    for init in light.graph.initializer:  # weights need only dims and type; small constants (axes, shapes) stay
         if int(np.prod(init.dims)) <= 4096:
             continue
         init.ClearField("raw_data")
