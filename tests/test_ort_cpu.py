@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -334,3 +335,106 @@ def test_fused_qkv_is_split_into_heads_without_gathers(tmp_path: Path) -> None:
         for p in (src, out)
     )
     np.testing.assert_array_equal(got, expected)
+
+
+def _timed_graph(rng: np.random.Generator, flow: bool = False) -> onnx.ModelProto:
+    """A flow step in small: per-token time ``w + (1 - w) * t0`` -> time MLP -> adaLN (scale, shift, gate) around
+    norm(x) -> MatMul -> gated output. With ``w`` all zero everything but the norm and the GEMM is constant.
+    flow: named like the bundle's flow graph (``w`` is ``rtc_weights``; ``rtc_prefix`` is added to the output)."""
+    inits = [
+        numpy_helper.from_array(np.full((1, T, 1), 0.3, np.float32), "t0"),
+        numpy_helper.from_array(np.ones((1, T, 1), np.float32), "one_t"),
+        numpy_helper.from_array(rng.standard_normal((1, 32)).astype(np.float32), "freq"),
+        numpy_helper.from_array(rng.standard_normal((32, 3 * D)).astype(np.float32) * 0.3, "w_time"),
+        numpy_helper.from_array(rng.standard_normal((D, D)).astype(np.float32) * 0.1, "w_x"),
+        numpy_helper.from_array(np.ones(D, np.float32), "ones"),
+        numpy_helper.from_array(np.array([D, D, D], np.int64), "thirds"),
+        numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+        numpy_helper.from_array(np.array([-1], np.int64), "last_axis"),
+        numpy_helper.from_array(np.array(1e-6, np.float32), "eps"),
+    ]
+    nodes = [
+        helper.make_node("Sub", ["one_t", "w"], ["one_minus_w"]),
+        helper.make_node("Mul", ["one_minus_w", "t0"], ["wt"]),
+        helper.make_node("Add", ["w", "wt"], ["t"]),  # (1, T, 1) per-token time
+        helper.make_node("MatMul", ["t", "freq"], ["phase"]),
+        helper.make_node("Sin", ["phase"], ["emb"]),
+        helper.make_node("MatMul", ["emb", "w_time"], ["mod"]),
+        helper.make_node("Split", ["mod", "thirds"], ["scale", "shift", "gate"], axis=-1),
+        *_rms("n", "x", "normed", None),
+        helper.make_node("Add", ["ones", "scale"], ["one_plus_scale"]),
+        helper.make_node("Mul", ["normed", "one_plus_scale"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "shift"], ["modulated"]),
+        helper.make_node("MatMul", ["modulated", "w_x"], ["h"]),
+        helper.make_node("Mul", ["h", "gate"], ["y"]),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, T, D]),
+              helper.make_tensor_value_info("w", TensorProto.FLOAT, [1, T, 1])]  # fmt: skip
+    if flow:
+        nodes[-1].output[0] = "gated"
+        nodes.append(helper.make_node("Add", ["gated", "rtc_prefix"], ["y"]))
+        inputs.append(helper.make_tensor_value_info("rtc_prefix", TensorProto.FLOAT, [1, T, D]))
+        for node in nodes:
+            node.input[:] = ["rtc_weights" if name == "w" else name for name in node.input]
+        inputs[1].name = "rtc_weights"
+    graph = helper.make_graph(
+        nodes, "timed", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, T, D])], inits
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+
+
+def test_zero_input_variant_folds_the_time_path_through_qdq(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    fp32, int8 = tmp_path / "fp32" / "timed.onnx", tmp_path / "int8" / "timed.onnx"
+    fp32.parent.mkdir()
+    int8.parent.mkdir()
+    save_with_external_data(_timed_graph(rng), fp32)
+    calib = [{"x": rng.standard_normal((1, T, D)).astype(np.float32), "w": np.zeros((1, T, 1), np.float32)}
+             for _ in range(4)]  # fmt: skip
+    quantize_int8(fp32, int8, calib)
+    x = rng.standard_normal((1, T, D)).astype(np.float32)
+    zero = {"x": x, "w": np.zeros((1, T, 1), np.float32)}
+
+    def run(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})[0]
+
+    variant = ort_cpu.prepare(fp32, tmp_path / "cache", zero_inputs=("w",))
+    assert [i.name for i in onnx.load(str(variant)).graph.input] == ["x"]
+    assert _ops(variant) == ["SimplifiedLayerNormalization", "Add", "MatMul", "Mul"]  # time path folded, scale in the norm
+    np.testing.assert_allclose(run(variant, zero), run(fp32, zero), rtol=1e-5, atol=1e-5)
+
+    general, variant = (ort_cpu.prepare(int8, tmp_path / "cache", zero_inputs=z) for z in ((), ("w",)))
+    assert _ops(general).count("DynamicQuantizeMatMul") == 3  # the time path runs on every call
+    # the time MLP went through its QDQ once, here; the gate went into the GEMM's per-column scales
+    assert _ops(variant) == ["SimplifiedLayerNormalization", "Add", "DynamicQuantizeMatMul"]
+    reference = run(fp32, zero)
+    for path in (general, variant):
+        got = run(path, zero)
+        assert np.linalg.norm(got - reference) / np.linalg.norm(reference) < 0.03
+    with pytest.raises(ValueError, match="no input"):
+        ort_cpu.prepare(fp32, tmp_path / "cache", zero_inputs=("rtc_weights",))
+
+
+def test_backend_runs_the_zero_variant_only_when_the_rtc_feeds_are_zero(tmp_path: Path) -> None:
+    from molmoact2_edge.runtimes.backends.base import OnnxGraphs
+    from molmoact2_edge.runtimes.backends.onnxruntime import OnnxRuntimeOptions, OnnxRuntimeSession
+
+    rng = np.random.default_rng(6)
+    path = tmp_path / "flow.onnx"
+    save_with_external_data(_timed_graph(rng, flow=True), path)
+    plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = OnnxRuntimeOptions(providers=("CPUExecutionProvider",), cache_dir=str(tmp_path / "trt"))
+    session = OnnxRuntimeSession(OnnxGraphs({"flow": path}), options)
+    assert session.describe()["zero_variants"] == ["flow[rtc_prefix,rtc_weights=0]"]
+    x = rng.standard_normal((1, T, D)).astype(np.float32)
+    zero = {"x": x, "rtc_weights": np.zeros((1, T, 1), np.float32), "rtc_prefix": np.zeros((1, T, D), np.float32)}
+    prefixed = {**zero, "rtc_weights": np.full((1, T, 1), 0.5, np.float32),
+                "rtc_prefix": rng.standard_normal((1, T, D)).astype(np.float32)}  # fmt: skip
+    assert [session._variant("flow", feeds) for feeds in (zero, prefixed)] == ["flow[rtc_prefix,rtc_weights=0]", "flow"]
+    runs = {name: session.run("flow", feeds)["y"] for name, feeds in (("zero", zero), ("prefixed", prefixed))}
+    for name, feeds in (("zero", zero), ("prefixed", prefixed)):
+        np.testing.assert_allclose(runs[name], plain.run(None, feeds)[0], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(runs["zero"], runs["prefixed"], atol=1e-2)  # the general graph ran for the prefix
+    off = OnnxRuntimeSession(OnnxGraphs({"flow": path}), dataclasses.replace(options, zero_variants=False))
+    assert off.describe()["zero_variants"] == []

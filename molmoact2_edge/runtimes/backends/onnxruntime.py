@@ -35,7 +35,10 @@ onnxruntime's Python API cannot turn off the shared pool's spinning inside a run
 
 On the CPU provider each graph is first rewritten for the CPU (``ort_cpu.prepare``: RMSNorm
 fusion, int8 QDQ -> dynamic u8s8 GEMMs), cached per device; ``cpu_rewrites=False`` loads
-the bundle's files as they are.
+the bundle's files as they are. The flow graph also gets a second session, its rewrite with
+the RTC inputs fixed to zero (``ZERO_VARIANTS``), run whenever those feeds are all zero (no
+prefix committed): the time embedding and adaLN modulations are then constants, folded once.
+Same bound buffers and outputs; ``zero_variants=False`` turns it off.
 
 Facts (option names, CUDA-graph constraints): ``reference/toolchain.md`` §3.1.
 Only the CPU EP was run here (no GPU on the dev machine).
@@ -108,7 +111,12 @@ class OnnxRuntimeOptions:
     spinning: bool = False  # let idle pool threads busy-wait (lower latency alone, worse when sharing cores)
     flush_denormals: bool = True  # CPU: denormals count as zero while graphs run (masked softmax underflows)
     cpu_rewrites: bool = True  # CPU provider: fused RMSNorm, dynamic int8 GEMMs (ort_cpu.py), cached per device
+    zero_variants: bool = True  # CPU rewrites: also load ZERO_VARIANTS, run when their inputs are fed all zeros
 
+
+# graph -> inputs that are all zero in the common case; the CPU provider loads a variant with them constant.
+# flow: the RTC prefix and its weights are zero unless a prefix is committed (RTC on, after the first chunk).
+ZERO_VARIANTS = {"flow": ("rtc_prefix", "rtc_weights")}
 
 THREAD_POOL_ENV = "MOLMO_EDGE_ORT_THREAD_POOL"  # default thread_pool for processes that must not share
 _shared_pool_threads: int | None = None  # intra-op size of this process's global pool, once created
@@ -184,6 +192,7 @@ class OnnxRuntimeSession(BackendSession):
         self._slots: dict[tuple[str, str], list[Slot]] = {}  # kept outputs: (graph, output) -> its two buffers
         self._owned: set[Slot] = set()  # every slot of ``_slots``: residents of this session bind in place
         self._specs: dict[str, tuple[list[TensorSpec], list[TensorSpec]]] = {}
+        self._zero_variants: dict[str, tuple[str, tuple[str, ...]]] = {}  # graph -> (variant key, zero inputs)
         self.providers: list[str] = []
         self.pools: dict[str, str] = {}
         for graph in check_graphs(bundle, self.options.graphs):
@@ -194,10 +203,24 @@ class OnnxRuntimeSession(BackendSession):
             session = self._make_session(graph, path, requested, cache_dir)
             self._sessions[graph] = session
             self._bind(graph, session)
+            zero = self._zero_inputs(graph, session, requested)
+            if zero:
+                key = f"{graph}[{','.join(zero)}=0]"
+                self._sessions[key] = self._make_session(graph, path, requested, cache_dir, zero)
+                self._bind(key, self._sessions[key])
+                self._zero_variants[graph] = (key, zero)
         self.reason = f"onnxruntime {ort.__version__} on {self.providers}"
 
+    def _zero_inputs(self, graph: str, session: ort.InferenceSession, requested: list[str]) -> tuple[str, ...]:
+        """The inputs of ``graph`` to fix to zero in a variant session (none: no variant)."""
+        if not (self.options.zero_variants and self.options.cpu_rewrites and requested == [CPU]):
+            return ()
+        names = {node.name for node in session.get_inputs()}
+        wanted = ZERO_VARIANTS.get(graph, ())
+        return wanted if all(name in names for name in wanted) else ()
+
     def _make_session(
-        self, graph: str, path: Path, requested: list[str], cache_dir: Path
+        self, graph: str, path: Path, requested: list[str], cache_dir: Path, zero_inputs: tuple[str, ...] = ()
     ) -> ort.InferenceSession:
         so = ort.SessionOptions()
         so.log_severity_level = 3  # errors only: fp16 graphs otherwise flood stderr with constant-folding notes
@@ -230,7 +253,7 @@ class OnnxRuntimeSession(BackendSession):
             cache_dir.mkdir(parents=True, exist_ok=True)
         providers = [(p, _provider_options(p, self.options, cache_dir)) for p in requested]
         if requested == [CPU] and self.options.cpu_rewrites:
-            path = ort_cpu.prepare(path, shared_pool=_shared_pool_threads is not None)
+            path = ort_cpu.prepare(path, shared_pool=_shared_pool_threads is not None, zero_inputs=zero_inputs)
         try:
             session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
         except Exception as err:  # ORT raises its own Fail/InvalidGraph/... types with no common base
@@ -301,6 +324,7 @@ class OnnxRuntimeSession(BackendSession):
         on_cpu = self._device(graph)[0] == "cpu"
         if keep and not on_cpu and self.options.cuda_graph:
             return super()._run_keeping(graph, feeds, keep)
+        graph = self._variant(graph, feeds)
         binding = self._bindings[graph]
         read: set[Slot] = set()
         for name, buffer in self._inputs[graph].items():
@@ -331,6 +355,14 @@ class OnnxRuntimeSession(BackendSession):
         }
         return arrays, kept
 
+    def _variant(self, graph: str, feeds: Mapping[str, Feed]) -> str:
+        """The session to run: the graph's zero-input variant when every one of those feeds is all zero."""
+        key, zero = self._zero_variants.get(graph, ("", ()))
+        values = [feeds[name] for name in zero]
+        if values and all(isinstance(value, np.ndarray) and not value.any() for value in values):
+            return key
+        return graph
+
     def _free_slot(self, graph: str, spec: TensorSpec, read: set[Slot]) -> Slot:
         """Of the output's two slots, the one this call does not read, least recently written first."""
         pair = self._slots.get((graph, spec.name))
@@ -355,6 +387,7 @@ class OnnxRuntimeSession(BackendSession):
             "spinning": self.options.spinning,
             "cpu_rewrites": self.options.cpu_rewrites and self.providers == [CPU],
             "flush_denormals": self.options.flush_denormals and self.providers == [CPU],
+            "zero_variants": sorted(key for key, _ in self._zero_variants.values()),
         }
 
     def close(self) -> None:

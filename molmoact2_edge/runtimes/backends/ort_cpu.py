@@ -38,6 +38,20 @@ module's rewrite version, onnxruntime's version and the CPU):
   scalar Gathers becomes one Split of the merged (3 x heads) axis (onnxruntime would make a
   Split and a Squeeze per part).
 
+- **Constant cones through QDQ**: onnxruntime's constant folding stops at ``DequantizeLinear``,
+  so in an int8 graph a subgraph computed from weights alone (the flow's time-embedding MLP
+  and adaLN modulation GEMMs once the time is fixed) still runs on every call. Every tensor
+  computable from initializers alone that a non-constant node reads is evaluated here, once,
+  by onnxruntime on this graph's own nodes (so exactly as the QDQ graph defines it), except
+  a quantized weight itself (a ``DequantizeLinear`` output, possibly transposed or reshaped),
+  which stays for the dynamic int8 GEMM.
+- **Zero-input variants** (``zero_inputs``): the same rewrite of a graph with some inputs
+  fixed to zeros, for the backend to run when those feeds are all zero. The flow graph's RTC
+  inputs are zero whenever no prefix is committed (RTC off, the first chunk of a run, ``act``
+  without a prefix); with them fixed, the per-token flow time is the step's constant time, so the
+  whole time embedding and every adaLN modulation fold away (2497 -> ~2060 nodes in the fp32 flow
+  graph of the bundled checkpoint).
+
 Everything else (GEMM+bias, GELU, ...) is left to onnxruntime's own ``ORT_ENABLE_ALL``
 optimizer at session creation. Attention is not fused (still FusedMatMul, Add, Softmax, MatMul).
 On the bundled checkpoint, counted after onnxruntime's own fusions, the int8 flow graph runs
@@ -62,7 +76,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 log = logging.getLogger(__name__)
 
-REWRITE_VERSION = 10  # bump when a rewrite changes: cached graphs of older versions are not reused
+REWRITE_VERSION = 11  # bump when a rewrite changes: cached graphs of older versions are not reused
 MS_DOMAIN = "com.microsoft"
 
 
@@ -80,9 +94,10 @@ def _cpu_id() -> str:
         return platform.processor() or platform.machine()
 
 
-def cache_key(path: Path, fuse: bool, dynamic_int8: bool) -> str:
+def cache_key(path: Path, fuse: bool, dynamic_int8: bool, zero_inputs: tuple[str, ...] = ()) -> str:
     digest = hashlib.sha256()
-    for part in (str(REWRITE_VERSION), ort.__version__, _cpu_id(), str(fuse), str(dynamic_int8), str(path.resolve())):
+    parts = (str(REWRITE_VERSION), ort.__version__, _cpu_id(), str(fuse), str(dynamic_int8), str(path.resolve()))
+    for part in (*parts, *(f"zero:{name}" for name in zero_inputs)):
         digest.update(part.encode())
     for file in (path, path.with_name(path.name + ".data")):
         if file.is_file():
@@ -92,24 +107,38 @@ def cache_key(path: Path, fuse: bool, dynamic_int8: bool) -> str:
 
 
 def prepare(
-    path: Path, cache_root: Path | None = None, fuse: bool = True, dynamic_int8: bool = True, shared_pool: bool = False
+    path: Path,
+    cache_root: Path | None = None,
+    fuse: bool = True,
+    dynamic_int8: bool = True,
+    shared_pool: bool = False,
+    zero_inputs: tuple[str, ...] = (),
 ) -> Path:
     """The graph to load on the CPU provider: a cached rewrite of ``path``, or ``path`` when nothing applies.
 
     shared_pool: this process has onnxruntime's global thread pool (its sessions must use it).
+    zero_inputs: graph inputs fixed to zeros (they become constants); the result then has no such inputs and
+    is only valid for calls whose feeds for them are all zero.
     """
-    out = (cache_root or default_cache_root()) / cache_key(path, fuse, dynamic_int8) / path.name
+    out = (cache_root or default_cache_root()) / cache_key(path, fuse, dynamic_int8, zero_inputs) / path.name
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    model = _constant_folded(path, out.parent, shared_pool) if fuse else onnx.load(str(path))
+    source = _with_zero_inputs(path, out.parent, zero_inputs) if zero_inputs else path
+    model = _constant_folded(source, out.parent, shared_pool) if fuse else onnx.load(str(source))
+    if source != path:
+        source.unlink()
+        source.with_name(source.name + ".data").unlink(missing_ok=True)
     graph = _Graph(model)
     # in this order: each rewrite matches what the ones before it left (a dict literal runs them in order)
     counts = {
+        "zero_inputs": len(zero_inputs),
+        "constant_cones": graph.fold_constant_cones(shared_pool) if fuse else 0,
         "gather_tables": graph.dequantize_gather_tables(),
         "dynamic_int8": graph.qdq_to_dynamic() if dynamic_int8 else 0,
         "rms_norm": graph.fuse_rms_norm() if fuse else 0,
         "adaln": graph.fold_modulation_scale() if fuse else 0,
+        "adaln_gates": graph.fold_gate_scale() if fuse and dynamic_int8 else 0,
         "rotary": graph.fuse_rotary() if fuse else 0,
         "merged_gemms": graph.merge_sibling_gemms() if fuse and dynamic_int8 else 0,
         "split_offsets": graph.fold_split_offsets() if fuse and dynamic_int8 else 0,
@@ -132,6 +161,24 @@ def prepare(
     onnx.save(saved, str(tmp))
     os.replace(tmp, out)
     log.info("onnxruntime CPU rewrite of %s: %s -> %s", path.name, counts, out)
+    return out
+
+
+def _with_zero_inputs(path: Path, workdir: Path, names: tuple[str, ...]) -> Path:
+    """A copy of the graph at ``path`` (in ``workdir``) whose inputs ``names`` are zero initializers."""
+    model = onnx.load(str(path))
+    inputs = {i.name: i for i in model.graph.input}
+    missing = [name for name in names if name not in inputs]
+    if missing:
+        raise ValueError(f"{path.name}: no input(s) {missing} to fix to zero (inputs: {sorted(inputs)})")
+    for name in names:
+        tensor = inputs[name].type.tensor_type
+        shape = [d.dim_value for d in tensor.shape.dim]
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.elem_type)
+        model.graph.initializer.append(numpy_helper.from_array(np.zeros(shape, dtype), name))
+        model.graph.input.remove(inputs[name])
+    out = workdir / f"zero-{os.getpid()}.onnx"
+    onnx.save(model, str(out), save_as_external_data=True, location=out.name + ".data")
     return out
 
 
@@ -243,6 +290,63 @@ class _Graph:
                     user.input[i] = new
 
     # --- rewrites ---------------------------------------------------------------------
+
+    def fold_constant_cones(self, shared_pool: bool) -> int:
+        """Evaluate each tensor computed from initializers alone that a non-constant node (or the graph's output)
+        reads, and make it an initializer; quantized weights (``DequantizeLinear`` outputs, through layout ops)
+        are left for ``qdq_to_dynamic``. Returns how many tensors were folded."""
+        constant = set(self.inits)
+        cone: list[onnx.NodeProto] = []
+        for node in self.g.node:  # ONNX nodes are topologically sorted
+            if node.op_type == "Constant" or all(not name or name in constant for name in node.input):
+                cone.append(node)
+                constant.update(node.output)
+        self._index()
+        in_cone = {id(node) for node in cone}
+        frontier = [
+            out
+            for node in cone
+            if node.op_type != "Constant"
+            for out in node.output
+            if not self._is_weight(out)
+            and (out in self.outputs or any(id(user) not in in_cone for user in self.consumers.get(out, [])))
+        ]
+        if not frontier:
+            return 0
+        values = self._evaluate(cone, frontier, shared_pool)
+        producers = {id(self.producer[name]): self.producer[name] for name in frontier}
+        for node in producers.values():
+            self.g.node.remove(node)
+        for name, value in zip(frontier, values, strict=True):
+            self._add_init(np.asarray(value), name)
+        self.drop_dead()  # the rest of each cone, now unread
+        return len(frontier)
+
+    def _is_weight(self, name: str) -> bool:
+        """A quantized weight: the output of a ``DequantizeLinear``, possibly through layout-only ops."""
+        node = self.producer.get(name)
+        while node is not None and node.op_type in ("Transpose", "Reshape", "Identity", "Unsqueeze", "Squeeze"):
+            node = self.producer.get(node.input[0])
+        return node is not None and node.op_type == "DequantizeLinear"
+
+    def _evaluate(self, nodes: list[onnx.NodeProto], names: list[str], shared_pool: bool) -> list[np.ndarray]:
+        """Run ``nodes`` (which read initializers only) on onnxruntime's CPU provider; the tensors ``names``."""
+        used = {name for node in nodes for name in node.input}
+        graph = helper.make_graph(
+            nodes,
+            "constant_cones",
+            [],
+            [onnx.ValueInfoProto(name=name) for name in names],
+            [init for init in self.g.initializer if init.name in used],
+        )
+        model = helper.make_model(graph, opset_imports=self.model.opset_import, ir_version=self.model.ir_version)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the nodes as written
+        so.log_severity_level = 3
+        if shared_pool:
+            so.use_per_session_threads = False
+        session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return session.run(names, {})
 
     def dequantize_gather_tables(self) -> int:
         count = 0
@@ -363,19 +467,60 @@ class _Graph:
             scale = self.const(norm.input[1])
             if mul is None or mul.op_type != "Mul" or scale is None:
                 continue
-            other = mul.input[1] if mul.input[0] == norm.output[0] else mul.input[0]
-            factor = self.const(other)
-            if factor is None or factor.dtype != np.float32 or factor.size != scale.size:
+            factor = self._per_feature(self._other_input(mul, norm.output[0]), scale.size)
+            if factor is None:
                 continue
-            if factor.ndim and factor.shape[-1] != scale.size:
-                continue  # only a per-feature (last-axis) factor
-            merged = self._add_init((scale * factor.reshape(-1)).astype(np.float32), f"{norm.name}_modulated_scale")
+            merged = self._add_init((scale * factor).astype(np.float32), f"{norm.name}_modulated_scale")
             norm.input[1] = merged
             norm.output[0] = mul.output[0]
             self.g.node.remove(mul)
             self._index()
             count += 1
         return count
+
+    def fold_gate_scale(self) -> int:
+        """adaLN's gate: DynamicQuantizeMatMul(x, W, s[, b]) * g, g constant per output feature ->
+        DynamicQuantizeMatMul(x, W, s*g[, b*g]). Exact: the int8 weights are per-column scaled anyway."""
+        count = 0
+        for gemm in list(self.g.node):
+            if gemm.op_type != "DynamicQuantizeMatMul":
+                continue
+            mul, scale = self.only_consumer(gemm.output[0]), self.const(gemm.input[2])
+            if mul is None or mul.op_type != "Mul" or scale is None:
+                continue
+            width = scale.size if scale.ndim == 1 else self.shapes.get(gemm.output[0], (0,))[-1]
+            gate = self._per_feature(self._other_input(mul, gemm.output[0]), width)
+            if gate is None:
+                continue
+            inputs = list(gemm.input)
+            inputs[2] = self._add_init((scale * gate).astype(np.float32), f"{mul.output[0]}_gated_scale")
+            inputs[3] = self._add_init(np.zeros(width, np.int8), f"{mul.output[0]}_gated_zero")
+            if len(inputs) > 4 and inputs[4]:
+                bias = self.const(inputs[4])
+                if bias is None:
+                    continue
+                inputs[4] = self._add_init((bias * gate).astype(np.float32), f"{mul.output[0]}_gated_bias")
+            gated = helper.make_node(
+                "DynamicQuantizeMatMul", inputs, [mul.output[0]], name=f"{gemm.name}_gated", domain=MS_DOMAIN
+            )
+            self._replace([gemm, mul], [gated])
+            self._index()
+            count += 1
+        return count
+
+    @staticmethod
+    def _other_input(node: onnx.NodeProto, name: str) -> str:
+        """The input of a binary ``node`` that is not ``name``."""
+        return node.input[1] if node.input[0] == name else node.input[0]
+
+    def _per_feature(self, name: str, width: int) -> np.ndarray | None:
+        """Constant ``name`` as one (width,) float32 vector, when it is one broadcast over the leading axes (every
+        row equal: the flow's per-token modulation once the time is the same for all tokens); else None."""
+        value = self.const(name)
+        if value is None or value.dtype != np.float32 or width <= 0 or value.ndim == 0 or value.shape[-1] != width:
+            return None
+        rows = value.reshape(-1, width)
+        return rows[0] if np.all(rows == rows[:1]) else None
 
     def merge_sibling_gemms(self) -> int:
         """Dynamic int8 GEMMs that read one input, each split along its last axis -> one GEMM, one Split.
