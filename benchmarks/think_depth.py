@@ -18,6 +18,9 @@ What each number includes:
 - codes identical: the cache session's codes equal the sequential session's on every frame.
 - act(): ``PolicySession.act`` end to end, the Think bundle (with its cache) vs the continuous
   checkpoint's bundle on the same frames and backend, interleaved.
+- the floor: both again on the last frame repeated (nothing changed: every cell replayed, every
+  draft accepted, so the depth stage is exactly one ``decode_block`` call). No exact scheme with
+  the cache does less on a frame, so this bounds what any drafting could reach on this machine.
 """
 
 from __future__ import annotations
@@ -92,6 +95,8 @@ def measure(
             rows[name]["ms"].append(chunk.timings["depth"] * 1e3)
         cells.append(chunks_out["cache"].info["depth_cells_repredicted"])
         rejected.append(chunks_out["cache"].info["depth_drafts_rejected"])
+    if other is not None:
+        act_ms.update(static_frame_act(sessions["cache"], other, obs))
     for s in [*sessions.values(), *([other] if other else [])]:
         s.close()
     return {
@@ -103,6 +108,21 @@ def measure(
         "mismatched_frames": mismatched_frames,
         "act_ms": {k: percentiles(v) for k, v in act_ms.items() if v},
     }
+
+
+def static_frame_act(think: PolicySession, continuous: PolicySession, obs, calls: int = 16) -> dict[str, list[float]]:  # type: ignore[no-untyped-def]
+    """act() on one frame over and over, interleaved: from the second call on every cell is replayed and every
+    draft accepted, so the depth stage is one block call. Think's floor with the cache, whatever the scene."""
+    times: dict[str, list[float]] = {"think_static": [], "continuous_static": []}
+    think.act(obs, seed=0)
+    for call in range(calls):
+        for name, session in (("think_static", think), ("continuous_static", continuous)):
+            t0 = time.perf_counter()
+            chunk = session.act(obs, seed=call)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+            if name == "think_static" and chunk.info["depth_graph_calls"] != 1:
+                raise RuntimeError(f"an unchanged frame took {chunk.info['depth_graph_calls']} depth graph calls, not 1")
+    return times
 
 
 def render(result: dict, hz: float) -> str:
@@ -136,6 +156,11 @@ def render(result: dict, hz: float) -> str:
              ["continuous", f"{cont:.1f}", f"{act['continuous']['p99']:.1f}"]],
         )  # fmt: skip
         body += f"\n\nThink act() / continuous act(): {think / cont:.2f}x."
+        static, cont_static = act["think_static"]["p50"], act["continuous_static"]["p50"]
+        body += (
+            f" The floor with the cache, an unchanged frame (every cell replayed, one `decode_block` call): Think "
+            f"{static:.1f} ms vs continuous {cont_static:.1f} ms on that frame, {static / cont_static:.2f}x."
+        )
     return body
 
 

@@ -34,23 +34,37 @@ def _taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
 def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(h, w, c) uint8 -> (H, W, c) uint8, torch bilinear semantics (align_corners=False, no antialias)."""
     out_h, out_w = size
-    y0, y1, ly0, ly1 = _taps(image.shape[0], out_h)
-    x0, x1, lx0, lx1 = _taps(image.shape[1], out_w)
-    wy0, wy1 = ly0.astype(np.float64)[:, None, None], ly1.astype(np.float64)[:, None, None]
-    # Separable blend in float64: rows first, then columns. The uint8 rows are gathered before the
-    # blend promotes them; when the output is narrower than the frame (a 640 px camera to the ViT's
-    # input) only the columns the output reads are blended, with the same ops per pixel.
-    top, bottom = image.take(y0, axis=0), image.take(y1, axis=0)
-    if out_w < image.shape[1]:
-        left = top.take(x0, axis=1) * wy0 + bottom.take(x0, axis=1) * wy1
-        right = top.take(x1, axis=1) * wy0 + bottom.take(x1, axis=1) * wy1
+    h, w, c = image.shape
+    y0, y1, ly0, ly1 = _taps(h, out_h)
+    x0, x1, lx0, lx1 = _taps(w, out_w)
+    wy0, wy1 = ly0.astype(np.float64)[:, None], ly1.astype(np.float64)[:, None]
+    # Separable blend in float64: rows first, then columns, on (rows, columns x channels) so that each
+    # gather is one take along a contiguous axis (the channels ride along with their column). The uint8
+    # rows are gathered before the blend promotes them; when the output is narrower than the frame (a
+    # 640 px camera to the ViT's input) only the columns the output reads are blended, with the same ops
+    # per pixel.
+    flat = image.reshape(h, w * c)
+    top, bottom = flat.take(y0, axis=0), flat.take(y1, axis=0)
+    cols0, cols1 = _channel_columns(x0, c), _channel_columns(x1, c)
+    if out_w < w:
+        left = top.take(cols0, axis=1) * wy0 + bottom.take(cols0, axis=1) * wy1
+        right = top.take(cols1, axis=1) * wy0 + bottom.take(cols1, axis=1) * wy1
     else:
         rows = top * wy0 + bottom * wy1
-        left, right = rows.take(x0, axis=1), rows.take(x1, axis=1)
-    out = left * lx0.astype(np.float64)[None, :, None]
-    out += right * lx1.astype(np.float64)[None, :, None]
-    np.round(out, out=out)
-    return np.clip(out, 0, 255, out=out).astype(np.uint8)
+        left, right = rows.take(cols0, axis=1), rows.take(cols1, axis=1)
+    left *= np.repeat(lx0.astype(np.float64), c)  # left and right are fresh arrays: blend in place
+    right *= np.repeat(lx1.astype(np.float64), c)
+    out = left
+    out += right
+    # no clip: a blend of values in [0, 255] with non-negative weights summing to 1 (to float32 precision)
+    # stays below 255.5, so round half-to-even already lands in [0, 255]
+    np.rint(out, out=out)
+    return out.astype(np.uint8).reshape(out_h, out_w, c)
+
+
+def _channel_columns(x: np.ndarray, channels: int) -> np.ndarray:
+    """Column taps (W,) -> indices into (columns x channels): every channel of each tapped column."""
+    return (x[:, None] * channels + np.arange(channels)).reshape(-1)
 
 
 def patchify(pixels: np.ndarray, patch: int) -> np.ndarray:
@@ -82,8 +96,10 @@ def resize_cameras(
 
 def depth_cell_vectors(image: np.ndarray, size: int = 320, cells: int = 10) -> np.ndarray:
     """(h, w, 3) uint8 -> (cells*cells, (size/cells)^2 * 3) float64 per-cell pixel vectors (row-major cells)."""
-    # patchify the uint8 pixels (a quarter of the bytes to move), then scale
-    return patchify(resize_bilinear(image, (size, size)), size // cells).astype(np.float64) / 255.0
+    # patchify the uint8 pixels (a quarter of the bytes to move), then scale in place
+    vectors = patchify(resize_bilinear(image, (size, size)), size // cells).astype(np.float64)
+    vectors /= 255.0
+    return vectors
 
 
 def cells_changed(previous: np.ndarray, current: np.ndarray, threshold: float = 0.996) -> np.ndarray:
