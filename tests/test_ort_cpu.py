@@ -438,3 +438,22 @@ def test_backend_runs_the_zero_variant_only_when_the_rtc_feeds_are_zero(tmp_path
     assert not np.allclose(runs["zero"], runs["prefixed"], atol=1e-2)  # the general graph ran for the prefix
     off = OnnxRuntimeSession(OnnxGraphs({"flow": path}), dataclasses.replace(options, zero_variants=False))
     assert off.describe()["zero_variants"] == []
+
+
+def test_constant_folding_leaves_random_ops_to_run_every_call(tmp_path: Path) -> None:
+    """RandomUniform reads no input, but its value is not a constant: it must not be evaluated once."""
+    nodes = [
+        helper.make_node("RandomUniform", [], ["r"], shape=[1, T, D], dtype=TensorProto.FLOAT, seed=1.0),
+        helper.make_node("Mul", ["r", "w"], ["rw"]),
+        helper.make_node("Add", ["x", "rw"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "random", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, T, D])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, T, D])],
+        [numpy_helper.from_array(np.full((1, T, D), 2.0, np.float32), "w")],
+    )  # fmt: skip
+    src = tmp_path / "random.onnx"
+    save_with_external_data(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10), src)
+    graph_ = ort_cpu._Graph(onnx.load(str(src)))
+    assert graph_.fold_constant_cones(shared_pool=False) == 0
+    assert [n.op_type for n in graph_.g.node] == ["RandomUniform", "Mul", "Add"]
