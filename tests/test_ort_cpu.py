@@ -278,18 +278,24 @@ def _adaln_graph(rng: np.random.Generator) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
 
 
-def test_modulations_merge_their_offsets_fold_and_residual_norms_fuse(tmp_path: Path) -> None:
-    rng = np.random.default_rng(3)
-    fp32, int8 = tmp_path / "fp32" / "adaln.onnx", tmp_path / "int8" / "adaln.onnx"
+def _fp32_and_int8(tmp_path: Path, model: onnx.ModelProto, calibration: list[dict[str, np.ndarray]]) -> tuple[Path, Path]:
+    """``model`` saved as fp32 and its static QDQ int8 quantization (the exporter's), in two folders."""
+    fp32, int8 = tmp_path / "fp32" / f"{model.graph.name}.onnx", tmp_path / "int8" / f"{model.graph.name}.onnx"
     fp32.parent.mkdir()
     int8.parent.mkdir()
-    save_with_external_data(_adaln_graph(rng), fp32)
+    save_with_external_data(model, fp32)
+    quantize_int8(fp32, int8, calibration)
+    return fp32, int8
+
+
+def test_modulations_merge_their_offsets_fold_and_residual_norms_fuse(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
 
     def feeds() -> dict[str, np.ndarray]:
         return {"x": rng.standard_normal((1, T, D)).astype(np.float32), "y": rng.standard_normal((1, T, D)).astype(np.float32),
                 "t": rng.standard_normal((1, T, 32)).astype(np.float32)}  # fmt: skip
 
-    quantize_int8(fp32, int8, [feeds() for _ in range(4)])
+    fp32, int8 = _fp32_and_int8(tmp_path, _adaln_graph(rng), [feeds() for _ in range(4)])
     fused = ort_cpu.prepare(int8, tmp_path / "cache")
     plain = ort_cpu.prepare(int8, tmp_path / "cache", fuse=False)  # dynamic int8 only: the same GEMM numerics
     ops = _ops(fused)
@@ -385,13 +391,9 @@ def _timed_graph(rng: np.random.Generator, flow: bool = False) -> onnx.ModelProt
 
 def test_zero_input_variant_folds_the_time_path_through_qdq(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
-    fp32, int8 = tmp_path / "fp32" / "timed.onnx", tmp_path / "int8" / "timed.onnx"
-    fp32.parent.mkdir()
-    int8.parent.mkdir()
-    save_with_external_data(_timed_graph(rng), fp32)
     calib = [{"x": rng.standard_normal((1, T, D)).astype(np.float32), "w": np.zeros((1, T, 1), np.float32)}
              for _ in range(4)]  # fmt: skip
-    quantize_int8(fp32, int8, calib)
+    fp32, int8 = _fp32_and_int8(tmp_path, _timed_graph(rng), calib)
     x = rng.standard_normal((1, T, D)).astype(np.float32)
     zero = {"x": x, "w": np.zeros((1, T, 1), np.float32)}
 
