@@ -10,7 +10,9 @@ The full order, in one place (``act``):
   5. ``prefill`` graph -> last-token logits, expert context K/V, decoder cache;
   6. Think bundles: depth codes with the adaptive per-camera cache (unchanged cells
      replayed, changed cells re-predicted), verified speculatively in ``decode_block``
-     calls with the cached codes as drafts (``depth_decode``; exact, few calls);
+     calls with the cached codes as drafts (``depth_decode``; exact, few calls). Which cells
+     changed (the frame resized to 320 px, cosine per cell) is worked out on a second thread
+     while 4-5 run, since it needs only the image;
   7. ``flow`` graph (all Euler steps inside; real-time chunking when ``act`` gets the committed
      prefix and the bundle's graph takes one) -> normalized chunk, or for discrete
      bundles greedy ``decode_step`` decoding + OpenFAST;
@@ -26,6 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -111,6 +114,9 @@ class PolicySession:
         self.spec = PromptSpec(**p["spec"])
         self.fast = OpenFASTTokenizer.load(self.bundle.root / p["fast_tokenizer_dir"]) if self.discrete else None
         self.depth_cache = DepthCache(grid=int(round(int(m.get("num_depth_codes", 100)) ** 0.5)))
+        # the depth cache's pixel work overlaps the vision and prefill graphs (numpy and onnxruntime both
+        # release the GIL): one worker thread, made on the first Think frame
+        self._planner: ThreadPoolExecutor | None = None
         self._cache_len = int(m.get("cache_length", p["bucket"]))
         self._context_len = int(m.get("context_length", p["bucket"]))
         self._block_len = int(m.get("block_length", 0)) if B.DECODE_BLOCK.name in self.bundle.graph_names else 0
@@ -138,6 +144,7 @@ class PolicySession:
         start = time.perf_counter()
         observation.validate(self.camera_order, self.state_dim)
         images = [observation.images[name] for name in self.camera_order]
+        depth_plan = self._plan_depth(observation) if self.depth else None
         with self._timed(timings, "vision"):
             crops = resize_cameras(images, self.image_size, self.camera_order)[None]  # (1, n, h, w, 3) uint8
             features = self._run(B.VISION.name, {"images": crops})["image_features"]
@@ -145,9 +152,9 @@ class PolicySession:
         with self._timed(timings, "prefill"):
             pre, cache = self._run_keeping(B.PREFILL.name, self.prefill_feeds(prompt, features), CACHE_OUTPUTS)
         ctx = _Context.from_prefill(pre, cache, prompt, self._context_len)
-        if self.depth:
+        if depth_plan is not None:
             with self._timed(timings, "depth"):
-                info.update(self._decode_depth(ctx, observation))
+                info.update(self._decode_depth(ctx, depth_plan))
             info.update(self.depth_cache.last_info())  # which cells, for telemetry and the rerun display
         if self.discrete:
             with self._timed(timings, "decode"):
@@ -205,6 +212,9 @@ class PolicySession:
         self.depth_cache.reset()
 
     def close(self) -> None:
+        if self._planner is not None:
+            self._planner.shutdown(wait=True)
+            self._planner = None
         self.backend.close()
 
     def __enter__(self) -> PolicySession:
@@ -256,11 +266,21 @@ class PolicySession:
         ctx.append(token, out, cache)
         return out["logits"][0]
 
-    def _decode_depth(self, ctx: _Context, observation: Observation) -> dict[str, int]:
+    def _plan_depth(self, observation: Observation) -> Future[tuple[np.ndarray, np.ndarray | None, np.ndarray]]:
+        """The depth cache's plan for this frame (cell vectors, previous codes, changed cells), started on the
+        worker thread; the cache is only read there, and written after the result is taken."""
+        if self._planner is None:
+            self._planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="depth-cache")
+        camera = self.camera_order[0]  # the "main image" of the depth question
+        return self._planner.submit(self.depth_cache.plan, camera, observation.images[camera])
+
+    def _decode_depth(
+        self, ctx: _Context, plan: Future[tuple[np.ndarray, np.ndarray | None, np.ndarray]]
+    ) -> dict[str, int]:
         """<depth_start>, one code per cell (re-predicted or replayed), then greedy until <depth_end>;
         speculative block calls with the cached codes as drafts (``depth_decode``). Returns the frame's stats."""
-        camera = self.camera_order[0]  # the "main image" of the depth question
-        cells, previous, changed = self.depth_cache.plan(camera, observation.images[camera])
+        camera = self.camera_order[0]
+        cells, previous, changed = plan.result()
         result = decode_depth(
             _ContextDecoder(self, ctx),
             DepthTokens.from_ids(self.token_ids),
