@@ -49,11 +49,13 @@ module's rewrite version, onnxruntime's version and the CPU):
   fixed to zeros, for the backend to run when those feeds are all zero. The flow graph's RTC
   inputs are zero whenever no prefix is committed (RTC off, the first chunk of a run, ``act``
   without a prefix); with them fixed, the per-token flow time is the step's constant time, so the
-  whole time embedding and every adaLN modulation fold away (2497 -> ~2060 nodes in the fp32 flow
-  graph of the bundled checkpoint).
+  whole time embedding and every adaLN modulation fold away (the bundled checkpoint's flow graph:
+  fp32 2497 -> 1963 nodes, int8 1757 -> 1413), and in int8 graphs the adaLN gate, a constant per
+  output feature, goes into the dynamic GEMM's per-column weight scale.
 
 Everything else (GEMM+bias, GELU, ...) is left to onnxruntime's own ``ORT_ENABLE_ALL``
-optimizer at session creation. Attention is not fused (still FusedMatMul, Add, Softmax, MatMul).
+optimizer at session creation. Attention is not fused (still FusedMatMul, Add, Softmax, MatMul):
+``MultiHeadAttention`` was measured on the flow graph and was no faster (``docs/design.md``).
 On the bundled checkpoint, counted after onnxruntime's own fusions, the int8 flow graph runs
 1589 nodes instead of 4329 as the bundle has it (2657 with the first two rewrites); the graph
 is dispatch-bound: 10 Euler steps of GEMMs over 10 action tokens.
