@@ -7,6 +7,11 @@ previous frame's cell is at least the threshold (0.996) keeps its code: the
 decoder is fed that code as a known token (replayed) instead of predicting it.
 Changed cells are re-predicted by the decoder as usual.
 
+A new episode's first frame (after ``reset``) re-predicts every cell, but the codes the camera
+saw last are kept as its drafts: the scene is usually the same, so the speculative decoder
+(``runtimes.depth_decode``) checks them in a few block calls instead of one step per cell, with
+the same result.
+
 Torch-free; the pixel arithmetic is ``preprocess.depth_cell_vectors`` / ``cells_changed``.
 """
 
@@ -40,6 +45,7 @@ class DepthCache:
     threshold: float = DEFAULT_THRESHOLD
     enabled: bool = True  # False: every frame re-predicts every cell from scratch (the no-cache baseline)
     _entries: dict[str, _CameraEntry] = field(default_factory=dict)
+    _last_codes: dict[str, np.ndarray] = field(default_factory=dict)  # per camera, kept across ``reset``
     # the last update, for telemetry and the rerun display: camera, (cells,) codes, (cells,) re-predicted
     last: tuple[str, np.ndarray, np.ndarray] | None = None
 
@@ -50,12 +56,18 @@ class DepthCache:
     def plan(self, camera: str, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """(cell vectors of ``image``, previous codes or None, (cells,) bool: cell must be re-predicted).
 
-        With no previous frame for ``camera`` (or the cache disabled) every cell is re-predicted.
+        Previous codes are replayed where a cell is unchanged and are drafts where it changed. With no previous
+        frame for ``camera`` every cell is re-predicted, and the codes it saw last before a ``reset`` (if any) are
+        the drafts; with the cache disabled, every cell is re-predicted without drafts.
         """
         cells = depth_cell_vectors(image, self.size, self.grid)
         entry = self._entries.get(camera)
-        if entry is None or not self.enabled:
-            return cells, None, np.ones(self.num_cells, dtype=bool)
+        everything = np.ones(self.num_cells, dtype=bool)
+        if not self.enabled:
+            return cells, None, everything
+        if entry is None:
+            last = self._last_codes.get(camera)
+            return cells, None if last is None else last.copy(), everything
         return cells, entry.codes, cells_changed(entry.cells, cells, self.threshold)
 
     def update(self, camera: str, cells: np.ndarray, codes: np.ndarray, changed: np.ndarray) -> None:
@@ -68,6 +80,7 @@ class DepthCache:
         if codes.shape != (self.num_cells,):
             raise ValueError(f"depth cache for '{camera}': expected {self.num_cells} codes, got {codes.shape}")
         self.last = (camera, codes.copy(), np.asarray(changed, dtype=bool).copy())
+        self._last_codes[camera] = codes.copy()
         entry = self._entries.get(camera)
         if entry is None:
             self._entries[camera] = _CameraEntry(cells.copy(), codes.copy())
@@ -100,7 +113,7 @@ class DepthCache:
         }
 
     def reset(self, camera: str | None = None) -> None:
-        """Forget one camera (or all): the next frame re-predicts every cell."""
+        """Forget one camera (or all): the next frame re-predicts every cell (its last codes stay, as drafts)."""
         self.last = None
         if camera is None:
             self._entries.clear()

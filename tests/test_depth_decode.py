@@ -18,6 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from molmoact2_edge.runtimes.depth_decode import (
+    MIN_BLOCKS_JUDGED,
+    STEPS_PER_BLOCK,
     DepthTokens,
     decode_depth,
     decode_sequential,
@@ -100,15 +102,20 @@ def test_speculative_equals_sequential_on_adversarial_masks_and_drafts(seed: int
 
     assert got.tokens == expected.tokens and np.array_equal(got.codes, expected.codes)
     assert dec.fed == fed_seq  # the decoder ends in the same state (same cache), nothing stale kept
+    assert got.stats.cells_repredicted == int(changed.sum())
+    tail_fed = min(len(tail), 8) + (
+        1 if len(tail) < 8 else 0
+    )  # the tail tokens, then <depth_end> within budget
+    stepped = got.stats.stepped_from
+    if stepped is not None:  # poor drafts: after a few block calls that advanced little, the rest was stepped
+        assert got.stats.block_calls >= MIN_BLOCKS_JUDGED and stepped < STEPS_PER_BLOCK * got.stats.block_calls
+        assert got.stats.step_calls == n + 1 - stepped + (tail_fed if tail else 1)  # <depth_end> is stepped too
+        return
     cells_changed_code = int(np.sum(changed & (got.codes != previous)))
     if not redraft:  # cached drafts: every changed cell whose code changed is one rejection
         assert got.stats.drafts_rejected == cells_changed_code + (1 if tail else 0)  # <depth_end> rejected once
     assert got.stats.block_calls <= 1 + got.stats.drafts_rejected
-    tail_fed = min(len(tail), 8) + (
-        1 if len(tail) < 8 else 0
-    )  # the tail tokens, then <depth_end> within budget
     assert got.stats.step_calls == (tail_fed if tail else 0)
-    assert got.stats.cells_repredicted == int(changed.sum())
 
 
 def test_all_drafts_right_is_one_block_call() -> None:
@@ -119,6 +126,21 @@ def test_all_drafts_right_is_one_block_call() -> None:
     assert np.array_equal(got.codes, truth.codes)
     assert (got.stats.block_calls, got.stats.drafts_rejected, got.stats.graph_calls) == (1, 0, 1)
     assert dec.max_block == depth_block_length(n)
+
+
+def test_poor_drafts_hand_the_frame_to_steps() -> None:
+    """Every cell changed and every draft wrong (a first frame drafted from another scene): after
+    MIN_BLOCKS_JUDGED block calls that advanced little, the rest is stepped; the tokens are still exact and the
+    frame costs those block calls plus at most the sequential steps."""
+    n = 60
+    truth, fed = _sequential(4, n, None, np.ones(n, dtype=bool))
+    wrong = (truth.codes + 1) % IDS.num_codes
+    dec = MarkovDecoder(4, n)
+    got = decode_speculative(dec, IDS, wrong, np.ones(n, dtype=bool), tail_budget=8, redraft=False)
+    assert got.tokens == truth.tokens and dec.fed == fed
+    assert got.stats.block_calls == MIN_BLOCKS_JUDGED and got.stats.stepped_from is not None
+    assert got.stats.step_calls == len(truth.tokens) - got.stats.stepped_from  # every token from there, once
+    assert got.stats.graph_calls <= MIN_BLOCKS_JUDGED + truth.stats.graph_calls
 
 
 def test_first_frame_decodes_sequentially() -> None:
@@ -322,13 +344,21 @@ def test_bundle_codes_equal_sequential_on_frames_and_adversarial_masks(think_bun
         assert first_fast["depth_graph_calls"] == first_slow["depth_graph_calls"] >= 1 + CELLS + 1
         for fast, slow in infos[1:]:
             assert fast["depth_block_calls"] <= 1 + fast["depth_drafts_rejected"]
-            assert (
-                fast["depth_graph_calls"] <= fast["depth_block_calls"] + TAIL
-            )  # + a greedy tail, step by step
+            steps = fast["depth_graph_calls"] - fast["depth_block_calls"]
+            # steps: a greedy tail, and the rest of a frame whose drafts proved poor (after a few block calls)
+            assert steps <= TAIL or fast["depth_block_calls"] >= MIN_BLOCKS_JUDGED
+            assert fast["depth_graph_calls"] <= fast["depth_block_calls"] + slow["depth_graph_calls"]
             assert (
                 fast["depth_drafts_rejected"] <= fast["depth_cells_repredicted"] + 1
             )  # + the <depth_end> draft
             assert slow["depth_graph_calls"] >= 1 + CELLS + 1
+        # a new episode: every cell re-predicted, drafted from the last frame's codes, still exact
+        spec.reset()
+        seq.reset()
+        a, b = spec.act(obs, seed=9), seq.act(obs, seed=9)
+        assert np.array_equal(spec.depth_cache.codes(camera), seq.depth_cache.codes(camera))
+        assert a.info["depth_cells_repredicted"] == CELLS and a.info["depth_block_calls"] >= 1
+        np.testing.assert_allclose(a.actions, b.actions, rtol=1e-5, atol=1e-4)
 
         rng = np.random.default_rng(0)
         truth = spec.depth_cache.codes(camera)
@@ -404,4 +434,6 @@ def test_redrafting_turns_stale_drafts_into_one_extra_call() -> None:
     stale = decode_speculative(Independent(0, n), IDS, previous, changed, tail_budget=8, redraft=False)
     fresh = decode_speculative(Independent(0, n), IDS, previous, changed, tail_budget=8)
     assert np.array_equal(stale.codes, truth) and np.array_equal(fresh.codes, truth)
-    assert stale.stats.block_calls == 1 + int(changed.sum()) and fresh.stats.block_calls == 2
+    # stale: one block call per changed cell (each still advances 4 tokens, so stepping does not take over)
+    assert stale.stats.block_calls == 1 + int(changed.sum()) and stale.stats.stepped_from is None
+    assert fresh.stats.block_calls == 2 and fresh.stats.stepped_from is None

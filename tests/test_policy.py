@@ -8,6 +8,7 @@ import torch
 
 from molmoact2_edge.checkpoint import save_checkpoint
 from molmoact2_edge.config import get_preset
+from molmoact2_edge.depth_cache import DepthCache
 from molmoact2_edge.errors import ObservationError, PromptTooLongError, TokenizerError
 from molmoact2_edge.model.molmoact2 import MolmoAct2
 from molmoact2_edge.model.policy import Policy
@@ -114,6 +115,23 @@ def test_depth_cache_replays_unchanged_cells(tokenizer, norm) -> None:
     assert third.info["depth_cells_repredicted"] == expected.sum() and 0 < expected.sum() < 20
     policy.reset()
     assert policy.act(obs, seed=0).info["depth_cells_repredicted"] == 100
+
+
+def test_depth_cache_keeps_the_last_codes_as_drafts_across_a_reset() -> None:
+    """After a reset every cell is re-predicted, but the camera's last codes come back as drafts (the next
+    episode's scene is usually the same one); another camera, or a disabled cache, gets none."""
+    cache = DepthCache()
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    cells, previous, changed = cache.plan("front", image)
+    assert previous is None and changed.all()
+    codes = np.arange(cache.num_cells) % 128
+    cache.update("front", cells, codes, changed)
+    cache.reset()
+    _, drafts, changed = cache.plan("front", image)
+    assert changed.all() and drafts is not None and np.array_equal(drafts, codes)
+    assert cache.plan("wrist", image)[1] is None
+    cache.enabled = False
+    assert cache.plan("front", image)[1] is None
 
 
 def fast_tokenizer(horizon: int = 8, dim: int = 6) -> OpenFASTTokenizer:

@@ -28,7 +28,10 @@ guessing the new code; with the cache as the draft the unchanged cells (about 83
 episodes) and the changed cells that kept their code cost nothing extra, and redrafting makes
 the guesses for the others.
 
-The first frame of an episode has no drafts: it is decoded sequentially. Torch-free.
+A camera's very first frame has no drafts: it is decoded sequentially. A new episode's first frame
+re-predicts every cell with the codes of the camera's last frame as drafts (``DepthCache``); when
+drafts are poor (block calls that advance fewer tokens each than a block costs in steps), the
+rest of the frame is stepped, so bad drafts cost a few block calls at most. Torch-free.
 """
 
 from __future__ import annotations
@@ -38,6 +41,15 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+# A block call costs about 3.3 step calls (so101-touch-think on this CPU: 4.6 vs 1.4 ms). Once at least
+# MIN_BLOCKS_JUDGED block calls have advanced fewer than STEPS_PER_BLOCK tokens each on average, the rest of the
+# frame is stepped: poor drafts (a first frame drafted from another episode) then cost at most about what
+# sequential decoding does (c blocks + (n - 3c) steps), good ones a fraction of it. Both numbers were tuned on
+# sim first frames, whose first rejections come in the first rows: judging after 3 calls, or asking 4 tokens
+# per call, switched on frames that the blocks went on to finish in ~10 calls.
+STEPS_PER_BLOCK = 3
+MIN_BLOCKS_JUDGED = 8
 
 
 def depth_block_length(num_cells: int) -> int:
@@ -88,6 +100,7 @@ class DepthStats:
     drafts_rejected: int = 0  # predictions that differed from their draft (the <depth_end> draft included)
     block_calls: int = 0  # decode_block graph calls
     step_calls: int = 0  # decode_step graph calls
+    stepped_from: int | None = None  # speculative: the position from which the frame was stepped (poor drafts)
 
     @property
     def graph_calls(self) -> int:
@@ -139,7 +152,7 @@ def decode_depth(
 ) -> DepthResult:
     """The frame's depth codes: speculative when there are drafts and a block graph, else sequential.
 
-    The first frame has no drafts: it is decoded one step per token. A block call costs about as much as
+    A camera's first frame has no drafts: it is decoded one step per token. A block call costs about as much as
     six steps here (so101-touch-think: 8.3 ms vs 1.4 ms), and self-drafted blocks (Jacobi iteration from
     placeholder codes) accepted only ~1.9 tokens per call on sim frames: 54 block calls, 3x slower."""
     if speculative and previous is not None and decoder.block_length > 0:
@@ -154,19 +167,29 @@ def decode_sequential(
     n = len(changed)
     predicted = np.ones(n, dtype=bool) if previous is None else np.asarray(changed, dtype=bool)
     stats = DepthStats(cells_repredicted=int(predicted.sum()))
-    tokens = [ids.start]
-    logits = decoder.step(ids.start)
-    codes = np.zeros(n, dtype=np.int64)
-    for cell in range(n):
-        if predicted[cell]:
-            codes[cell] = int(np.argmax(logits[ids.first_code : ids.first_code + ids.num_codes]))
-        else:
-            assert previous is not None
-            codes[cell] = int(previous[cell])
-        tokens.append(ids.first_code + int(codes[cell]))
-        logits = decoder.step(tokens[-1])
-    stats.step_calls = len(tokens) + _greedy_tail(decoder, ids, tokens, int(np.argmax(logits)), tail_budget)
-    return DepthResult(codes, tokens, stats)
+    given = np.zeros(n, dtype=np.int64) if previous is None else np.asarray(previous)
+    seq = [ids.start, *(ids.first_code + int(code) for code in given)]  # predicted cells are overwritten
+    stats.step_calls = _step_rest(decoder, ids, seq, predicted, 0, tail_budget)
+    codes = np.asarray(seq[1 : n + 1], dtype=np.int64) - ids.first_code
+    return DepthResult(codes, seq, stats)
+
+
+def _step_rest(
+    decoder: Decoder, ids: DepthTokens, seq: list[int], predicted: np.ndarray, done: int, tail_budget: int
+) -> int:
+    """Feed ``seq[done:]`` one ``step`` each, in the reference order: a predicted cell's code (and the first token
+    after the codes) is the argmax after the token before it, the others are given. ``seq`` holds <depth_start>,
+    one code per cell and a last entry, and ends as every token fed; ``seq[done]`` must already be final.
+    Returns the step calls made."""
+    n = len(predicted)
+    calls = 0
+    for pos in range(done, n + 1):
+        logits = decoder.step(seq[pos])
+        calls += 1
+        if pos < n and predicted[pos]:  # the logits after position pos predict cell pos (at position pos + 1)
+            seq[pos + 1] = ids.first_code + int(np.argmax(logits[ids.first_code : ids.first_code + ids.num_codes]))
+    del seq[n + 1 :]
+    return calls + _greedy_tail(decoder, ids, seq, int(np.argmax(logits)), tail_budget)
 
 
 def _greedy_tail(decoder: Decoder, ids: DepthTokens, tokens: list[int], token: int, budget: int) -> int:
@@ -205,6 +228,11 @@ def decode_speculative(
     done = 0  # tokens of seq fed and final
     tail: int | None = None  # the first tail token, when it is not <depth_end>
     while done < len(seq) and tail is None:
+        if stats.block_calls >= MIN_BLOCKS_JUDGED and done < STEPS_PER_BLOCK * stats.block_calls and done <= n:
+            # the drafts are poor (a first frame drafted from another scene): stepping the rest costs less
+            stats.stepped_from = done
+            stats.step_calls = _step_rest(decoder, ids, seq, changed, done, tail_budget)
+            return DepthResult(np.asarray(seq[1 : n + 1], dtype=np.int64) - ids.first_code, seq, stats)
         block = seq[done : done + k]
         depth_argmax, token_argmax = decoder.block(block)
         stats.block_calls += 1
