@@ -37,6 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._report import markdown_table, write_section  # noqa: E402
+from molmoact2_edge.preprocess import depth_cell_vectors  # noqa: E402
 from molmoact2_edge.runtimes.session import PolicySession  # noqa: E402
 from molmoact2_edge.runtimes.telemetry import percentiles  # noqa: E402
 
@@ -68,6 +69,7 @@ def measure(
     cells, rejected, mismatched_frames, frames = [], [], 0, 0
     act_ms: dict[str, list[float]] = {"think": [], "continuous": []}
     first_frames: dict[str, dict[str, list[float]]] = {n: {"calls": [], "ms": []} for n in ("cache", "sequential")}
+    history: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []  # (episode, cell vectors, codes, changed)
     last_episode = -1
     for episode, obs in sim_frames(episodes, chunks, hz, sessions["cache"].n_action_steps):
         first = episode != last_episode
@@ -91,6 +93,9 @@ def measure(
         ):
             mismatched_frames += 1
         frames += 1
+        changed = np.zeros(sessions["cache"].depth_cache.num_cells, dtype=bool)
+        changed[chunks_out["cache"].info["depth_repredicted"]] = True
+        history.append((episode, depth_cell_vectors(obs.images[camera]), sessions["sequential"].depth_cache.codes(camera), changed))
         if first:
             if episode > 0:  # every cell re-predicted; the cache session drafts from the last episode's codes
                 for name in ("cache", "sequential"):
@@ -115,7 +120,30 @@ def measure(
         "mismatched_frames": mismatched_frames,
         "act_ms": {k: percentiles(v) for k, v in act_ms.items() if v},
         "first_frames": first_frames,
+        "draft_misses": draft_misses(history),
     }
+
+
+def draft_misses(history: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """Over the changed cells of every frame after an episode's first: the share whose exact new code differs from
+    a draft taken from the cached code (what the runtime uses), from the code the cell had on the past frame where
+    its pixels looked most alike, or from the code of the most alike cell anywhere in the episode so far."""
+    misses = {"cached code": 0, "the cell's look-alike past frame": 0, "the episode's look-alike cell": 0}
+    total = 0
+    for i, (episode, cells, codes, changed) in enumerate(history):
+        past = [h for h in history[:i] if h[0] == episode]
+        if not past:
+            continue
+        unit = cells / np.maximum(np.linalg.norm(cells, axis=1, keepdims=True), 1e-12)
+        past_unit = [c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12) for _, c, _, _ in past]
+        pooled, pooled_codes = np.concatenate(past_unit), np.concatenate([k for _, _, k, _ in past])
+        for cell in np.flatnonzero(changed):
+            per_frame = [float(u[cell] @ unit[cell]) for u in past_unit]
+            drafts = (past[-1][2][cell], past[int(np.argmax(per_frame))][2][cell], pooled_codes[int(np.argmax(pooled @ unit[cell]))])
+            for name, draft in zip(misses, drafts, strict=True):
+                misses[name] += int(draft != codes[cell])
+            total += 1
+    return {name: count / max(total, 1) for name, count in misses.items()} | {"cells": float(total)}
 
 
 def static_frame_act(think: PolicySession, continuous: PolicySession, obs, calls: int = 16) -> dict[str, list[float]]:  # type: ignore[no-untyped-def]
@@ -164,6 +192,10 @@ def render(result: dict, hz: float) -> str:
             f"{np.median(first['sequential']['ms']):.1f} ms in {np.mean(first['sequential']['calls']):.1f} sequential "
             f"(worst frame {max(first['cache']['ms']):.1f} vs {max(first['sequential']['ms']):.1f} ms)."
         )
+    misses = result["draft_misses"]
+    body += "\n\nChanged cells whose new code differs from a draft (" + f"{misses['cells']:.0f} cells; " + ", ".join(
+        f"{name}: {share:.0%}" for name, share in misses.items() if name != "cells"
+    ) + "): the cached code is the best of the three guesses."
     act = result["act_ms"]
     if "continuous" in act:
         think, cont = act["think"]["p50"], act["continuous"]["p50"]

@@ -54,12 +54,11 @@ def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         left, right = rows.take(cols0, axis=1), rows.take(cols1, axis=1)
     left *= np.repeat(lx0.astype(np.float64), c)  # left and right are fresh arrays: blend in place
     right *= np.repeat(lx1.astype(np.float64), c)
-    out = left
-    out += right
+    left += right
     # no clip: a blend of values in [0, 255] with non-negative weights summing to 1 (to float32 precision)
     # stays below 255.5, so round half-to-even already lands in [0, 255]
-    np.rint(out, out=out)
-    return out.astype(np.uint8).reshape(out_h, out_w, c)
+    np.rint(left, out=left)
+    return left.astype(np.uint8).reshape(out_h, out_w, c)
 
 
 def _channel_columns(x: np.ndarray, channels: int) -> np.ndarray:

@@ -459,3 +459,18 @@ def test_constant_folding_leaves_random_ops_to_run_every_call(tmp_path: Path) ->
     graph_ = ort_cpu._Graph(onnx.load(str(src)))
     assert graph_.fold_constant_cones(shared_pool=False) == 0
     assert [n.op_type for n in graph_.g.node] == ["RandomUniform", "Mul", "Add"]
+
+
+def test_constant_folding_that_cannot_be_evaluated_leaves_the_graph_as_it_was(tmp_path: Path, monkeypatch) -> None:
+    rng = np.random.default_rng(7)
+    src = tmp_path / "timed.onnx"
+    save_with_external_data(_timed_graph(rng), src)
+    graph = ort_cpu._Graph(onnx.load(str(src), load_external_data=True))
+
+    def refuse(*_: object) -> list[np.ndarray]:
+        raise RuntimeError("no kernel")
+
+    before = [n.op_type for n in graph.g.node]
+    monkeypatch.setattr(graph, "_evaluate", refuse)
+    assert graph.fold_constant_cones(shared_pool=False) == 0
+    assert [n.op_type for n in graph.g.node] == before

@@ -18,6 +18,7 @@ Examples:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 from pathlib import Path
@@ -91,8 +92,6 @@ def cached_bundle(checkpoint: Path, precision: str, cache: Path = CACHE, options
 def _variant(options: Any) -> str:
     """A cache-name suffix for export options that change the bundle's contents (int8 calibration data, cameras):
     two benchmarks calibrating on different data must not share (and silently reuse) one int8 bundle."""
-    import hashlib
-
     calib = getattr(options, "calib", None)
     cameras = getattr(options, "cameras", None)
     if calib is None and cameras is None:

@@ -42,7 +42,8 @@ from typing import Protocol
 
 import numpy as np
 
-# A block call costs about 3.3 step calls (so101-touch-think on this CPU: 4.6 vs 1.4 ms). Once at least
+# A block call costs a few step calls (so101-touch-think on this CPU; benchmarks/think_depth.py's rows give the ms
+# per call with the cache and sequentially). Once at least
 # MIN_BLOCKS_JUDGED block calls have advanced fewer than STEPS_PER_BLOCK tokens each on average, the rest of the
 # frame is stepped: poor drafts (a first frame drafted from another episode) then cost at most about what
 # sequential decoding does (c blocks + (n - 3c) steps), good ones a fraction of it. Both numbers were tuned on
@@ -152,9 +153,9 @@ def decode_depth(
 ) -> DepthResult:
     """The frame's depth codes: speculative when there are drafts and a block graph, else sequential.
 
-    A camera's first frame has no drafts: it is decoded one step per token. A block call costs about as much as
-    six steps here (so101-touch-think: 8.3 ms vs 1.4 ms), and self-drafted blocks (Jacobi iteration from
-    placeholder codes) accepted only ~1.9 tokens per call on sim frames: 54 block calls, 3x slower."""
+    A camera's first frame has no drafts: it is decoded one step per token. Self-drafted blocks (Jacobi iteration
+    from placeholder codes) were tried for it and accepted only ~1.9 tokens per call on sim frames, more than a
+    block call is worth in steps (``STEPS_PER_BLOCK``)."""
     if speculative and previous is not None and decoder.block_length > 0:
         return decode_speculative(decoder, ids, previous, changed, tail_budget)
     return decode_sequential(decoder, ids, previous, changed, tail_budget)
@@ -170,8 +171,13 @@ def decode_sequential(
     given = np.zeros(n, dtype=np.int64) if previous is None else np.asarray(previous)
     seq = [ids.start, *(ids.first_code + int(code) for code in given)]  # predicted cells are overwritten
     stats.step_calls = _step_rest(decoder, ids, seq, predicted, 0, tail_budget)
-    codes = np.asarray(seq[1 : n + 1], dtype=np.int64) - ids.first_code
+    codes = _codes(seq, n, ids)
     return DepthResult(codes, seq, stats)
+
+
+def _codes(seq: list[int], n: int, ids: DepthTokens) -> np.ndarray:
+    """The (n,) code indices of a fed depth span (``seq[0]`` is <depth_start>)."""
+    return np.asarray(seq[1 : n + 1], dtype=np.int64) - ids.first_code
 
 
 def _step_rest(
@@ -232,7 +238,7 @@ def decode_speculative(
             # the drafts are poor (a first frame drafted from another scene): stepping the rest costs less
             stats.stepped_from = done
             stats.step_calls = _step_rest(decoder, ids, seq, changed, done, tail_budget)
-            return DepthResult(np.asarray(seq[1 : n + 1], dtype=np.int64) - ids.first_code, seq, stats)
+            return DepthResult(_codes(seq, n, ids), seq, stats)
         block = seq[done : done + k]
         depth_argmax, token_argmax = decoder.block(block)
         stats.block_calls += 1
@@ -262,7 +268,7 @@ def decode_speculative(
         done += kept
     if tail is not None:  # rare after training: no draft beyond <depth_end> is worth a block call
         stats.step_calls = _greedy_tail(decoder, ids, seq, tail, tail_budget)
-    codes = np.asarray(seq[1 : n + 1], dtype=np.int64) - ids.first_code
+    codes = _codes(seq, n, ids)
     return DepthResult(codes, seq, stats)
 
 
