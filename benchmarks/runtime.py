@@ -2,16 +2,19 @@
 
 \b
     python benchmarks/runtime.py                         # the bundled checkpoint
-    python benchmarks/runtime.py --checkpoint CKPT --iterations 30 --rounds 5 --threads 1 2 --precisions fp32 int8
+    python benchmarks/runtime.py --checkpoint CKPT --iterations 60 --rounds 20 --threads 1 2 --precisions fp32 int8
 
 What each number includes:
 
 - ``act`` latency: ``PolicySession.act`` end to end (preprocessing, prompt, every graph,
   un-normalization) on onnxruntime CPU, and the reference ``model.policy.Policy.act`` (eager
   PyTorch, fp32) on the same checkpoint and observation. Each contender runs in its own
-  process, one at a time, alternated over rounds (``runtimes.benchmark.compare_backends``),
-  at each thread setting; medians, p25-p75 and the per-round medians are reported; ratios
-  are PyTorch p50 / contender p50 at the same thread setting from this one run.
+  process, loaded once; they take turns over short rounds, one at a time, the others blocked
+  (``runtimes.benchmark.compare_backends``), at each thread setting. This machine's speed drifts
+  by tens of percent within seconds (a shared host), so rounds are a few calls long and the
+  ``paired`` ratio divides each round's medians; medians, p25-p75, the range of round medians and
+  the CPU time the waiting contenders used (0: they never shared the cores) are reported; ratios are
+  PyTorch p50 / contender p50 at the same thread setting from this one run.
 - depth cache (Think checkpoints only): over sim episodes (the scripted expert moving the arm,
   frames from the sim's camera), the fraction of depth cells replayed instead of re-predicted,
   and the depth stage's p50 with the cache vs with every cell re-predicted.
@@ -170,18 +173,21 @@ def parity_of(bundle: Path) -> str:
 
 
 def latency_table(report: dict[str, Any], threads: int, bundles: dict[str, Path]) -> list[list[str]]:
-    """One row per contender. ``paired``: the median over rounds of eager's round median / the contender's, so a
-    round the machine ran slow for everyone counts once (the speedup column divides the pooled medians)."""
+    """One row per contender. ``paired``: the median over rounds of eager's round median / the contender's (a
+    round the machine ran slow for everyone counts once), with the p25-p75 of those per-round ratios; the
+    speedup column divides the pooled medians."""
     eager = np.array(report["backends"]["pytorch eager"]["spread_ms"]["round_medians"])
     rows = []
     for name, result in report["backends"].items():
         total, spread = result["stages_ms"]["total"], result["spread_ms"]
         precision = name.split()[1].rstrip(",") if name.startswith("onnxruntime") else None
-        paired = float(np.median(eager / np.array(spread["round_medians"])))
+        ratios = eager / np.array(spread["round_medians"])
         rows.append([
             name, str(threads), f"{total['p50']:.1f}", f"{spread['p25']:.1f}-{spread['p75']:.1f}",
-            " / ".join(f"{m:.0f}" for m in spread["round_medians"]), f"{result['speedup_vs_torch']:.2f}x",
-            f"{paired:.2f}x", parity_of(bundles[precision]) if precision in bundles else "-",
+            f"{min(spread['round_medians']):.1f}-{max(spread['round_medians']):.1f}", f"{result['speedup_vs_torch']:.2f}x",
+            f"{result['speedup_vs_torch_paired']:.2f}x ({np.percentile(ratios, 25):.2f}-{np.percentile(ratios, 75):.2f})",
+            f"{result['idle_cpu_ms']:.0f}" if result["idle_cpu_ms"] is not None else "-",
+            parity_of(bundles[precision]) if precision in bundles else "-",
         ])  # fmt: skip
     return rows
 
@@ -192,8 +198,8 @@ def main() -> None:
     )
     parser.add_argument("--checkpoint", type=Path, help="checkpoint dir (default: the bundled one)")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "int8"])
-    parser.add_argument("--iterations", type=int, default=15, help="timed act() calls per contender and thread setting")
-    parser.add_argument("--rounds", type=int, default=3, help="alternated rounds the calls are split over")
+    parser.add_argument("--iterations", type=int, default=60, help="timed act() calls per contender and thread setting")
+    parser.add_argument("--rounds", type=int, default=20, help="alternated rounds the calls are split over")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU thread settings to measure")
     parser.add_argument("--episodes", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
@@ -230,9 +236,10 @@ def main() -> None:
             "threads",
             "p50 ms",
             "p25-p75 ms",
-            "round medians ms",
+            "round medians ms (min-max)",
             "speedup vs PyTorch eager",
-            "paired",
+            "paired (p25-p75 over rounds)",
+            "CPU the waiting contenders used, ms",
             "parity gate",
         ],
         rows,

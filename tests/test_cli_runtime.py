@@ -160,6 +160,8 @@ def test_bench_compares_backends_with_speedup_and_plots(tiny, tmp_path) -> None:
     assert set(report["backends"]) == {"onnxruntime", "torch"}
     assert report["backends"]["torch"]["speedup_vs_torch"] == 1.0
     assert report["backends"]["onnxruntime"]["speedup_vs_torch"] > 0
+    assert report["backends"]["torch"]["speedup_vs_torch_paired"] == 1.0  # per-round ratios of torch to itself
+    assert all(r["idle_cpu_ms"] is not None and r["idle_cpu_ms"] >= 0 for r in report["backends"].values())
     for stage in ("vision", "prefill", "flow", "total"):
         assert report["backends"]["onnxruntime"]["stages_ms"][stage]["count"] == 2
     assert report["loop"]["loop"]["ticks"] > 0 and report["power"]["available"] is False

@@ -33,8 +33,11 @@ def render(report: dict[str, Any]) -> str:
             for s in STAGES
         )
         speedup = f"{result['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in result else "-"
+        paired = f" (paired {result['speedup_vs_torch_paired']:.2f}x)" if "speedup_vs_torch_paired" in result else ""
         spread = result["spread_ms"]
-        lines.append(f"  {name:12s}{cells}{speedup:>10s}   total p25-p75 {spread['p25']:.1f}-{spread['p75']:.1f}")
+        lines.append(
+            f"  {name:12s}{cells}{speedup:>10s}{paired}   total p25-p75 {spread['p25']:.1f}-{spread['p75']:.1f}"
+        )
     loop = report["loop"]["loop"]
     err = loop["period_error_ms"]
     lines.append(
@@ -74,7 +77,7 @@ def render(report: dict[str, Any]) -> str:
     "--hz", type=float, default=None, help="Control rate for the jitter measurement [default: the bundle's robot contract]."
 )
 @click.option("--threads", type=int, help="CPU threads for every backend (default: each backend's own).")
-@click.option("--rounds", type=int, help="Alternated rounds the timed calls are split over (default: up to 5).")
+@click.option("--rounds", type=int, help="Alternated rounds the timed calls are split over (default: about 3 calls a round).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--plots", type=click.Path(file_okay=False, path_type=Path), help="Write PNG plots here.")
 @click.option("--telemetry", type=click.Path(dir_okay=False, path_type=Path), help="JSONL of the loop run.")
@@ -93,9 +96,10 @@ def bench(
     """Measure BUNDLE: latency per stage (p50/p99), loop jitter with inference running, power and energy.
 
     \b
-    Each backend is timed in its own process, one at a time, alternated over
-    --rounds; repeating --backend compares them and, when torch is among them,
-    reports each backend's speedup over it.
+    Each backend is timed in its own process, loaded once; they take turns over
+    short --rounds, one at a time; repeating --backend compares them and, when
+    torch is among them, reports each backend's speedup over it (pooled medians,
+    and paired: the median of the per-round ratios).
     Examples:
       molmo-edge bench bundle/
       molmo-edge bench bundle/ --backend onnxruntime --backend torch --json

@@ -5,10 +5,11 @@ What each number includes (stated once, reported with every result):
 - stage latencies are ``PolicySession.act``'s own timings (``vision``, ``prefill``,
   ``depth``, ``decode``, ``flow``) and ``total`` = the whole ``act`` including
   preprocessing, prompt building and un-normalization; warm-up calls are excluded;
-- each backend runs in its own process (``bench_worker``), one at a time, alternated over
-  rounds (A B, B A, A B, ...): contenders never share cores or thread pools while timed,
-  and a noisy phase of the machine hits all of them; medians and the spread are reported
-  with the thread setting, and ratios are taken within this one run;
+- each backend runs in its own process (``bench_worker``), loaded once; they take turns in
+  short rounds (A B, B A, A B, ...), one at a time, the others blocked: contenders never share
+  cores or thread pools while timed (the CPU the waiting ones use is measured), and a slow phase
+  of the machine hits all of them; medians and the spread are reported with the thread setting,
+  and ratios are taken within this one run;
 - loop jitter is ``|send time - deadline|`` of a fixed-rate control loop driving a
   ``DryRunGate`` (no robot) while the first backend computes chunks in its thread;
 - Think bundles: the depth stage with the cache vs without (graph calls per frame, stage p50,
@@ -21,9 +22,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -64,23 +67,60 @@ class Contender:
     bundle: str | None = None  # another bundle than the comparison's (e.g. another precision of it)
 
 
-def run_contender(
-    bundle: str | Path, contender: Contender, iterations: int, warmup: int, threads: int | None, seed: int
-) -> dict[str, Any]:
-    """Time ``contender`` in a fresh process (``bench_worker``); its per-stage seconds and ``describe``."""
-    spec = {
-        "bundle": contender.bundle or str(bundle), "backend": contender.backend, "options": contender.options, "threads": threads,
-        "iterations": iterations, "warmup": warmup, "seed": seed, "checkpoint": contender.checkpoint,
-    }  # fmt: skip
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [sys.executable, "-m", "molmoact2_edge.runtimes.bench_worker", json.dumps(spec)],
-        capture_output=True, text=True, env=env, check=False,
-    )  # fmt: skip
-    if done.returncode != 0:
-        raise BackendError(f"benchmark contender {contender.label!r} failed:\n{done.stderr.strip()[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+class _Worker:
+    """One contender's process (``bench_worker``), loaded once and kept for every round of a comparison."""
+
+    def __init__(self, bundle: str | Path, contender: Contender, warmup: int, threads: int | None) -> None:
+        spec = {
+            "bundle": contender.bundle or str(bundle), "backend": contender.backend, "options": contender.options,
+            "threads": threads, "warmup": warmup, "checkpoint": contender.checkpoint,
+        }  # fmt: skip
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
+        self.label = contender.label
+        self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in close()); a pipe could fill up and stall the worker
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "molmoact2_edge.runtimes.bench_worker", json.dumps(spec)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env,
+        )  # fmt: skip
+        self.describe: dict[str, Any] = self._reply()["ready"]
+
+    def time(self, calls: int, seed: int) -> dict[str, list[float]]:
+        """Per-stage seconds of ``calls`` timed calls (after one untimed call, in the worker)."""
+        assert self._process.stdin is not None
+        self._process.stdin.write(json.dumps({"calls": calls, "seed": seed}) + "\n")
+        self._process.stdin.flush()
+        return dict(self._reply()["stages"])
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the worker process so far (Linux ``/proc``; NaN elsewhere)."""
+        try:
+            fields = Path(f"/proc/{self._process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return math.nan
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def _reply(self) -> dict[str, Any]:
+        assert self._process.stdout is not None
+        line = self._process.stdout.readline()
+        if not line:
+            self._process.wait()
+            self._stderr.seek(0)
+            raise BackendError(
+                f"benchmark contender {self.label!r} failed (exit {self._process.returncode}):\n"
+                f"{self._stderr.read().strip()[-2000:]}"
+            )
+        return dict(json.loads(line))
+
+    def close(self) -> None:
+        if self._process.stdin is not None:
+            self._process.stdin.close()
+        try:
+            self._process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._stderr.close()
 
 
 def compare_backends(
@@ -92,35 +132,50 @@ def compare_backends(
     rounds: int | None = None,
     threads: int | None = None,
 ) -> dict[str, Any]:
-    """Per-contender stage percentiles (ms), each contender in its own process, alternated over rounds.
+    """Per-contender stage percentiles (ms), each contender in its own process, alternated over short rounds.
 
-    ``iterations`` timed calls per contender are split over ``rounds`` (default: up to 5); in round r
-    the contenders run one after another (reversed order on odd rounds), so slow phases of a loaded
-    machine hit all of them. ``speedup_vs_torch`` (torch p50 / p50) is added when a ``torch`` or
-    ``eager`` contender ran; ``spread_ms`` is the p25-p75 of ``total`` and the range of round medians.
+    Every contender's process is started and warmed up first, and kept. ``iterations`` timed calls per
+    contender are split over ``rounds`` (default: about 3 calls a round); in round r the contenders take
+    turns (reversed order on odd rounds), one at a time, the others blocked waiting. This machine's speed
+    drifts within seconds (a shared host), so short, adjacent turns are what makes the contenders of a round
+    comparable: ``round_medians`` pairs them. A turn starts once every process is idle (``_settle``). ``speedup_vs_torch`` (torch p50 / p50) is added when a ``torch``
+    or ``eager`` contender ran, and ``speedup_vs_torch_paired``: the median over rounds of torch's round median
+    / this contender's; ``spread_ms`` is the p25-p75 of ``total`` and the round medians;
+    ``idle_cpu_ms`` is the CPU time the waiting contenders used while this one was timed (0: no sharing).
     """
     contenders = [
         c if isinstance(c, Contender) else Contender(c, c, (backend_options or {}).get(c, {})) for c in backends
     ]
-    rounds = max(1, min(rounds or 5, iterations))
+    rounds = max(1, min(rounds or iterations // 3, iterations))
     per_round = [iterations // rounds + (1 if r < iterations % rounds else 0) for r in range(rounds)]
     samples: dict[str, dict[str, list[float]]] = {c.label: {} for c in contenders}
     round_medians: dict[str, list[float]] = {c.label: [] for c in contenders}
-    described: dict[str, Any] = {}
-    for r, count in enumerate(per_round):
-        order = contenders if r % 2 == 0 else contenders[::-1]
-        for contender in order:
-            result = run_contender(bundle, contender, count, warmup, threads, seed=1000 * r)
-            described[contender.label] = result["describe"]
-            for stage, values in result["stages"].items():
-                samples[contender.label].setdefault(stage, []).extend(values)
-            round_medians[contender.label].append(float(np.median(result["stages"]["total"])) * 1e3)
+    idle_cpu = dict.fromkeys(samples, 0.0)  # NaN where the OS does not tell a process's CPU time
+    workers: list[_Worker] = []
+    try:
+        for contender in contenders:  # loading runs before any timing: it never overlaps a timed call
+            workers.append(_Worker(bundle, contender, warmup, threads))
+        for r, count in enumerate(per_round):
+            for worker in workers if r % 2 == 0 else workers[::-1]:
+                others = [w for w in workers if w is not worker]
+                _settle(workers)
+                before = sum(w.cpu_seconds() for w in others)
+                timed = worker.time(count, seed=1000 * r)
+                idle_cpu[worker.label] += sum(w.cpu_seconds() for w in others) - before
+                for stage, values in timed.items():
+                    samples[worker.label].setdefault(stage, []).extend(values)
+                round_medians[worker.label].append(float(np.median(timed["total"])) * 1e3)
+        described = {w.label: w.describe for w in workers}
+    finally:
+        for worker in workers:
+            worker.close()
     results: dict[str, Any] = {}
     for c in contenders:
         stages = {
             stage: percentiles(v, 1e3) for stage, v in samples[c.label].items() if any(x > 0 for x in v)
         }
         total = np.asarray(samples[c.label]["total"]) * 1e3
+        idle = idle_cpu[c.label]
         results[c.label] = {
             "backend": described[c.label],
             "stages_ms": stages,
@@ -129,18 +184,44 @@ def compare_backends(
                 "p75": float(np.percentile(total, 75)),
                 "round_medians": [round(m, 2) for m in round_medians[c.label]],
             },
+            "idle_cpu_ms": None if math.isnan(idle) else round(idle * 1e3, 1),
             "raw_s": samples[c.label],
         }
     reference = next((c.label for c in contenders if c.backend in ("torch", "eager")), None)
     if reference is not None:
         ref_p50 = results[reference]["stages_ms"]["total"]["p50"]
-        for result in results.values():
+        ref_rounds = np.asarray(round_medians[reference])
+        for label, result in results.items():
             result["speedup_vs_torch"] = ref_p50 / result["stages_ms"]["total"]["p50"]
+            # per round: torch's median / this one's, timed within a second of each other, so a slow phase of
+            # the machine divides out instead of landing in one contender's rounds only
+            result["speedup_vs_torch_paired"] = float(np.median(ref_rounds / np.asarray(round_medians[label])))
     method = (
-        f"each contender in its own process, {rounds} alternated round(s), {warmup} warm-up call(s) per process, "
-        f"threads {threads if threads else 'backend default'}"
+        f"each contender in its own process, loaded and warmed up ({warmup} call(s)) before timing and kept; "
+        f"{rounds} alternated round(s) of {min(per_round)}-{max(per_round)} timed call(s), each after one untimed "
+        f"call, the other contenders blocked meanwhile; threads {threads if threads else 'backend default'}"
     )
     return {"iterations": iterations, "warmup": warmup, "rounds": rounds, "method": method, "backends": results}
+
+
+# A process that just finished its turn may keep a core busy: OpenMP and onnxruntime pool threads spin
+# after their work (libgomp, KMP_BLOCKTIME ~200 ms, onnxruntime's spinning option). The next turn starts
+# only when every worker's CPU time stopped growing over SETTLE_S (the counters tick in 10 ms steps).
+SETTLE_S = 0.05
+SETTLE_MAX_S = 3.0
+
+
+def _settle(workers: Sequence[_Worker]) -> None:
+    """Wait until no worker uses CPU (or SETTLE_MAX_S passed: logged, and the idle CPU column shows it)."""
+    deadline = time.monotonic() + SETTLE_MAX_S
+    used = sum(w.cpu_seconds() for w in workers)
+    while time.monotonic() < deadline:
+        time.sleep(SETTLE_S)
+        now = sum(w.cpu_seconds() for w in workers)
+        if now == used or math.isnan(now):
+            return
+        used = now
+    log.warning("benchmark: the contenders' processes kept using CPU for %.0f s between turns", SETTLE_MAX_S)
 
 
 def thread_options(threads: int | None) -> dict[str, dict[str, Any]]:
