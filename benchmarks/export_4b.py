@@ -31,8 +31,9 @@ from benchmarks._report import markdown_table, write_section  # noqa: E402
 VIT_LAYERS, LLM_LAYERS = 27, 36  # the release (reference §2)
 
 
-def _child(layers: int, root: Path) -> dict[str, float]:
-    """In a fresh process: write the checkpoint, export it, report seconds / peak RSS / bytes."""
+def release_width_checkpoint(layers: int, ckpt: Path) -> dict[str, int]:
+    """Write a checkpoint of the 4B preset's widths with ``layers`` ViT, LLM and expert layers (random weights,
+    a stand-in tokenizer padded to Qwen3's ids) to ``ckpt``; its parameter counts (``vit``, ``total``)."""
     import dataclasses
 
     import numpy as np
@@ -40,8 +41,6 @@ def _child(layers: int, root: Path) -> dict[str, float]:
 
     from molmoact2_edge.checkpoint import save_checkpoint
     from molmoact2_edge.config import QWEN3_BASE_VOCAB, get_preset
-    from molmoact2_edge.contract import ContractFlags
-    from molmoact2_edge.export.pipeline import ExportOptions, export_bundle
     from molmoact2_edge.model.molmoact2 import MolmoAct2
     from molmoact2_edge.normalization import NormStats
     from molmoact2_edge.tokenizers.text import train_small_tokenizer
@@ -69,11 +68,20 @@ def _child(layers: int, root: Path) -> dict[str, float]:
         "so100_so101_molmoact2", rng.normal(size=(200, 6)) * 30, rng.normal(size=(200, 6)) * 30,
         setup_type="single so100/so101 robotic arm in molmoact2", control_mode="absolute joint pose", action_horizon=30,
     )  # fmt: skip
-    ckpt = root / "ckpt"
     save_checkpoint(model, config, ckpt, norm_stats=norm)
     del model
     corpus = ["The task is to pick up the red cube."] * 20
     train_small_tokenizer(corpus, base_vocab_size=QWEN3_BASE_VOCAB).save(ckpt / "tokenizer.json")
+    return params
+
+
+def _child(layers: int, root: Path) -> dict[str, float]:
+    """In a fresh process: write the checkpoint, export it, report seconds / peak RSS / bytes."""
+    from molmoact2_edge.contract import ContractFlags
+    from molmoact2_edge.export.pipeline import ExportOptions, export_bundle
+
+    ckpt = root / "ckpt"
+    params = release_width_checkpoint(layers, ckpt)
     ckpt_bytes = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
     start = time.perf_counter()
     options = ExportOptions(cameras=("front", "wrist"), allow_parity_failure=True, contract_flags=ContractFlags())

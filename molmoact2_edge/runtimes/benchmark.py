@@ -199,7 +199,8 @@ def compare_backends(
     method = (
         f"each contender in its own process, loaded and warmed up ({warmup} call(s)) before timing and kept; "
         f"{rounds} alternated round(s) of {min(per_round)}-{max(per_round)} timed call(s), each after one untimed "
-        f"call, the other contenders blocked meanwhile; threads {threads if threads else 'backend default'}"
+        f"call, starting once every contender's process is idle (the others wait blocked); "
+        f"threads {threads if threads else 'backend default'}"
     )
     return {"iterations": iterations, "warmup": warmup, "rounds": rounds, "method": method, "backends": results}
 
