@@ -14,6 +14,7 @@ from molmoact2_edge.export.plan import (
     DEVICES,
     Device,
     Workload,
+    depth_block_cost,
     flow_cost,
     load_target,
     plan,
@@ -96,6 +97,34 @@ def test_depth_cache_lowers_the_think_stage() -> None:
     assert stages["depth_full"]["lower_bound_ms"] == pytest.approx(103 * stages["depth_step"]["lower_bound_ms"], rel=1e-3)
     assert stages["depth_cached"]["lower_bound_ms"] < stages["depth_full"]["lower_bound_ms"] / 4
     assert "depth_cached" in report["path"]
+    # a block call reads the weights once, like one step: memory-bound on the device
+    assert stages["depth_block"]["bound"] == "memory"
+    assert stages["depth_block"]["lower_bound_ms"] == pytest.approx(stages["depth_step"]["lower_bound_ms"], rel=0.01)
+
+
+def test_depth_block_and_think_ratio_are_hand_computed() -> None:
+    # tiny: LLM 2 layers, hidden 64, q 64, kv 32, mlp 128, vocab 5120, 100 depth codes, 128 depth rows, expert 32
+    config = get_preset("tiny").with_changes(enable_depth_reasoning=True)
+    work = Workload(cameras=1, prompt_tokens=20, depth_rejections=2.0)
+    cost = depth_block_cost(config, work.resolve(config))
+    block, keys = 102, 20 + 100 + 3  # <depth_start> + 100 codes + <depth_end>; prompt + codes + 3 markers
+    per_layer = 64 * (64 + 2 * 32) + 64 * 64 + 64 * 2 * 128 + 128 * 64
+    assert cost.weights == 2 * per_layer + 64 * 5120 + 32 * 2 * 32  # blocks, lm_head, expert context K/V
+    assert cost.flops == (
+        2 * block * 2 * per_layer + 2 * 4 * block * keys * 64  # GEMMs and attention of both layers
+        + 2 * 2 * 64 * 5120 + 2 * block * 64 * 128  # full vocabulary after the last two, depth rows for all
+        + 2 * (2 * block) * 32 * 64  # the block's expert context, per layer
+    )  # fmt: skip
+    assert cost.activations == 2 * keys * 2 * 32  # the KV cache read
+
+    report = plan(config, UNIT, "bf16", work)
+    stages = report["stages"]
+    assert report["path"] == ["vision", "prefill", "depth_cached", "flow"]
+    one = stages["depth_block"]["lower_bound_ms"]
+    assert stages["depth_cached"]["lower_bound_ms"] == pytest.approx(3 * one, abs=2e-3)  # 1 + 2 rejections
+    continuous = sum(stages[s]["lower_bound_ms"] for s in ("vision", "prefill", "flow"))
+    assert report["think_vs_continuous"] == pytest.approx((continuous + 3 * one) / continuous, abs=2e-3)
+    assert report["max_rejections_for_1_3x"] == pytest.approx(0.3 * continuous / one - 1, abs=0.01)
 
 
 def test_cli_plan_json_and_errors() -> None:

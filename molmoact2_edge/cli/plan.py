@@ -13,7 +13,15 @@ import json
 
 import click
 
-from molmoact2_edge.export.plan import DEVICES, PRECISIONS, Workload, load_target, plan, render
+from molmoact2_edge.export.plan import (
+    DEPTH_REJECTIONS,
+    DEVICES,
+    PRECISIONS,
+    Workload,
+    load_target,
+    plan,
+    render,
+)
 
 
 @click.command("plan")
@@ -22,7 +30,10 @@ from molmoact2_edge.export.plan import DEVICES, PRECISIONS, Workload, load_targe
 @click.option("--precision", type=click.Choice(PRECISIONS), default="bf16", show_default=True)
 @click.option("--cameras", type=int, help="Cameras (checkpoint/preset only; a bundle has its own). Default 2.")
 @click.option("--prompt-tokens", type=int, help="Prompt length (default: a bundle's bucket, else image tokens + 84).")
-@click.option("--depth-replayed", type=float, default=0.9, show_default=True, help="Fraction of depth cells the depth cache replays.")
+@click.option(
+    "--depth-rejections", type=float, default=DEPTH_REJECTIONS, show_default=True,
+    help="Think: drafts rejected per frame (each costs one more decode_block call); measure with bench.",
+)  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan_command(
     target: str,
@@ -30,7 +41,7 @@ def plan_command(
     precision: str,
     cameras: int | None,
     prompt_tokens: int | None,
-    depth_replayed: float,
+    depth_rejections: float,
     as_json: bool,
 ) -> None:
     """Lower-bound latency per stage (compute- or memory-bound) and memory for TARGET on a device.
@@ -43,6 +54,6 @@ def plan_command(
         "cameras": cameras if cameras is not None else work.cameras,
         "prompt_tokens": prompt_tokens if prompt_tokens is not None else work.prompt_tokens,
     }
-    work = Workload(**{**work.__dict__, **changes, "depth_replayed": depth_replayed})
+    work = Workload(**{**work.__dict__, **changes, "depth_rejections": depth_rejections})
     report = plan(config, DEVICES[device_name], precision, work)
     click.echo(json.dumps(report, indent=2) if as_json else render(report))

@@ -16,9 +16,15 @@ bytes / peak bandwidth)`` on a device; the larger term says whether the stage is
   step. The adaLN modulation depends only on the flow time, which is fixed per unrolled
   step, so it is folded (no weight reads at run time).
 - ``depth_step``: one decode token through the LLM (weights, the full ``lm_head`` and the
-  KV cache read). ``depth_full`` = ``num_depth_codes + 3`` sequential steps;
-  ``depth_cached`` = the re-predicted fraction as sequential steps plus the replayed codes
-  as one multi-token pass (weights read once).
+  KV cache read). ``depth_full`` = ``num_depth_codes + 3`` sequential steps: the depth stage
+  without the cache, every code predicted in the reference order.
+- ``depth_block``: one ``decode_block`` call, the frame's whole depth span (``num_depth_codes + 2``
+  tokens) in one pass: weights read once, the depth-code rows of the head for every token and
+  the full vocabulary for the last two, the block's expert context. ``depth_cached`` = ``1 +
+  depth_rejections`` block calls: what the runtime's exact speculative decoding costs with the
+  cache (``runtimes/depth_decode.py``), where a rejection is a changed cell whose code differs
+  from its draft. ``think_vs_continuous`` is the Think path's bound over the continuous one, and
+  ``max_rejections_for_1_3x`` how many rejections per frame keep it within 1.3x.
 
 Precisions: weights take 2 (bf16/fp16), 1 (fp8/int8) or 0.5 (int4, plus one fp16 scale
 per block of 32) bytes; activations 2 bytes (1 for fp8). Compute runs at the device's
@@ -43,6 +49,10 @@ WEIGHT_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5 +
 ACTIVATION_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "int8": 2, "int4": 2}
 COMPUTE_CLASS = {"bf16": "fp16", "fp16": "fp16", "fp8": "fp8", "int8": "int8", "int4": "int8"}
 DEPTH_MARKERS = 3  # <depth_start>, <depth_end> and the token after the codes
+# drafts rejected per frame: so101-touch-think on sim episodes at 10 Hz (benchmarks/think_depth.py, 6.8 block calls
+# per frame); a plan's default until the release is measured on real frames
+DEPTH_REJECTIONS = 5.8
+THINK_RATIO_GOAL = 1.3  # issue 12: Think act() at most 1.3x the continuous act()
 DEFAULT_TEXT_TOKENS = 84  # task + state + template tokens of a typical robot prompt (reference §4)
 
 
@@ -108,7 +118,7 @@ class Workload:
     prompt_tokens: int = 0  # 0: cameras * (pooled tokens + 2) + DEFAULT_TEXT_TOKENS
     chunk_length: int = 0  # 0: the config's max_action_horizon
     flow_steps: int = 0  # 0: the config's flow_matching_num_steps
-    depth_replayed: float = 0.9  # fraction of depth cells the depth cache replays (measured 88-91% in sim)
+    depth_rejections: float = DEPTH_REJECTIONS  # drafts rejected per frame: each costs one more block call
     logits: bool = False  # prefill computes full-vocabulary logits (discrete bundles read them)
 
     def resolve(self, config: MolmoAct2Config) -> Workload:
@@ -118,7 +128,7 @@ class Workload:
             tokens,
             self.chunk_length or config.max_action_horizon,
             self.flow_steps or config.flow_matching_num_steps,
-            self.depth_replayed,
+            self.depth_rejections,
             self.logits,
         )
 
@@ -224,6 +234,20 @@ def depth_step_cost(config: MolmoAct2Config, work: Workload, tokens: int = 1) ->
     return cost
 
 
+def depth_block_cost(config: MolmoAct2Config, work: Workload) -> Cost:
+    """One ``decode_block`` call: <depth_start>, a code per cell and <depth_end> in one pass over the cache."""
+    t = config.text_config
+    block = config.num_depth_codes + 2
+    keys = work.prompt_tokens + config.num_depth_codes + DEPTH_MARKERS
+    cost = Cost()
+    _llm_blocks(cost, config, block, keys)
+    cost.gemm("lm_head", 2, t.hidden_size, t.vocab_size)  # the full vocabulary after the last two tokens
+    cost.flops += 2.0 * block * t.hidden_size * config.num_depth_tokens  # the depth rows (read with lm_head)
+    cost.gemm("context_kv_proj", t.num_hidden_layers * block, t.kv_dim, 2 * _expert_width(config))
+    cost.activations += t.num_hidden_layers * keys * 2 * t.kv_dim  # the KV cache read
+    return cost
+
+
 def weight_parameters(config: MolmoAct2Config) -> float:
     """Every stored parameter (what must sit in device memory), from the config."""
     t, v = config.text_config, config.vit_config
@@ -301,19 +325,17 @@ def plan(config: MolmoAct2Config, device: Device, precision: str, work: Workload
         raise ConfigError(f"precision {precision!r}: choose one of {list(PRECISIONS)}")
     work = work.resolve(config)
     step = depth_step_cost(config, work)
-    steps = config.num_depth_codes + DEPTH_MARKERS
-    replayed = int(round(work.depth_replayed * config.num_depth_codes))
+    block = _bound(depth_block_cost(config, work), device, precision)
     stages = {
         "vision": _bound(vision_cost(config, work.cameras), device, precision),
         "prefill": _bound(prefill_cost(config, work), device, precision),
         "flow": _bound(flow_cost(config, work), device, precision),
         "depth_step": _bound(step, device, precision),
-        "depth_full": _bound(step, device, precision, times=steps),
-        "depth_cached": _sum(
-            _bound(step, device, precision, times=steps - replayed),
-            _bound(depth_step_cost(config, work, tokens=max(replayed, 1)), device, precision),
-        ),
+        "depth_full": _bound(step, device, precision, times=config.num_depth_codes + DEPTH_MARKERS),
+        "depth_block": block,
+        "depth_cached": _bound(depth_block_cost(config, work), device, precision, times=1 + work.depth_rejections),
     }
+    continuous = sum(stages[s].lower_bound_ms for s in ("vision", "prefill", "flow"))
     path = ["vision", "prefill"] + (["depth_cached"] if config.enable_depth_reasoning else []) + ["flow"]
     memory = memory_gb(config, work, precision)
     total_memory = sum(memory.values())
@@ -331,12 +353,15 @@ def plan(config: MolmoAct2Config, device: Device, precision: str, work: Workload
             "prompt_tokens": work.prompt_tokens,
             "chunk_length": work.chunk_length,
             "flow_steps": work.flow_steps,
-            "depth_replayed": work.depth_replayed,
+            "depth_rejections": work.depth_rejections,
             "prefill_logits": work.logits,
         },
         "stages": {name: b.to_dict() for name, b in stages.items()},
         "path": path,
         "total_lower_bound_ms": round(sum(stages[s].lower_bound_ms for s in path), 3),
+        # Think (1 + rejections block calls) over continuous, whether or not this config has Think
+        "think_vs_continuous": round((continuous + stages["depth_cached"].lower_bound_ms) / continuous, 3),
+        "max_rejections_for_1_3x": round((THINK_RATIO_GOAL - 1) * continuous / block.lower_bound_ms - 1, 2),
         "memory_gb": round(total_memory, 3),
         "memory_parts_gb": {k: round(v, 4) for k, v in memory.items()},
         "usable_memory_gb": usable,
@@ -382,6 +407,12 @@ def render(report: dict[str, Any]) -> str:
             f"  {name:14s}{s['lower_bound_ms']:>10.2f}{s['bound']:>9s}{s['gflops']:>11.1f}{s['gbytes']:>9.3f}"
         )
     lines.append(f"  total ({' + '.join(report['path'])}): {report['total_lower_bound_ms']:.1f} ms")
+    room = report["max_rejections_for_1_3x"]
+    within = f"up to {room:.1f} of them" if room >= 0 else "not even with none (one block call alone exceeds it)"
+    lines.append(
+        f"  Think / continuous: {report['think_vs_continuous']:.2f}x at {report['workload']['depth_rejections']:g} "
+        f"rejected drafts per frame; within {THINK_RATIO_GOAL}x: {within}"
+    )
     parts = ", ".join(f"{k} {v:.2f}" for k, v in report["memory_parts_gb"].items())
     fits = "fits" if report["fits"] else "does NOT fit"
     lines.append(f"  memory {report['memory_gb']:.2f} GB ({parts}); {fits} in {report['usable_memory_gb']:.1f} GB usable")
