@@ -58,3 +58,12 @@ def test_cpu_seconds_reads_a_process_cpu_time() -> None:
         assert worker.cpu_seconds() - busy < 0.05  # blocked on stdin: no CPU
     finally:
         process.communicate("")
+
+
+def test_reply_skips_lines_a_library_printed() -> None:
+    import io
+    import types
+
+    worker = object.__new__(benchmark._Worker)
+    worker._process = types.SimpleNamespace(stdout=io.StringIO('loading weights...\n{"ready": {"name": "x"}}\n'))  # type: ignore[assignment]
+    assert worker._reply() == {"ready": {"name": "x"}}

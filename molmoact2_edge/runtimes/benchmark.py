@@ -101,16 +101,17 @@ class _Worker:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def _reply(self) -> dict[str, Any]:
+        """The worker's next JSON line (a line a library printed to stdout on the way is skipped)."""
         assert self._process.stdout is not None
-        line = self._process.stdout.readline()
-        if not line:
-            self._process.wait()
-            self._stderr.seek(0)
-            raise BackendError(
-                f"benchmark contender {self.label!r} failed (exit {self._process.returncode}):\n"
-                f"{self._stderr.read().strip()[-2000:]}"
-            )
-        return dict(json.loads(line))
+        for line in iter(self._process.stdout.readline, ""):  # one line at a time, as the worker flushes them
+            if line.startswith("{"):
+                return dict(json.loads(line))
+        self._process.wait()
+        self._stderr.seek(0)
+        raise BackendError(
+            f"benchmark contender {self.label!r} failed (exit {self._process.returncode}):\n"
+            f"{self._stderr.read().strip()[-2000:]}"
+        )
 
     def close(self) -> None:
         if self._process.stdin is not None:
