@@ -14,6 +14,9 @@ Torch-free on purpose: the device runtime resizes here and runs the vision graph
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import numpy as np
 
 from molmoact2_edge.errors import ObservationError
@@ -31,29 +34,55 @@ def _taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return i0, i1, lam0, lam1
 
 
+@dataclass(frozen=True)
+class _ResizePlan:
+    """What a resize from one frame size to another reads and how it weighs it (read-only arrays)."""
+
+    top: np.ndarray  # (H,) source row of each output row's upper tap
+    bottom: np.ndarray  # (H,) its lower tap
+    wy0: np.ndarray  # (H, 1) float64 weights of the two row taps
+    wy1: np.ndarray
+    cols0: np.ndarray  # (W*c,) flat (column x channel) index of each output value's left tap
+    cols1: np.ndarray  # its right tap
+    wx0: np.ndarray  # (W*c,) float64 weights of the two column taps
+    wx1: np.ndarray
+
+
+@functools.lru_cache(maxsize=32)
+def _resize_plan(h: int, w: int, c: int, out_h: int, out_w: int) -> _ResizePlan:
+    """The taps of a resize, computed once per (frame size, output size): a camera's frames all share them."""
+    y0, y1, ly0, ly1 = _taps(h, out_h)
+    x0, x1, lx0, lx1 = _taps(w, out_w)
+    arrays = (
+        y0, y1, ly0.astype(np.float64)[:, None], ly1.astype(np.float64)[:, None],
+        _channel_columns(x0, c), _channel_columns(x1, c),
+        np.repeat(lx0.astype(np.float64), c), np.repeat(lx1.astype(np.float64), c),
+    )  # fmt: skip
+    for array in arrays:
+        array.flags.writeable = False
+    return _ResizePlan(*arrays)
+
+
 def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(h, w, c) uint8 -> (H, W, c) uint8, torch bilinear semantics (align_corners=False, no antialias)."""
     out_h, out_w = size
     h, w, c = image.shape
-    y0, y1, ly0, ly1 = _taps(h, out_h)
-    x0, x1, lx0, lx1 = _taps(w, out_w)
-    wy0, wy1 = ly0.astype(np.float64)[:, None], ly1.astype(np.float64)[:, None]
+    plan = _resize_plan(h, w, c, out_h, out_w)
     # Separable blend in float64: rows first, then columns, on (rows, columns x channels) so that each
     # gather is one take along a contiguous axis (the channels ride along with their column). The uint8
     # rows are gathered before the blend promotes them; when the output is narrower than the frame (a
     # 640 px camera to the ViT's input) only the columns the output reads are blended, with the same ops
     # per pixel.
     flat = image.reshape(h, w * c)
-    top, bottom = flat.take(y0, axis=0), flat.take(y1, axis=0)
-    cols0, cols1 = _channel_columns(x0, c), _channel_columns(x1, c)
+    top, bottom = flat.take(plan.top, axis=0), flat.take(plan.bottom, axis=0)
     if out_w < w:
-        left = top.take(cols0, axis=1) * wy0 + bottom.take(cols0, axis=1) * wy1
-        right = top.take(cols1, axis=1) * wy0 + bottom.take(cols1, axis=1) * wy1
+        left = top.take(plan.cols0, axis=1) * plan.wy0 + bottom.take(plan.cols0, axis=1) * plan.wy1
+        right = top.take(plan.cols1, axis=1) * plan.wy0 + bottom.take(plan.cols1, axis=1) * plan.wy1
     else:
-        rows = top * wy0 + bottom * wy1
-        left, right = rows.take(cols0, axis=1), rows.take(cols1, axis=1)
-    left *= np.repeat(lx0.astype(np.float64), c)  # left and right are fresh arrays: blend in place
-    right *= np.repeat(lx1.astype(np.float64), c)
+        rows = top * plan.wy0 + bottom * plan.wy1
+        left, right = rows.take(plan.cols0, axis=1), rows.take(plan.cols1, axis=1)
+    left *= plan.wx0  # left and right are fresh arrays: blend in place
+    right *= plan.wx1
     left += right
     # no clip: a blend of values in [0, 255] with non-negative weights summing to 1 (to float32 precision)
     # stays below 255.5, so round half-to-even already lands in [0, 255]
