@@ -67,3 +67,32 @@ def test_reply_skips_lines_a_library_printed() -> None:
     worker = object.__new__(benchmark._Worker)
     worker._process = types.SimpleNamespace(stdout=io.StringIO('loading weights...\n{"ready": {"name": "x"}}\n'))  # type: ignore[assignment]
     assert worker._reply() == {"ready": {"name": "x"}}
+
+
+def test_fits_together_weighs_the_models_against_available_memory(monkeypatch, tmp_path) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "flow.onnx.data").write_bytes(b"\0" * 1000)
+    contenders = [benchmark.Contender(f"c{i}", "onnxruntime") for i in range(3)]
+    # 3 workers x 1000 bytes x 2 = 6000 bytes must fit in 75 % of what is available
+    monkeypatch.setattr(benchmark, "_available_memory", lambda: 8000)
+    assert benchmark.fits_together(bundle, contenders)
+    monkeypatch.setattr(benchmark, "_available_memory", lambda: 7999)
+    assert not benchmark.fits_together(bundle, contenders)
+    monkeypatch.setattr(benchmark, "_available_memory", lambda: None)  # the OS does not say: keep them loaded
+    assert benchmark.fits_together(bundle, contenders)
+
+
+@pytest.mark.slow
+def test_one_process_per_turn_times_the_same_calls(monkeypatch) -> None:
+    """Where memory cannot hold every contender, each turn starts and ends its process; the report is the same."""
+    from tests._runtime_bundle import tiny_bundle
+
+    _, _, bundle = tiny_bundle()
+    contenders = [benchmark.Contender("one", "onnxruntime", {"intra_op_threads": 1}), benchmark.Contender("two", "onnxruntime", {"intra_op_threads": 1})]
+    monkeypatch.setattr(benchmark, "_available_memory", lambda: 1)
+    report = benchmark.compare_backends(bundle, contenders, iterations=4, warmup=1, rounds=2)
+    assert report["resident"] is False and "ended for each turn" in report["method"]
+    for result in report["backends"].values():
+        assert result["stages_ms"]["total"]["count"] == 4 and len(result["spread_ms"]["round_medians"]) == 2
+        assert result["idle_cpu_ms"] == 0  # no other contender's process exists during a turn

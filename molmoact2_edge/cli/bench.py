@@ -78,6 +78,10 @@ def render(report: dict[str, Any]) -> str:
 )
 @click.option("--threads", type=int, help="CPU threads for every backend (default: each backend's own).")
 @click.option("--rounds", type=int, help="Alternated rounds the timed calls are split over (default: about 3 calls a round).")
+@click.option(
+    "--one-at-a-time", is_flag=True,
+    help="Start each backend's process for its turn and end it after (default: only when memory cannot hold them all).",
+)  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--plots", type=click.Path(file_okay=False, path_type=Path), help="Write PNG plots here.")
 @click.option("--telemetry", type=click.Path(dir_okay=False, path_type=Path), help="JSONL of the loop run.")
@@ -89,6 +93,7 @@ def bench(
     hz: float | None,
     threads: int | None,
     rounds: int | None,
+    one_at_a_time: bool,
     as_json: bool,
     plots: Path | None,
     telemetry: Path | None,
@@ -116,7 +121,8 @@ def bench(
     )
     try:
         report = run_benchmark(
-            bundle, list(backends) or ["auto"], iterations, loop_seconds, hz, telemetry, threads, rounds
+            bundle, list(backends) or ["auto"], iterations, loop_seconds, hz, telemetry, threads, rounds,
+            resident=False if one_at_a_time else None,
         )
     finally:
         progress.close()

@@ -132,10 +132,13 @@ def compare_backends(
     backend_options: dict[str, dict[str, Any]] | None = None,
     rounds: int | None = None,
     threads: int | None = None,
+    resident: bool | None = None,
 ) -> dict[str, Any]:
     """Per-contender stage percentiles (ms), each contender in its own process, alternated over short rounds.
 
-    Every contender's process is started and warmed up first, and kept. ``iterations`` timed calls per
+    Every contender's process is started and warmed up first, and kept (``resident``; None: when the machine's
+    memory holds them all, ``fits_together``; else each turn starts its contender's process and ends it, as
+    on a Jetson comparing backends of a model that fills its memory). ``iterations`` timed calls per
     contender are split over ``rounds`` (default: about 3 calls a round); in round r the contenders take
     turns (reversed order on odd rounds), one at a time, the others blocked waiting. This machine's speed
     drifts within seconds (a shared host), so short, adjacent turns are what makes the contenders of a round
@@ -152,23 +155,31 @@ def compare_backends(
     samples: dict[str, dict[str, list[float]]] = {c.label: {} for c in contenders}
     round_medians: dict[str, list[float]] = {c.label: [] for c in contenders}
     idle_cpu = dict.fromkeys(samples, 0.0)  # NaN where the OS does not tell a process's CPU time
-    workers: list[_Worker] = []
+    described: dict[str, Any] = {}
+    resident = fits_together(bundle, contenders) if resident is None else resident
+    kept: dict[str, _Worker] = {}
     try:
-        for contender in contenders:  # loading runs before any timing: it never overlaps a timed call
-            workers.append(_Worker(bundle, contender, warmup, threads))
+        for contender in contenders if resident else ():  # loading runs before any timing, never during one
+            kept[contender.label] = _Worker(bundle, contender, warmup, threads)
         for r, count in enumerate(per_round):
-            for worker in workers if r % 2 == 0 else workers[::-1]:
-                others = [w for w in workers if w is not worker]
-                _settle(workers)
-                before = sum(w.cpu_seconds() for w in others)
-                timed = worker.time(count, seed=1000 * r)
-                idle_cpu[worker.label] += sum(w.cpu_seconds() for w in others) - before
+            for contender in contenders if r % 2 == 0 else contenders[::-1]:
+                worker = kept.get(contender.label) or _Worker(bundle, contender, warmup, threads)
+                live = list(kept.values()) or [worker]
+                others = [w for w in live if w is not worker]
+                try:
+                    _settle(live)
+                    before = sum(w.cpu_seconds() for w in others)
+                    timed = worker.time(count, seed=1000 * r)
+                    idle_cpu[worker.label] += sum(w.cpu_seconds() for w in others) - before
+                finally:
+                    if not resident:  # this turn's process
+                        worker.close()
+                described[worker.label] = worker.describe
                 for stage, values in timed.items():
                     samples[worker.label].setdefault(stage, []).extend(values)
                 round_medians[worker.label].append(float(np.median(timed["total"])) * 1e3)
-        described = {w.label: w.describe for w in workers}
     finally:
-        for worker in workers:
+        for worker in kept.values():
             worker.close()
     results: dict[str, Any] = {}
     for c in contenders:
@@ -197,13 +208,65 @@ def compare_backends(
             # per round: torch's median / this one's, timed within a second of each other, so a slow phase of
             # the machine divides out instead of landing in one contender's rounds only
             result["speedup_vs_torch_paired"] = float(np.median(ref_rounds / np.asarray(round_medians[label])))
-    method = (
-        f"each contender in its own process, loaded and warmed up ({warmup} call(s)) before timing and kept; "
-        f"{rounds} alternated round(s) of {min(per_round)}-{max(per_round)} timed call(s), each after one untimed "
-        f"call, starting once every contender's process is idle (the others wait blocked); "
-        f"threads {threads if threads else 'backend default'}"
+    loading = (
+        f"loaded and warmed up ({warmup} call(s)) before timing and kept"
+        if resident
+        else f"started, warmed up ({warmup} call(s)) and ended for each turn (the machine's memory does not hold "
+        "all contenders at once)"
     )
-    return {"iterations": iterations, "warmup": warmup, "rounds": rounds, "method": method, "backends": results}
+    method = (
+        f"each contender in its own process, {loading}; {rounds} alternated round(s) of "
+        f"{min(per_round)}-{max(per_round)} timed call(s), each after one untimed call, starting once every "
+        f"contender's process is idle (the others wait blocked); threads {threads if threads else 'backend default'}"
+    )
+    return {
+        "iterations": iterations, "warmup": warmup, "rounds": rounds, "resident": resident, "method": method,
+        "backends": results,
+    }  # fmt: skip
+
+
+# A worker holds its model's weights about twice over (the graphs as loaded, the backend's own copies: onnxruntime's
+# CPU form, TensorRT engines, the flow's zero-prefix variant); resident workers must leave this share of memory free.
+WORKER_BYTES_PER_MODEL_BYTE = 2.0
+FREE_MEMORY_SHARE = 0.25
+
+
+def fits_together(bundle: str | Path, contenders: Sequence[Contender]) -> bool:
+    """Whether every contender's process can stay loaded at once: their models' bytes (the bundle's files, or the
+    checkpoint's for eager) times WORKER_BYTES_PER_MODEL_BYTE within the available memory less a FREE_MEMORY_SHARE.
+    True where the OS does not say how much memory is available (``/proc/meminfo``)."""
+    available = _available_memory()
+    if available is None:
+        return True
+    needed = sum(_folder_bytes(_model_folder(bundle, c)) for c in contenders)
+    fits = needed * WORKER_BYTES_PER_MODEL_BYTE <= available * (1 - FREE_MEMORY_SHARE)
+    if not fits:
+        log.info(
+            "benchmark: %d contenders' models (%.1f GB) do not stay loaded together in %.1f GB available; one "
+            "process per turn", len(contenders), needed / 1e9, available / 1e9,
+        )  # fmt: skip
+    return fits
+
+
+def _model_folder(bundle: str | Path, contender: Contender) -> Path:
+    """What the contender's process loads: the eager reference's checkpoint, else its bundle."""
+    if contender.backend == "eager" and contender.checkpoint:
+        return Path(contender.checkpoint)
+    return Path(contender.bundle or bundle)
+
+
+def _available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
 
 
 # A process that just finished its turn may keep a core busy: OpenMP and onnxruntime pool threads spin
@@ -272,12 +335,15 @@ def run_benchmark(
     telemetry_path: str | Path | None = None,
     threads: int | None = None,
     rounds: int | None = None,
+    resident: bool | None = None,
 ) -> dict[str, Any]:
     """Everything ``molmo-edge bench`` reports, as one JSON-able dict. threads: CPU threads per backend."""
     options = thread_options(threads)
     monitor = PowerMonitor(detect_power_sampler()).start()
     try:
-        report = compare_backends(bundle, backends, iterations, backend_options=options, rounds=rounds, threads=threads)
+        report = compare_backends(
+            bundle, backends, iterations, backend_options=options, rounds=rounds, threads=threads, resident=resident
+        )
         report["threads"] = threads
         report["loop"] = loop_jitter(
             bundle, backends[0], loop_seconds, hz, telemetry_path, monitor, options.get(backends[0])
