@@ -142,9 +142,10 @@ def compare_backends(
     contender are split over ``rounds`` (default: about 3 calls a round); in round r the contenders take
     turns (reversed order on odd rounds), one at a time, the others blocked waiting. This machine's speed
     drifts within seconds (a shared host), so short, adjacent turns are what makes the contenders of a round
-    comparable: ``round_medians`` pairs them. A turn starts once every process is idle (``_settle``). ``speedup_vs_torch`` (torch p50 / p50) is added when a ``torch``
-    or ``eager`` contender ran, and ``speedup_vs_torch_paired``: the median over rounds of torch's round median
-    / this contender's; ``spread_ms`` is the p25-p75 of ``total`` and the round medians;
+    comparable: ``round_medians`` pairs them. A turn starts once every process is idle (``_settle``).
+    ``speedup_vs_torch`` (torch p50 / p50) is added when a ``torch`` or ``eager`` contender ran, and
+    ``speedup_vs_torch_paired``: the median over rounds of torch's round median / this contender's;
+    ``spread_ms`` is the p25-p75 of ``total`` and the round medians;
     ``idle_cpu_ms`` is the CPU time the waiting contenders used while this one was timed (0: no sharing).
     """
     contenders = [

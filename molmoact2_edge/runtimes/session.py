@@ -266,12 +266,16 @@ class PolicySession:
         ctx.append(token, out, cache)
         return out["logits"][0]
 
+    @property
+    def _depth_camera(self) -> str:
+        return self.camera_order[0]  # the "main image" of the depth question
+
     def _plan_depth(self, observation: Observation) -> Future[tuple[np.ndarray, np.ndarray | None, np.ndarray]]:
         """The depth cache's plan for this frame (cell vectors, previous codes, changed cells), started on the
         worker thread; the cache is only read there, and written after the result is taken."""
         if self._planner is None:
             self._planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="depth-cache")
-        camera = self.camera_order[0]  # the "main image" of the depth question
+        camera = self._depth_camera
         return self._planner.submit(self.depth_cache.plan, camera, observation.images[camera])
 
     def _decode_depth(
@@ -279,7 +283,6 @@ class PolicySession:
     ) -> dict[str, int]:
         """<depth_start>, one code per cell (re-predicted or replayed), then greedy until <depth_end>;
         speculative block calls with the cached codes as drafts (``depth_decode``). Returns the frame's stats."""
-        camera = self.camera_order[0]
         cells, previous, changed = plan.result()
         result = decode_depth(
             _ContextDecoder(self, ctx),
@@ -289,7 +292,7 @@ class PolicySession:
             tail_budget=max(8, self.chunk_length),
             speculative=self.speculative_depth,
         )
-        self.depth_cache.update(camera, cells, result.codes, changed)
+        self.depth_cache.update(self._depth_camera, cells, result.codes, changed)
         if B.EXPERT_CONTEXT.name in self.bundle.graph_names:  # the depth gate needs the depth tokens first
             self._gated_context(ctx)
         return result.stats.info()

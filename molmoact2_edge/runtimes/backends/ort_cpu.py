@@ -506,12 +506,13 @@ class _Graph:
             if gate is None:
                 continue
             inputs = list(gemm.input)
+            has_bias = len(inputs) > 4 and bool(inputs[4])
+            bias = self.const(inputs[4]) if has_bias else None
+            if has_bias and bias is None:
+                continue  # a bias computed at run time cannot take the gate
             inputs[2] = self._add_init((scale * gate).astype(np.float32), f"{mul.output[0]}_gated_scale")
-            inputs[3] = self._add_init(np.zeros(width, np.int8), f"{mul.output[0]}_gated_zero")
-            if len(inputs) > 4 and inputs[4]:
-                bias = self.const(inputs[4])
-                if bias is None:
-                    continue
+            inputs[3] = self._add_init(np.zeros(width, np.int8), f"{mul.output[0]}_gated_zero")  # per column now
+            if bias is not None:
                 inputs[4] = self._add_init((bias * gate).astype(np.float32), f"{mul.output[0]}_gated_bias")
             gated = helper.make_node(
                 "DynamicQuantizeMatMul", inputs, [mul.output[0]], name=f"{gemm.name}_gated", domain=MS_DOMAIN
